@@ -1,0 +1,273 @@
+"""Jamba in plain PyTorch, sliceable into pipeline stages.
+
+A `JambaStage` owns the contiguous layers [start, end) of the model, plus the token embedding
+if it is the first stage and the final norm and head if it is the last. Parameter names are the
+global Hugging Face names (`model.layers.37.mamba.A_log`), so one checkpoint serves any split.
+
+Activations are *packed*: a forward call carries B rows (sequences) of different lengths as one
+(T, hidden) tensor, T = total new tokens, with a `ForwardBatch` telling which tokens belong to
+which row and cache slot. Prefill chunks and decode steps of different sequences go together.
+
+Numerics follow transformers' `JambaForCausalLM`: RMSNorm in float32, softmax router in float32
+with the top-k weights not renormalised, Mamba's scan state in float32.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .cache import ForwardBatch, HybridCache
+from .config import JambaConfig
+from .scan import causal_conv1d_varlen, selective_scan_varlen
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class Attention(nn.Module):
+    """Grouped-query attention with no positional embedding (Jamba's Mamba layers carry position)."""
+
+    def __init__(self, c: JambaConfig, layer: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.n_heads, self.n_kv, self.head_dim = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        self.q_proj = nn.Linear(c.hidden_size, self.n_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(c.hidden_size, self.n_kv * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(c.hidden_size, self.n_kv * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, c.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor, cache: HybridCache, b: ForwardBatch) -> torch.Tensor:
+        T = x.shape[0]
+        q = self.q_proj(x).view(T, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(T, self.n_kv, self.head_dim)
+        v = self.v_proj(x).view(T, self.n_kv, self.head_dim)
+        k_cache, v_cache = cache.k[self.layer], cache.v[self.layer]  # (S, M, n_kv, hd)
+        k_cache[b.token_slot, b.token_pos] = k.to(k_cache.dtype)
+        v_cache[b.token_slot, b.token_pos] = v.to(v_cache.dtype)
+
+        out = torch.empty_like(q)  # (T, n_heads, hd)
+        if b.all_decode:
+            # One batched call: each row's single query attends to its slot's whole prefix.
+            n_keys = max(b.start_pos_list) + 1
+            keys = k_cache[b.slots, :n_keys].transpose(1, 2)  # (B, n_kv, n_keys, hd)
+            vals = v_cache[b.slots, :n_keys].transpose(1, 2)
+            mask = torch.arange(n_keys, device=x.device)[None, :] <= b.start_pos[:, None]  # (B, n_keys)
+            o = F.scaled_dot_product_attention(
+                q[:, :, None, :], keys, vals, attn_mask=mask[:, None, None, :], enable_gqa=True
+            )  # (B, n_heads, 1, hd)
+            out = o[:, :, 0, :]
+        else:
+            # Prefill chunks differ in length; attend row by row (few attention layers, long rows).
+            for row, (slot, n, start) in enumerate(zip(b.slots_list, b.seq_lens_list, b.start_pos_list)):
+                lo = int(b.cu_seqlens[row])
+                qr = q[lo : lo + n].transpose(0, 1)[None]  # (1, n_heads, n, hd)
+                kr = k_cache[slot, : start + n].transpose(0, 1)[None]  # (1, n_kv, start+n, hd)
+                vr = v_cache[slot, : start + n].transpose(0, 1)[None]
+                if start == 0:
+                    o = F.scaled_dot_product_attention(qr, kr, vr, is_causal=True, enable_gqa=True)
+                else:
+                    # Query j sits at position start+j and sees keys 0..start+j.
+                    mask = torch.arange(start + n, device=x.device)[None, :] <= (start + torch.arange(n, device=x.device))[:, None]
+                    o = F.scaled_dot_product_attention(qr, kr, vr, attn_mask=mask, enable_gqa=True)
+                out[lo : lo + n] = o[0].transpose(0, 1)
+        return self.o_proj(out.reshape(T, -1))
+
+
+class MambaMixer(nn.Module):
+    """Mamba-1 selective SSM with Jamba's extra RMSNorms on dt, B and C."""
+
+    def __init__(self, c: JambaConfig, layer: int) -> None:
+        super().__init__()
+        self.layer = layer
+        d, n, r = c.mamba_d_inner, c.mamba_d_state, c.mamba_dt_rank
+        self.d_inner, self.d_state, self.dt_rank = d, n, r
+        self.in_proj = nn.Linear(c.hidden_size, 2 * d, bias=c.mamba_proj_bias)
+        self.conv1d = nn.Conv1d(d, d, kernel_size=c.mamba_d_conv, groups=d, bias=c.mamba_conv_bias, padding=c.mamba_d_conv - 1)
+        self.x_proj = nn.Linear(d, r + 2 * n, bias=False)
+        self.dt_proj = nn.Linear(r, d, bias=True)
+        self.A_log = nn.Parameter(torch.log(torch.arange(1, n + 1, dtype=torch.float32)).repeat(d, 1))
+        self.D = nn.Parameter(torch.ones(d))
+        self.out_proj = nn.Linear(d, c.hidden_size, bias=c.mamba_proj_bias)
+        self.dt_layernorm = RMSNorm(r, c.rms_norm_eps)
+        self.b_layernorm = RMSNorm(n, c.rms_norm_eps)
+        self.c_layernorm = RMSNorm(n, c.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, cache: HybridCache, b: ForwardBatch) -> torch.Tensor:
+        xs, z = self.in_proj(x).chunk(2, dim=-1)  # (T, d_inner) each
+        u = causal_conv1d_varlen(
+            xs.contiguous(), self.conv1d.weight[:, 0, :], self.conv1d.bias, cache.conv[self.layer], b.cu_seqlens, b.slots
+        )  # (T, d_inner), SiLU applied
+        dt, B, C = self.x_proj(u).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt, B, C = self.dt_layernorm(dt), self.b_layernorm(B), self.c_layernorm(C)
+        # The bias is added before softplus, as in mamba-ssm's `delta_bias` and HF's scan.
+        delta = F.softplus(F.linear(dt, self.dt_proj.weight) + self.dt_proj.bias).float()  # (T, d_inner)
+        A = -torch.exp(self.A_log.float())  # (d_inner, d_state)
+        y = selective_scan_varlen(
+            u, delta, A, B.contiguous(), C.contiguous(), self.D.float(), z.contiguous(), cache.ssm[self.layer], b.cu_seqlens, b.slots
+        )  # (T, d_inner)
+        return self.out_proj(y.to(x.dtype))
+
+
+class MLP(nn.Module):
+    def __init__(self, c: JambaConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Router(nn.Module):
+    def __init__(self, c: JambaConfig) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(c.num_experts, c.hidden_size))
+
+
+class Experts(nn.Module):
+    """All experts' weights fused, as transformers v5 stores them: gate then up in `gate_up_proj`."""
+
+    def __init__(self, c: JambaConfig) -> None:
+        super().__init__()
+        self.gate_up_proj = nn.Parameter(torch.empty(c.num_experts, 2 * c.intermediate_size, c.hidden_size))
+        self.down_proj = nn.Parameter(torch.empty(c.num_experts, c.hidden_size, c.intermediate_size))
+
+
+class SparseMoE(nn.Module):
+    """Softmax router, top-k experts per token, weights *not* renormalised (as Jamba was trained)."""
+
+    def __init__(self, c: JambaConfig) -> None:
+        super().__init__()
+        self.top_k = c.num_experts_per_tok
+        self.router = Router(c)
+        self.experts = Experts(c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (T, H)
+        probs = F.softmax(F.linear(x, self.router.weight), dim=-1, dtype=torch.float32)  # (T, E)
+        weights, experts = torch.topk(probs, self.top_k, dim=-1)  # (T, k)
+        weights = weights.to(x.dtype)
+        # Group the (token, choice) pairs by expert so each expert runs one matmul.
+        flat = experts.flatten()  # (T*k,)
+        order = torch.argsort(flat, stable=True)
+        counts = torch.bincount(flat, minlength=self.experts.gate_up_proj.shape[0]).tolist()
+        token = order // self.top_k
+        w = weights.flatten()[order][:, None]
+        out = torch.zeros_like(x)
+        lo = 0
+        for e, n in enumerate(counts):
+            if n == 0:
+                continue
+            idx = token[lo : lo + n]
+            gate, up = F.linear(x[idx], self.experts.gate_up_proj[e]).chunk(2, dim=-1)
+            h = F.linear(F.silu(gate) * up, self.experts.down_proj[e]) * w[lo : lo + n]
+            out.index_add_(0, idx, h)
+            lo += n
+        return out
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, c: JambaConfig, layer: int) -> None:
+        super().__init__()
+        self.is_attention = c.is_attention(layer)
+        self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        if self.is_attention:
+            self.self_attn = Attention(c, layer)
+        else:
+            self.mamba = MambaMixer(c, layer)
+        self.pre_ff_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.feed_forward = SparseMoE(c) if c.is_moe(layer) else MLP(c)
+
+    def forward(self, x: torch.Tensor, cache: HybridCache, b: ForwardBatch) -> torch.Tensor:
+        mixer = self.self_attn if self.is_attention else self.mamba
+        x = x + mixer(self.input_layernorm(x), cache, b)
+        return x + self.feed_forward(self.pre_ff_layernorm(x))
+
+
+class _Body(nn.Module):
+    """Holds what HF keeps under `model.`: embedding, layers (keyed by global index), final norm."""
+
+
+class JambaStage(nn.Module):
+    """Layers [start, end) of a Jamba model; the first stage embeds tokens, the last one applies the head.
+
+    head: "lm" (next-token logits, `lm_head`) or "classification" (`score`, pooled by the caller's
+    choice of output positions).
+    """
+
+    def __init__(self, config: JambaConfig, start: int = 0, end: int | None = None, head: str | None = None) -> None:
+        super().__init__()
+        end = config.num_hidden_layers if end is None else end
+        if not 0 <= start < end <= config.num_hidden_layers:
+            raise ValueError(f"bad layer range [{start}, {end}) for a {config.num_hidden_layers}-layer model")
+        head = head or ("classification" if config.is_classifier else "lm")
+        if head not in ("lm", "classification"):
+            raise ValueError(f"unknown head {head!r}")
+        self.config, self.start, self.end, self.head = config, start, end, head
+        self.is_first, self.is_last = start == 0, end == config.num_hidden_layers
+        self.model = _Body()
+        if self.is_first:
+            self.model.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.model.layers = nn.ModuleDict({str(i): DecoderLayer(config, i) for i in range(start, end)})
+        if self.is_last:
+            self.model.final_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+            if head == "lm":
+                self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+            else:
+                self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)
+
+    @property
+    def layer_range(self) -> range:
+        return range(self.start, self.end)
+
+    def make_cache(self, num_slots: int, max_seq_len: int) -> HybridCache:
+        p = next(self.parameters())
+        return HybridCache(self.config, self.layer_range, num_slots, max_seq_len, dtype=p.dtype, device=p.device)
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        x: torch.Tensor,
+        cache: HybridCache,
+        slots: list[int],
+        seq_lens: list[int],
+        output_index: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """One packed step through this stage's layers.
+
+        x: (T,) token ids on the first stage, else (T, hidden) activations from the previous stage.
+        Rows are consecutive runs of `seq_lens[b]` tokens, written to cache slot `slots[b]`.
+        Returns (T, hidden) activations, or on the last stage the head's output for the packed
+        token positions `output_index` (default: each row's last token): (K, vocab) or (K, labels).
+        """
+        T = sum(seq_lens)
+        if x.shape[0] != T:
+            raise ValueError(f"input has {x.shape[0]} tokens but seq_lens add up to {T}")
+        if self.is_first:
+            if x.dtype != torch.long or x.dim() != 1:
+                raise ValueError("the first stage takes a 1-D tensor of token ids")
+            if T and (int(x.min()) < 0 or int(x.max()) >= self.config.vocab_size):
+                raise ValueError(f"token id out of range [0, {self.config.vocab_size})")
+        b = cache.begin(slots, seq_lens)
+        h = self.model.embed_tokens(x) if self.is_first else x
+        for layer in self.model.layers.values():
+            h = layer(h, cache, b)
+        cache.commit(b)
+        if not self.is_last:
+            return h
+        if output_index is None:
+            output_index = b.cu_seqlens[1:] - 1
+        h = self.model.final_layernorm(h[output_index])
+        return self.lm_head(h) if self.head == "lm" else self.score(h)

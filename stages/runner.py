@@ -1,0 +1,214 @@
+"""Single-process generate / score / classify on one full-model stage.
+
+This is the reference every distributed path (Ray pipeline, gRPC service, batch jobs) must match.
+It already batches like the pipeline does: each step packs the decode rows of running sequences
+and chunks of waiting prompts under a token budget into one forward call.
+
+`SequenceState` (one request's progress and its stop rules) is shared with the pipeline scheduler.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .model import JambaStage
+from .sampling import SamplingParams, sample
+
+
+@dataclass
+class GenerationResult:
+    output_ids: list[int]
+    finish_reason: str  # "stop" (eos, stop id or stop string) or "length"
+    text: str | None = None
+    logprobs: list[float] | None = None
+    prompt_tokens: int = 0
+
+
+@dataclass
+class SequenceState:
+    """One generation request in flight: what has been fed to the model and what came out."""
+
+    prompt: list[int]
+    params: SamplingParams
+    eos_ids: list[int]
+    tokenizer: object | None = None
+    slot: int = -1
+    fed: int = 0  # tokens of prompt + output already in the cache
+    output_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    finish_reason: str | None = None
+    generator: torch.Generator | None = None
+
+    def __post_init__(self) -> None:
+        self.generator = self.params.make_generator()
+
+    @property
+    def tokens(self) -> list[int]:
+        """Everything the model must have seen; replaying these rebuilds the cache exactly."""
+        return self.prompt + self.output_ids
+
+    @property
+    def pending(self) -> list[int]:
+        """Tokens not yet in the cache (the prompt's remainder, or the last sampled token)."""
+        return self.tokens[self.fed :]
+
+    def add_token(self, token: int, logprob: float) -> bool:
+        """Record a sampled token; returns True when the sequence is finished."""
+        self.output_ids.append(token)
+        if self.params.logprobs:
+            self.logprobs.append(logprob)
+        p = self.params
+        if (token in self.eos_ids and not p.ignore_eos) or token in p.stop_token_ids:
+            self.finish_reason = "stop"
+        elif p.stop and self.tokenizer is not None and _find_stop(self.text_so_far(), p.stop) is not None:
+            self.finish_reason = "stop"
+        elif len(self.output_ids) >= p.max_new_tokens:
+            self.finish_reason = "length"
+        return self.finish_reason is not None
+
+    def text_so_far(self) -> str:
+        return self.tokenizer.decode(self.output_ids, skip_special_tokens=True)
+
+    def result(self) -> GenerationResult:
+        text = None
+        if self.tokenizer is not None:
+            text = self.text_so_far()
+            cut = _find_stop(text, self.params.stop)
+            if cut is not None:
+                text = text[:cut]
+        return GenerationResult(
+            self.output_ids, self.finish_reason or "length", text,
+            self.logprobs if self.params.logprobs else None, len(self.prompt),
+        )
+
+
+def _find_stop(text: str, stops: list[str]) -> int | None:
+    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return min(hits) if hits else None
+
+
+class LocalRunner:
+    """Runs requests through one `JambaStage` holding the whole model, in this process."""
+
+    def __init__(self, stage: JambaStage, tokenizer=None, num_slots: int = 16, max_batch_tokens: int = 2048) -> None:
+        if not (stage.is_first and stage.is_last):
+            raise ValueError("LocalRunner needs a stage that holds the whole model")
+        self.stage, self.tokenizer = stage, tokenizer
+        self.config = stage.config
+        self.num_slots, self.max_batch_tokens = num_slots, max_batch_tokens
+
+    # ---- validation -----------------------------------------------------------------------
+    def check_tokens(self, ids: list[int], what: str = "input_ids") -> None:
+        if not ids:
+            raise ValueError(f"{what} is empty")
+        V = self.config.vocab_size
+        bad = [i for i in ids if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < V]
+        if bad:
+            raise ValueError(f"{what} has token ids out of range [0, {V}): {bad[:5]}")
+
+    # ---- generation -----------------------------------------------------------------------
+    def generate(self, prompts: list[list[int]], params: list[SamplingParams]) -> list[GenerationResult]:
+        for ids, p in zip(prompts, params):
+            self.check_tokens(ids)
+            p.validate(self.config.vocab_size)
+        eos = self.config.eos_token_ids
+        waiting = [SequenceState(list(ids), p, eos, self.tokenizer) for ids, p in zip(prompts, params)]
+        max_len = max(len(s.prompt) + s.params.max_new_tokens for s in waiting)
+        cache = self.stage.make_cache(min(self.num_slots, len(waiting)), max_len)
+        queue, running = list(waiting), []
+        while queue or running:
+            while queue and cache.free_slots:
+                s = queue.pop(0)
+                s.slot = cache.allocate()
+                running.append(s)
+            # Decode rows first (one token each), then prompt chunks up to the token budget.
+            rows, budget = [], self.max_batch_tokens
+            for s in sorted(running, key=lambda s: len(s.pending) > 1):
+                n = min(len(s.pending), budget)
+                if n == 0:
+                    break
+                rows.append((s, n))
+                budget -= n
+            ids = torch.tensor([t for s, n in rows for t in s.pending[:n]], dtype=torch.long)
+            logits = self.stage(ids, cache, [s.slot for s, _ in rows], [n for _, n in rows])
+            # Only rows that reached the end of their pending tokens sample a new token.
+            ready = [(i, s) for i, (s, n) in enumerate(rows) if n == len(s.pending)]
+            for s, n in rows:
+                s.fed += n
+            if ready:
+                idx = torch.tensor([i for i, _ in ready])
+                toks, lps = sample(logits[idx], [s.params for _, s in ready], [s.generator for _, s in ready])
+                for (_, s), t, lp in zip(ready, toks, lps):
+                    if s.add_token(t, lp):
+                        cache.free(s.slot)
+                        running.remove(s)
+        return [s.result() for s in waiting]
+
+    # ---- scoring and classification -------------------------------------------------------
+    def _prefill(self, prompts: list[list[int]], want) -> list[list[torch.Tensor]]:
+        """Feed whole prompts through in chunks; `want(i, start, n)` gives the positions of
+        prompt i's chunk [start, start+n) whose head outputs to keep. Returns them per prompt."""
+        for ids in prompts:
+            self.check_tokens(ids)
+        cache = self.stage.make_cache(min(self.num_slots, len(prompts)), max(len(p) for p in prompts))
+        outputs: list[list[torch.Tensor]] = [[] for _ in prompts]
+        todo = list(range(len(prompts)))
+        fed = [0] * len(prompts)
+        active: dict[int, int] = {}  # prompt -> slot
+        while todo or active:
+            while todo and cache.free_slots:
+                i = todo.pop(0)
+                active[i] = cache.allocate()
+            rows, budget = [], self.max_batch_tokens
+            for i in active:
+                n = min(len(prompts[i]) - fed[i], budget)
+                if n == 0:
+                    break
+                rows.append((i, n))
+                budget -= n
+            ids = torch.tensor([t for i, n in rows for t in prompts[i][fed[i] : fed[i] + n]], dtype=torch.long)
+            index, owners, base = [], [], 0
+            for i, n in rows:
+                keep = want(i, fed[i], n)
+                index += [base + k for k in keep]
+                owners += [i] * len(keep)
+                base += n
+            out = self.stage(ids, cache, [active[i] for i, _ in rows], [n for _, n in rows],
+                             output_index=torch.tensor(index, dtype=torch.long))
+            for o, i in zip(out, owners):
+                outputs[i].append(o)
+            for i, n in rows:
+                fed[i] += n
+                if fed[i] == len(prompts[i]):
+                    cache.free(active.pop(i))
+        return outputs
+
+    def score(self, prompts: list[list[int]]) -> list[list[float | None]]:
+        """token_logprobs[i] = log p(token i | tokens < i); None for the first token."""
+        outs = self._prefill(prompts, lambda i, start, n: list(range(n)))
+        result = []
+        for ids, logits in zip(prompts, outs):
+            lp = torch.log_softmax(torch.stack(logits).float(), dim=-1)  # (L, V)
+            nxt = torch.tensor(ids[1:], dtype=torch.long)
+            result.append([None] + lp[:-1].gather(-1, nxt[:, None])[:, 0].tolist())
+        return result
+
+    def classify(self, prompts: list[list[int]]) -> list[list[float]]:
+        """Logits pooled at the last non-pad token, as JambaForSequenceClassification does."""
+        if self.stage.head != "classification":
+            raise ValueError("this checkpoint has no sequence-classification head")
+        pool = [pooling_position(ids, self.config.pad_token_id) for ids in prompts]
+        outs = self._prefill(prompts, lambda i, start, n: [pool[i] - start] if start <= pool[i] < start + n else [])
+        return [o[0].float().tolist() for o in outs]
+
+
+def pooling_position(ids: list[int], pad_token_id: int | None) -> int:
+    """Rightmost token that is not padding (HF's rule, so a trailing pad id is skipped); 0 if all pad."""
+    if pad_token_id is None:
+        return len(ids) - 1
+    for i in range(len(ids) - 1, -1, -1):
+        if ids[i] != pad_token_id:
+            return i
+    return 0
