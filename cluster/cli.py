@@ -1,0 +1,200 @@
+"""`jamba`: the command line.
+
+    jamba generate --model DIR --input rows.jsonl [--output out.jsonl]
+    jamba score    --model DIR --input rows.jsonl
+    jamba classify --model DIR --input rows.jsonl
+    jamba make-demo-model DIR [--task lm|classification]
+
+Input and output are JSON Lines (see cluster/rows.py for the fields). A bad row is reported on
+stderr as `FILE:LINE: what is wrong`, its output row carries an `error` field instead of results,
+and every other row is still processed; the exit status is then 1.
+Without --model, the embedded demo model (random weights) is written on first use and used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+log = logging.getLogger("jamba")
+
+CHUNK_ROWS = 256  # rows read, run and written together; bounds memory on huge inputs
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S", stream=sys.stderr)
+    try:
+        return args.func(args)
+    except (FileNotFoundError, ValueError) as e:  # setup problems: one line, no traceback
+        print(f"jamba: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="jamba", description="Serve and run AI21 Jamba models.")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    for name, helptext in (
+        ("generate", "complete prompts; adds output_ids, text, finish_reason"),
+        ("score", "log-likelihood of each row's tokens; adds token_logprobs, sum_logprob"),
+        ("classify", "sequence classification; adds logits, probs, label"),
+    ):
+        s = sub.add_parser(name, help=helptext, description=helptext)
+        s.add_argument("--model", help="checkpoint directory (HF format, safetensors); default: the demo model")
+        s.add_argument("--input", required=True, help="JSON Lines file ('-' for stdin)")
+        s.add_argument("--output", default="-", help="JSON Lines output file (default: stdout)")
+        s.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="cast weights (default: as stored)")
+        s.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+        s.add_argument("--max-batch-tokens", type=int, default=2048, help="token budget of one forward step")
+        s.add_argument("--num-slots", type=int, default=32, help="sequences in flight at once")
+        s.set_defaults(func=run_rows, task=name)
+
+    d = sub.add_parser("make-demo-model", help="write the small random-weight demo checkpoint",
+                       description="Write a small Jamba checkpoint with deterministic RANDOM weights, in HF format.")
+    d.add_argument("dir", help="output directory")
+    d.add_argument("--task", choices=["lm", "classification"], default="lm")
+    d.add_argument("--seed", type=int, default=0)
+    d.set_defaults(func=make_demo)
+    return p
+
+
+# ---- commands ---------------------------------------------------------------------------------
+def make_demo(args) -> int:
+    from stages.demo import make_demo_model
+
+    path = make_demo_model(args.dir, args.task, args.seed)
+    print(f"wrote the demo {args.task} model to {path} (random weights: its outputs are gibberish)", file=sys.stderr)
+    return 0
+
+
+def run_rows(args) -> int:
+    import torch
+
+    from stages.demo import ensure_demo_model
+    from stages.loading import load_stage
+    from stages.runner import LocalRunner
+    from stages.tokenizer import Tokenizer
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.input != "-" and not Path(args.input).is_file():
+        raise FileNotFoundError(f"input file {args.input} does not exist")
+    model_dir = args.model
+    if model_dir is None:
+        model_dir = ensure_demo_model("classification" if args.task == "classify" else "lm")
+        log.info("no --model given: using the demo model at %s (random weights)", model_dir)
+    stage, stats = load_stage(model_dir, dtype=args.dtype)
+    if args.task == "classify" and stage.head != "classification":
+        raise ValueError(f"{model_dir} is a causal LM ({stage.config.architectures}); classify needs a "
+                         "JambaForSequenceClassification checkpoint")
+    try:
+        tokenizer = Tokenizer.from_dir(model_dir)
+    except FileNotFoundError:
+        tokenizer = None
+        log.warning("%s has no tokenizer.json: rows must give input_ids", model_dir)
+    runner = LocalRunner(stage, tokenizer, num_slots=args.num_slots, max_batch_tokens=args.max_batch_tokens)
+    name = "<stdin>" if args.input == "-" else args.input
+    return process_file(runner, args.task, args.input, args.output, name)
+
+
+def process_file(runner, task: str, input_path: str, output_path: str, name: str) -> int:
+    t0, rows_done, errors, tokens = time.perf_counter(), 0, 0, 0
+    out = sys.stdout if output_path == "-" else open(output_path, "w")
+    try:
+        for chunk in _chunks(_read_lines(input_path), CHUNK_ROWS):
+            results, n_tok = run_chunk(runner, task, chunk)
+            tokens += n_tok
+            for (lineno, _), res in zip(chunk, results):
+                if res.get("error") is not None:
+                    errors += 1
+                    print(f"{name}:{lineno}: {res['error']}", file=sys.stderr)
+                out.write(json.dumps(res, ensure_ascii=False) + "\n")
+            out.flush()
+            rows_done += len(chunk)
+            log.info("%d rows done (%d failed), %.1f rows/s", rows_done, errors, rows_done / (time.perf_counter() - t0))
+    finally:
+        if out is not sys.stdout:
+            out.close()
+    dt = time.perf_counter() - t0
+    log.info("%s: %d rows, %d failed, %d tokens in %.2fs (%.0f tokens/s)", task, rows_done, errors, tokens, dt, tokens / dt if dt else 0)
+    return 1 if errors else 0
+
+
+def _read_lines(path: str) -> Iterator[tuple[int, str]]:
+    f = sys.stdin if path == "-" else open(path, encoding="utf-8", errors="surrogateescape")
+    try:
+        for i, line in enumerate(f, 1):
+            if line.strip():
+                yield i, line
+    finally:
+        if f is not sys.stdin:
+            f.close()
+
+
+def _chunks(it, n: int):
+    chunk = []
+    for x in it:
+        chunk.append(x)
+        if len(chunk) == n:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def run_chunk(runner, task: str, chunk: list[tuple[int, str]]) -> tuple[list[dict[str, Any]], int]:
+    """Parse and run one chunk of lines; returns one output row per line, and tokens processed."""
+    from . import rows as R
+
+    config, tok = runner.config, runner.tokenizer
+    results: list[dict[str, Any] | None] = [None] * len(chunk)
+    todo = []  # (index, row, ids, params)
+    for k, (lineno, line) in enumerate(chunk):
+        try:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise R.RowError(f"malformed JSON: {e.msg} at column {e.colno}") from None
+            if any("\udc80" <= ch <= "\udcff" for ch in line):  # surrogateescape marks bad bytes
+                raise R.RowError("line is not valid UTF-8")
+            ids = R.prompt_ids(row, tok, config, task)
+            params = R.sampling_params(row, config.vocab_size) if task == "generate" else None
+            if task == "generate":
+                R.check_context(ids, params.max_new_tokens, config)
+            elif len(ids) > config.max_position_embeddings:
+                raise R.RowError(f"input has {len(ids)} tokens, more than the model's context of {config.max_position_embeddings}")
+            todo.append((k, row, ids, params))
+        except R.RowError as e:
+            results[k] = {"line": lineno, "error": str(e)}
+    n_tok = 0
+    if todo:
+        ids_list = [t[2] for t in todo]
+        if task == "generate":
+            outs = runner.generate(ids_list, [t[3] for t in todo])
+            for (k, row, ids, _), res in zip(todo, outs):
+                results[k] = R.generation_row(row, res)
+                n_tok += len(ids) + len(res.output_ids)
+        elif task == "score":
+            for (k, row, ids, _), lp in zip(todo, runner.score(ids_list)):
+                results[k] = R.score_row(row, lp)
+                n_tok += len(ids)
+        else:
+            for (k, row, ids, _), logits in zip(todo, runner.classify(ids_list)):
+                results[k] = R.classify_row(row, logits, config.id2label)
+                n_tok += len(ids)
+    return results, n_tok
+
+
+if __name__ == "__main__":
+    sys.exit(main())
