@@ -58,6 +58,13 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
         s.add_argument("--max-batch-tokens", type=int, default=2048, help="token budget of one forward step")
         s.add_argument("--num-slots", type=int, default=32, help="sequences in flight at once")
+        g = s.add_argument_group("pipeline (Ray)", "with --stages, rows run through a pipeline of Ray actor stages")
+        g.add_argument("--stages", type=int, default=None, help="number of pipeline stages (default: one process, no Ray)")
+        g.add_argument("--layer-split", help="layers per stage ('9,9,...') or boundaries ('0,9,...,72'); default: balanced")
+        g.add_argument("--address", help="Ray cluster to join (default: start a local one)")
+        g.add_argument("--placement-strategy", default="PACK", choices=["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"])
+        g.add_argument("--threads-per-stage", type=int, default=1, help="CPU threads of each stage actor")
+        g.add_argument("--gpus-per-stage", type=float, default=0, help="GPUs per stage actor (1 on GPU nodes)")
         s.set_defaults(func=run_rows, task=name)
 
     d = sub.add_parser("make-demo-model", help="write the small random-weight demo checkpoint",
@@ -66,6 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--task", choices=["lm", "classification"], default="lm")
     d.add_argument("--seed", type=int, default=0)
     d.set_defaults(func=make_demo)
+
+    from .plan import add_plan_parser
+
+    add_plan_parser(sub)
     return p
 
 
@@ -94,18 +105,51 @@ def run_rows(args) -> int:
     if model_dir is None:
         model_dir = ensure_demo_model("classification" if args.task == "classify" else "lm")
         log.info("no --model given: using the demo model at %s (random weights)", model_dir)
+    name = "<stdin>" if args.input == "-" else args.input
+    if args.stages:
+        return _run_rows_on_pipeline(args, str(model_dir), name)
     stage, stats = load_stage(model_dir, dtype=args.dtype)
-    if args.task == "classify" and stage.head != "classification":
-        raise ValueError(f"{model_dir} is a causal LM ({stage.config.architectures}); classify needs a "
-                         "JambaForSequenceClassification checkpoint")
+    _check_head(args.task, stage.config, model_dir)
     try:
         tokenizer = Tokenizer.from_dir(model_dir)
     except FileNotFoundError:
         tokenizer = None
         log.warning("%s has no tokenizer.json: rows must give input_ids", model_dir)
     runner = LocalRunner(stage, tokenizer, num_slots=args.num_slots, max_batch_tokens=args.max_batch_tokens)
-    name = "<stdin>" if args.input == "-" else args.input
     return process_file(runner, args.task, args.input, args.output, name)
+
+
+def _check_head(task: str, config, model_dir) -> None:
+    if task == "classify" and not config.is_classifier:
+        raise ValueError(f"{model_dir} is a causal LM ({config.architectures}); classify needs a "
+                         "JambaForSequenceClassification checkpoint")
+    if task != "classify" and config.is_classifier:
+        raise ValueError(f"{model_dir} is a sequence classifier; {task} needs a JambaForCausalLM checkpoint")
+
+
+def _run_rows_on_pipeline(args, model_dir: str, name: str) -> int:
+    import ray
+
+    from stages.config import JambaConfig
+
+    from .pipeline import PipelineConfig, SyncPipeline
+
+    _check_head(args.task, JambaConfig.from_file(model_dir), model_dir)
+    if args.address:
+        ray.init(address=args.address, log_to_driver=False)
+    else:
+        ray.init(num_cpus=max(2, args.stages * args.threads_per_stage), include_dashboard=False, log_to_driver=False)
+    pipe = None
+    try:
+        pipe = SyncPipeline(PipelineConfig(
+            model_dir, num_stages=args.stages, layer_split=args.layer_split, num_slots=args.num_slots,
+            max_batch_tokens=args.max_batch_tokens, threads_per_stage=args.threads_per_stage,
+            gpus_per_stage=args.gpus_per_stage, placement_strategy=args.placement_strategy, dtype=args.dtype))
+        return process_file(pipe, args.task, args.input, args.output, name)
+    finally:
+        if pipe is not None:
+            pipe.close()
+        ray.shutdown()
 
 
 def process_file(runner, task: str, input_path: str, output_path: str, name: str) -> int:
@@ -170,10 +214,7 @@ def run_chunk(runner, task: str, chunk: list[tuple[int, str]]) -> tuple[list[dic
                 raise R.RowError("line is not valid UTF-8")
             ids = R.prompt_ids(row, tok, config, task)
             params = R.sampling_params(row, config.vocab_size) if task == "generate" else None
-            if task == "generate":
-                R.check_context(ids, params.max_new_tokens, config)
-            elif len(ids) > config.max_position_embeddings:
-                raise R.RowError(f"input has {len(ids)} tokens, more than the model's context of {config.max_position_embeddings}")
+            R.check_context(ids, params.max_new_tokens if params else 0, runner.max_seq_len)
             todo.append((k, row, ids, params))
         except R.RowError as e:
             results[k] = {"line": lineno, "error": str(e)}

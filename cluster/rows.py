@@ -84,8 +84,7 @@ def sampling_params(row: dict[str, Any], vocab_size: int) -> SamplingParams:
     return params
 
 
-def check_context(ids: list[int], max_new_tokens: int, config: JambaConfig) -> None:
-    limit = config.max_position_embeddings
+def check_context(ids: list[int], max_new_tokens: int, limit: int) -> None:
     if len(ids) + max_new_tokens > limit:
         raise RowError(
             f"prompt has {len(ids)} tokens; with max_new_tokens {max_new_tokens} it exceeds the model's context of {limit}"

@@ -98,6 +98,7 @@ class LocalRunner:
         self.stage, self.tokenizer = stage, tokenizer
         self.config = stage.config
         self.num_slots, self.max_batch_tokens = num_slots, max_batch_tokens
+        self.max_seq_len = stage.config.max_position_embeddings
 
     # ---- validation -----------------------------------------------------------------------
     def check_tokens(self, ids: list[int], what: str = "input_ids") -> None:

@@ -1,0 +1,205 @@
+"""A Jamba pipeline on Ray: one actor per stage, in one placement group, driven by the scheduler.
+
+    pipe = await Pipeline.start(PipelineConfig(model_dir, num_stages=2))
+    async for event in pipe.generate(prompt_ids, SamplingParams(max_new_tokens=32)):
+        ...
+    await pipe.close()
+
+Placement: one bundle per stage ({"CPU": threads} or {"GPU": 1, "CPU": 1}); strategy PACK by
+default, STRICT_SPREAD to put every stage on its own node. Activations go stage to stage as Ray
+object references: the driver passes stage k's output ref straight to stage k+1, so activations
+never come back through the driver; only the last stage's small answer (token ids, log-probs)
+does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+
+import ray
+import torch
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from stages.config import JambaConfig
+from stages.runner import GenerationResult
+from stages.sampling import SamplingParams
+from stages.tokenizer import Tokenizer
+from stages.worker import StageWorker
+
+from .scheduler import FinishEvent, Scheduler, TokenEvent
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PipelineConfig:
+    model_dir: str
+    num_stages: int = 1
+    layer_split: str | list[tuple[int, int]] | None = None  # "9,9,..." counts or boundaries; default: balanced
+    num_slots: int = 32
+    max_seq_len: int | None = None  # default: min(model context, 4096)
+    max_batch_tokens: int = 512
+    max_queue: int = 1024
+    threads_per_stage: int = 1
+    gpus_per_stage: float = 0  # 1 on GPU nodes: each stage pinned to its own GPU
+    cpus_per_stage: float | None = None  # Ray CPU resource per stage bundle (default: threads_per_stage)
+    placement_strategy: str = "PACK"
+    dtype: str | None = None
+    depth: int | None = None  # microbatches in flight (default: num_stages)
+    placement_timeout_s: float = 120.0
+    actor_options: dict = field(default_factory=dict)
+
+
+@ray.remote
+class StageActor(StageWorker):
+    """The stage worker as a Ray actor; adds where it runs."""
+
+    def where(self) -> dict:
+        ctx = ray.get_runtime_context()
+        return {"node_id": ctx.get_node_id(), "gpu_ids": ray.get_gpu_ids()}
+
+
+class Pipeline:
+    def __init__(self, cfg: PipelineConfig, config: JambaConfig, splits, pg, actors, scheduler, tokenizer, infos) -> None:
+        self.cfg, self.config, self.splits, self.pg = cfg, config, splits, pg
+        self.actors, self.scheduler, self.tokenizer, self.stage_info = actors, scheduler, tokenizer, infos
+
+    @classmethod
+    async def start(cls, cfg: PipelineConfig) -> "Pipeline":
+        config = JambaConfig.from_file(cfg.model_dir)
+        L = config.num_hidden_layers
+        if isinstance(cfg.layer_split, str):
+            from .plan import parse_layer_split
+
+            splits = parse_layer_split(cfg.layer_split, L)
+        elif cfg.layer_split:
+            splits = list(cfg.layer_split)
+        else:
+            from .plan import partition
+
+            splits = partition(config, cfg.num_stages)
+        if len(splits) != cfg.num_stages:
+            raise ValueError(f"layer split has {len(splits)} stages, but num_stages is {cfg.num_stages}")
+        max_seq_len = cfg.max_seq_len or min(config.max_position_embeddings, 4096)
+        cpus = cfg.threads_per_stage if cfg.cpus_per_stage is None else cfg.cpus_per_stage
+        bundle = {"CPU": cpus}
+        if cfg.gpus_per_stage:
+            bundle["GPU"] = cfg.gpus_per_stage
+        t0 = time.perf_counter()
+        pg = placement_group([dict(bundle) for _ in splits], strategy=cfg.placement_strategy)
+        try:
+            await asyncio.wait_for(pg.ready(), timeout=cfg.placement_timeout_s)
+        except asyncio.TimeoutError:
+            remove_placement_group(pg)
+            raise RuntimeError(f"could not place {len(splits)} stages of {bundle} with strategy "
+                               f"{cfg.placement_strategy}: not enough resources in the cluster") from None
+        actors = []
+        try:
+            for i, (s, e) in enumerate(splits):
+                opts = dict(num_cpus=cpus, num_gpus=cfg.gpus_per_stage, max_concurrency=1,
+                            scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i),
+                            **cfg.actor_options)
+                device = "cuda" if cfg.gpus_per_stage else "cpu"
+                actors.append(StageActor.options(**opts).remote(
+                    cfg.model_dir, s, e, cfg.num_slots, max_seq_len, cfg.threads_per_stage, cfg.dtype, device))
+            infos = await asyncio.gather(*[a.info.remote() for a in actors])
+            wheres = await asyncio.gather(*[a.where.remote() for a in actors])
+        except Exception:
+            for a in actors:
+                ray.kill(a)
+            remove_placement_group(pg)
+            raise
+        for i, (info, where) in enumerate(zip(infos, wheres)):
+            info.update(where)
+            log.info("stage %d: layers [%d, %d) loaded %.1f MB from %d file(s) in %.2fs on node %s",
+                     i, *info["layers"], info["bytes"] / 1e6, info["files"], info["seconds"], info["node_id"][:8])
+        try:
+            tokenizer = Tokenizer.from_dir(cfg.model_dir)
+        except FileNotFoundError:
+            tokenizer = None
+        send = _chain(actors)
+        scheduler = Scheduler(
+            send, len(actors), cfg.num_slots, max_seq_len, config.vocab_size, config.eos_token_ids,
+            config.pad_token_id, tokenizer, cfg.max_batch_tokens, cfg.max_queue, cfg.depth,
+        )
+        log.info("pipeline of %d stage(s) ready in %.1fs", len(actors), time.perf_counter() - t0)
+        return cls(cfg, config, splits, pg, actors, scheduler, tokenizer, infos)
+
+    # ---- requests ---------------------------------------------------------------------------
+    def generate(self, prompt: list[int], params: SamplingParams):
+        return self.scheduler.generate(prompt, params)
+
+    async def generate_full(self, prompt: list[int], params: SamplingParams) -> GenerationResult:
+        async for ev in self.scheduler.generate(prompt, params):
+            if isinstance(ev, FinishEvent):
+                return GenerationResult(ev.output_ids, ev.finish_reason, ev.text, ev.logprobs, ev.prompt_tokens)
+        raise RuntimeError("generation ended without a finish event")
+
+    async def score(self, prompt: list[int]) -> list[float | None]:
+        return await self.scheduler.score(prompt)
+
+    async def classify(self, prompt: list[int]) -> list[float]:
+        return await self.scheduler.classify(prompt)
+
+    async def stage_stats(self) -> list[dict]:
+        return await asyncio.gather(*[a.info.remote() for a in self.actors])
+
+    async def close(self) -> None:
+        await self.scheduler.close()
+        for a in self.actors:
+            ray.kill(a)
+        remove_placement_group(self.pg)
+
+
+def _chain(actors) -> callable:
+    async def send(header: bytes, ids: torch.Tensor) -> bytes:
+        ref = actors[0].step.remote(header, ids)
+        for a in actors[1:]:
+            ref = a.step.remote(header, ref)  # a ref, not a value: stage to stage, not via the driver
+        return await ref
+    return send
+
+
+class SyncPipeline:
+    """The pipeline behind the blocking, list-in list-out interface of `LocalRunner`, so the CLI's
+    row processing runs unchanged on either. The event loop lives in a background thread."""
+
+    def __init__(self, cfg: PipelineConfig) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="pipeline-loop", daemon=True)
+        self.thread.start()
+        self.pipe: Pipeline = self._call(Pipeline.start(cfg))
+        self.config, self.tokenizer = self.pipe.config, self.pipe.tokenizer
+        self.max_seq_len = self.pipe.scheduler.max_seq_len
+
+    def _call(self, coro):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+
+    def _gather(self, coros):
+        async def all_of():
+            return await asyncio.gather(*coros)
+        return self._call(all_of())
+
+    def generate(self, prompts: list[list[int]], params: list[SamplingParams]) -> list[GenerationResult]:
+        return self._gather([self.pipe.generate_full(p, sp) for p, sp in zip(prompts, params)])
+
+    def score(self, prompts: list[list[int]]) -> list[list[float | None]]:
+        return self._gather([self.pipe.score(p) for p in prompts])
+
+    def classify(self, prompts: list[list[int]]) -> list[list[float]]:
+        return self._gather([self.pipe.classify(p) for p in prompts])
+
+    def close(self) -> None:
+        try:
+            self._call(self.pipe.close())
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(timeout=10)
+
+
+__all__ = ["Pipeline", "PipelineConfig", "SyncPipeline", "TokenEvent", "FinishEvent"]

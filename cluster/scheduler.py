@@ -1,0 +1,351 @@
+"""The pipeline scheduler: continuous batching over P stages with microbatches in flight.
+
+It owns the slot numbering for every stage (stage caches are identical pools, so one slot id
+names a sequence's state on all of them), admits requests into free slots, and keeps up to
+`depth` microbatches in flight (depth >= P keeps every stage busy: while stage 2 runs microbatch
+k, stage 1 runs microbatch k+1). A request is in at most one in-flight microbatch, since its next
+token depends on the last one.
+
+Each microbatch mixes decode rows (one token each) and prompt chunks under a token budget.
+Decode rows are split evenly over the in-flight microbatches so each stage gets equal work.
+Slot allocations and frees ride in the next microbatch's header, so they cost no extra calls.
+
+The scheduler knows nothing of Ray or gRPC: it is given `send(header, token_ids) -> awaitable
+answer bytes`, which runs one microbatch through all stages (see cluster/pipeline.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import os
+from collections import deque
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Awaitable, Callable
+
+import msgpack
+import torch
+
+from stages.runner import SequenceState, pooling_position
+from stages.sampling import SamplingParams
+
+log = logging.getLogger(__name__)
+
+Send = Callable[[bytes, torch.Tensor], Awaitable[bytes]]
+
+
+class QueueFullError(RuntimeError):
+    """Every slot is taken and the waiting queue is at its bound."""
+
+
+class SchedulerClosedError(RuntimeError):
+    pass
+
+
+@dataclass
+class TokenEvent:
+    """A sampled token, streamed as soon as the last stage returns it."""
+
+    token_id: int
+    text: str  # newly final text (may be "" while a multi-byte character or a possible stop string is held back)
+    logprob: float | None = None
+
+
+@dataclass
+class FinishEvent:
+    finish_reason: str
+    output_ids: list[int]
+    text: str | None
+    prompt_tokens: int
+    logprobs: list[float] | None = None
+
+
+@dataclass(eq=False)
+class _Request:
+    kind: str  # "generate" | "score" | "classify"
+    prompt: list[int]
+    state: SequenceState | None = None  # generate only
+    seed: int = 0
+    slot: int = -1
+    fed: int = 0
+    in_flight: bool = False
+    done: bool = False
+    cancelled: bool = False
+    events: asyncio.Queue | None = None  # generate: TokenEvent/FinishEvent/Exception
+    future: asyncio.Future | None = None  # score/classify
+    scores: list = field(default_factory=list)
+    pool: int = 0  # classify: position whose logits are pooled
+    decoder: object | None = None  # streaming detokenizer
+    text: str = ""  # text the decoder has released
+    emitted: int = 0  # characters of it streamed so far
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.state.tokens if self.state else self.prompt
+
+    @property
+    def pending(self) -> int:
+        return len(self.tokens) - self.fed
+
+
+class Scheduler:
+    def __init__(
+        self,
+        send: Send,
+        num_stages: int,
+        num_slots: int,
+        max_seq_len: int,
+        vocab_size: int,
+        eos_ids: list[int],
+        pad_token_id: int | None = None,
+        tokenizer=None,
+        max_batch_tokens: int = 512,
+        max_queue: int = 1024,
+        depth: int | None = None,
+    ) -> None:
+        self.send, self.num_stages = send, num_stages
+        self.num_slots, self.max_seq_len, self.vocab_size = num_slots, max_seq_len, vocab_size
+        self.eos_ids, self.pad_token_id, self.tokenizer = eos_ids, pad_token_id, tokenizer
+        self.max_batch_tokens, self.max_queue = max_batch_tokens, max_queue
+        self.depth = depth or num_stages
+        self.free_slots = list(range(num_slots - 1, -1, -1))
+        self.waiting: deque[_Request] = deque()
+        self.active: list[_Request] = []
+        self.to_alloc: list[list[int]] = []
+        self.to_free: list[int] = []
+        self.in_flight = 0
+        self.wakeup = asyncio.Event()
+        self.closed = False
+        self.error: BaseException | None = None
+        self.microbatches = 0
+        self._task = asyncio.get_running_loop().create_task(self._loop())
+
+    # ---- public API -----------------------------------------------------------------------
+    async def generate(self, prompt: list[int], params: SamplingParams) -> AsyncIterator[TokenEvent | FinishEvent]:
+        """Stream a generation. Closing the iterator early aborts it and frees its slot."""
+        self._check_prompt(prompt, params.max_new_tokens)
+        params.validate(self.vocab_size)
+        state = SequenceState(list(prompt), params, self.eos_ids, self.tokenizer)
+        seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
+        req = _Request("generate", list(prompt), state=state, seed=seed, events=asyncio.Queue())
+        if self.tokenizer is not None:
+            req.decoder = self.tokenizer.incremental_decoder()
+        self._enqueue(req)
+        try:
+            while True:
+                ev = await req.events.get()
+                if isinstance(ev, BaseException):
+                    raise ev
+                yield ev
+                if isinstance(ev, FinishEvent):
+                    return
+        finally:
+            if not req.done:
+                self.abort(req)
+
+    async def score(self, prompt: list[int]) -> list[float | None]:
+        self._check_prompt(prompt, 0)
+        req = _Request("score", list(prompt), future=asyncio.get_running_loop().create_future())
+        return await self._wait(req)
+
+    async def classify(self, prompt: list[int]) -> list[float]:
+        self._check_prompt(prompt, 0)
+        req = _Request("classify", list(prompt), future=asyncio.get_running_loop().create_future())
+        req.pool = pooling_position(prompt, self.pad_token_id)
+        return await self._wait(req)
+
+    def abort(self, req: _Request) -> None:
+        """Drop a request; its slot is freed now, or when its in-flight microbatch returns."""
+        if req.done:
+            return
+        req.cancelled = req.done = True
+        if req in self.waiting:
+            self.waiting.remove(req)
+        elif not req.in_flight:
+            self._release(req)
+        self.wakeup.set()
+
+    def stats(self) -> dict:
+        return {"waiting": len(self.waiting), "active": len(self.active), "slots_in_use": self.num_slots - len(self.free_slots),
+                "num_slots": self.num_slots, "in_flight": self.in_flight, "microbatches": self.microbatches}
+
+    async def close(self, drain_timeout: float = 30.0) -> None:
+        """Stop admitting work, let in-flight microbatches return, fail whatever is left."""
+        self.closed = True
+        self.wakeup.set()
+        await asyncio.gather(self._task, return_exceptions=True)
+        deadline = asyncio.get_running_loop().time() + drain_timeout
+        while self.in_flight and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.01)
+        self._fail_all(SchedulerClosedError("the pipeline was shut down"))
+
+    # ---- admission --------------------------------------------------------------------------
+    def _check_prompt(self, prompt: list[int], max_new_tokens: int) -> None:
+        if self.closed or self.error:
+            raise SchedulerClosedError(f"the pipeline is not running ({self.error or 'closed'})")
+        if not prompt:
+            raise ValueError("the prompt is empty")
+        bad = [t for t in prompt if not isinstance(t, int) or not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(f"token ids out of range [0, {self.vocab_size}): {bad[:5]}")
+        if len(prompt) + max_new_tokens > self.max_seq_len:
+            raise ValueError(f"prompt of {len(prompt)} tokens plus max_new_tokens {max_new_tokens} exceeds the "
+                             f"pipeline's max sequence length {self.max_seq_len}")
+
+    def _enqueue(self, req: _Request) -> None:
+        # Waiting requests that free slots will take at once do not count against the bound.
+        if len(self.waiting) >= self.max_queue + len(self.free_slots):
+            raise QueueFullError(f"all {self.num_slots} slots are busy and {len(self.waiting)} requests are waiting "
+                                 f"(queue bound {self.max_queue}); retry later")
+        self.waiting.append(req)
+        self.wakeup.set()
+
+    async def _wait(self, req: _Request):
+        self._enqueue(req)
+        try:
+            return await asyncio.shield(req.future)
+        except asyncio.CancelledError:
+            self.abort(req)
+            raise
+
+    def _admit(self) -> None:
+        while self.waiting and self.free_slots:
+            req = self.waiting.popleft()
+            req.slot = self.free_slots.pop()
+            self.to_alloc.append([req.slot, req.seed])
+            self.active.append(req)
+
+    def _release(self, req: _Request) -> None:
+        if req in self.active:
+            self.active.remove(req)
+        if req.slot >= 0:
+            self.to_free.append(req.slot)
+            self.free_slots.append(req.slot)
+            req.slot = -1
+
+    # ---- the loop -----------------------------------------------------------------------------
+    async def _loop(self) -> None:
+        try:
+            while not self.closed:
+                self._admit()
+                launched = False
+                while self.in_flight < self.depth:
+                    mb = self._build()
+                    if mb is None:
+                        break
+                    self.in_flight += 1
+                    asyncio.get_running_loop().create_task(self._run(*mb))
+                    launched = True
+                if not launched:
+                    self.wakeup.clear()
+                    await self.wakeup.wait()
+        except Exception as e:  # a bug here must not hang every caller
+            log.exception("scheduler loop failed")
+            self.error = e
+            self._fail_all(e)
+
+    def _build(self):
+        ready = [r for r in self.active if not r.in_flight and not r.done]
+        if not ready and not self.to_free:
+            return None
+        # Split decode work evenly over the microbatches that will be in flight together.
+        decode = [r for r in ready if r.pending == 1 and r.fed >= len(r.prompt)]
+        prefill = [r for r in ready if not (r.pending == 1 and r.fed >= len(r.prompt))]
+        max_rows = max(1, math.ceil(sum(1 for r in self.active if not r.done) / self.depth))
+        rows, ids, budget = [], [], self.max_batch_tokens
+        for r in decode[:max_rows]:
+            rows.append(self._row(r, 1, ids))
+            budget -= 1
+        for r in prefill:
+            if budget <= 0:
+                break
+            n = min(r.pending, budget)
+            rows.append(self._row(r, n, ids))
+            budget -= n
+        header = msgpack.packb({"free": self.to_free, "alloc": self.to_alloc, "rows": [row[1] for row in rows]})
+        self.to_free, self.to_alloc = [], []
+        self.microbatches += 1
+        return [row[0] for row in rows], header, torch.tensor(ids, dtype=torch.long)
+
+    def _row(self, r: _Request, n: int, ids: list[int]):
+        start = r.fed
+        ids.extend(r.tokens[start : start + n])
+        end = start + n
+        if r.kind == "generate":
+            p = r.state.params
+            mode, arg = ("sample", [p.temperature, p.top_k, p.top_p]) if end == len(r.tokens) else ("none", None)
+        elif r.kind == "score":
+            targets = r.prompt[start + 1 : end + 1]
+            mode, arg = "score", targets + [None] * (n - len(targets))
+        else:
+            mode, arg = ("classify", r.pool - start) if start <= r.pool < end else ("none", None)
+        r.in_flight = True
+        return (r, n), [r.slot, n, mode, arg]
+
+    async def _run(self, rows: list[tuple[_Request, int]], header: bytes, ids: torch.Tensor) -> None:
+        try:
+            answer = msgpack.unpackb(await self.send(header, ids))
+        except Exception as e:
+            log.error("microbatch failed: %s", e)
+            self.error = e
+            self.in_flight -= 1
+            self._fail_all(e)
+            return
+        self.in_flight -= 1
+        for (r, n), res in zip(rows, answer):
+            r.in_flight = False
+            r.fed += n
+            if r.cancelled:
+                self._release(r)
+                continue
+            if r.kind == "generate":
+                if res is not None:
+                    self._on_token(r, res[0], res[1])
+            elif r.kind == "score":
+                r.scores.extend(res)
+                if r.fed == len(r.prompt):
+                    self._finish(r, [None] + r.scores[:-1])
+            elif r.fed > r.pool and res is not None:
+                self._finish(r, res)
+        self.wakeup.set()
+
+    def _on_token(self, r: _Request, token: int, logprob: float) -> None:
+        s = r.state
+        finished = s.add_token(token, logprob)
+        lp = logprob if s.params.logprobs else None
+        text = ""
+        if r.decoder is not None:
+            # The decoder releases text once its characters are complete; on top of that, hold
+            # back the last (longest stop string - 1) characters, which could begin a stop string.
+            r.text += r.decoder.push(token)
+            hold = max((len(x) for x in s.params.stop), default=1) - 1
+            upto = len(r.text) - hold
+            if upto > r.emitted:
+                text = r.text[r.emitted : upto]
+                r.emitted = upto
+        if not finished:
+            r.events.put_nowait(TokenEvent(token, text, lp))
+            return
+        res = s.result()  # its text is cut before a stop string; what was streamed is a prefix of it
+        tail = res.text[r.emitted :] if res.text is not None else ""
+        r.events.put_nowait(TokenEvent(token, text + tail, lp))
+        r.events.put_nowait(FinishEvent(res.finish_reason, res.output_ids, res.text, res.prompt_tokens, res.logprobs))
+        r.done = True
+        self._release(r)
+
+    def _finish(self, r: _Request, value) -> None:
+        r.done = True
+        self._release(r)
+        if not r.future.done():
+            r.future.set_result(value)
+
+    def _fail_all(self, e: BaseException) -> None:
+        for r in list(self.active) + list(self.waiting):
+            r.done = True
+            if r.events is not None:
+                r.events.put_nowait(e)
+            elif r.future is not None and not r.future.done():
+                r.future.set_exception(e)
+        self.active.clear()
+        self.waiting.clear()

@@ -1,0 +1,116 @@
+"""One pipeline stage as a long-lived worker: its layers, its slot cache and, on the last stage,
+the sampler. `cluster/pipeline.py` runs it as a Ray actor; nothing here knows about Ray.
+
+Each call is one microbatch: a small msgpack header plus one tensor (token ids into the first
+stage, activations between stages). The header says which slots to free and to allocate before
+the forward, and for each row its slot, its number of new tokens and what the last stage should
+return for it:
+
+    header = {"free": [slot, ...],
+              "alloc": [[slot, seed], ...],
+              "rows": [[slot, n_tokens, mode, arg], ...]}
+
+    mode "none"     arg None                        nothing (a prompt chunk that is not the last)
+         "sample"   arg [temperature, top_k, top_p]  one token sampled from the row's last position
+         "score"    arg [target ids, length n]       log p(target j | tokens up to j) for each position
+                                                     (a null target gives null)
+         "classify" arg index in the row            the head's logits at that position
+
+The last stage answers with msgpack: one entry per row, [token, logprob] / [logprobs] / [logits] / None.
+Logits never leave the last stage; only these small answers travel back.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import msgpack
+import torch
+
+from .loading import load_stage
+from .sampling import SamplingParams, sample
+
+
+class StageWorker:
+    def __init__(
+        self,
+        model_dir: str,
+        start: int,
+        end: int,
+        num_slots: int,
+        max_seq_len: int,
+        threads: int | None = None,
+        dtype: str | None = None,
+        device: str = "cpu",
+    ) -> None:
+        if threads:
+            torch.set_num_threads(threads)
+        t0 = time.perf_counter()
+        self.stage, stats = load_stage(model_dir, start, end, dtype=dtype, device=device)
+        self.cache = self.stage.make_cache(num_slots, max_seq_len)
+        self.generators: dict[int, torch.Generator] = {}
+        self.load_info = {
+            "layers": [start, end], "seconds": time.perf_counter() - t0, "bytes": stats.bytes_loaded,
+            "files": len(stats.files_opened), "threads": torch.get_num_threads(), "pid": os.getpid(),
+        }
+        self.busy_seconds = 0.0
+        self.steps = 0
+
+    def info(self) -> dict:
+        return dict(self.load_info, busy_seconds=self.busy_seconds, steps=self.steps,
+                    used_slots=self.cache.used_slots, num_slots=self.cache.num_slots)
+
+    def step(self, header: bytes, x: torch.Tensor):
+        t0 = time.perf_counter()
+        h = msgpack.unpackb(header)
+        for slot in h["free"]:
+            self.cache.free(slot)
+            self.generators.pop(slot, None)
+        for slot, seed in h["alloc"]:
+            self.cache.allocate(slot)
+            if self.stage.is_last:
+                self.generators[slot] = torch.Generator().manual_seed(seed)
+        rows = h["rows"]
+        if not rows:
+            out = msgpack.packb([]) if self.stage.is_last else x
+        elif not self.stage.is_last:
+            out = self.stage(x, self.cache, [r[0] for r in rows], [r[1] for r in rows])
+        else:
+            out = msgpack.packb(self._last_stage(x, rows))
+        self.busy_seconds += time.perf_counter() - t0
+        self.steps += 1
+        return out
+
+    def _last_stage(self, x: torch.Tensor, rows: list) -> list:
+        # Which packed positions each row wants the head applied to.
+        index, base, spans = [], 0, []
+        for slot, n, mode, arg in rows:
+            lo = len(index)
+            if mode == "sample":
+                index.append(base + n - 1)
+            elif mode == "score":
+                index.extend(range(base, base + n))
+            elif mode == "classify":
+                index.append(base + arg)
+            spans.append((lo, len(index)))
+            base += n
+        out = self.stage(x, self.cache, [r[0] for r in rows], [r[1] for r in rows],
+                         output_index=torch.tensor(index, dtype=torch.long))
+        results: list = [None] * len(rows)
+        sampling = [(k, r) for k, r in enumerate(rows) if r[2] == "sample"]
+        if sampling:
+            params = [SamplingParams(temperature=r[3][0], top_k=r[3][1], top_p=r[3][2]) for _, r in sampling]
+            gens = [self.generators[r[0]] for _, r in sampling]
+            logits = out[torch.tensor([spans[k][0] for k, _ in sampling])]
+            tokens, logprobs = sample(logits, params, gens)
+            for (k, _), t, lp in zip(sampling, tokens, logprobs):
+                results[k] = [t, lp]
+        for k, (slot, n, mode, arg) in enumerate(rows):
+            lo, hi = spans[k]
+            if mode == "score":
+                lp = torch.log_softmax(out[lo:hi].float(), dim=-1)
+                results[k] = [None if t is None else lp[j, t].item() for j, t in enumerate(arg)]
+            elif mode == "classify":
+                results[k] = out[lo].float().tolist()
+        return results

@@ -1,0 +1,212 @@
+"""The Ray pipeline gives the single-process results, under concurrency, with slot accounting."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import ray
+import torch
+
+from cluster.pipeline import PipelineConfig, SyncPipeline
+from cluster.scheduler import FinishEvent, QueueFullError
+from stages.demo import make_demo_model
+from stages.loading import load_stage
+from stages.runner import LocalRunner
+from stages.sampling import SamplingParams
+from stages.tokenizer import Tokenizer
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    return make_demo_model(root / "lm"), make_demo_model(root / "cls", task="classification")
+
+
+@pytest.fixture(scope="module")
+def reference(models):
+    lm, cls = models
+    tok = Tokenizer.from_dir(lm)
+    return LocalRunner(load_stage(lm)[0], tok), LocalRunner(load_stage(cls)[0], tok), tok
+
+
+def _pipe(model, **kw) -> SyncPipeline:
+    kw.setdefault("cpus_per_stage", 0.25)  # 2 cores here: let 4 stages and Ray's own tasks share them
+    return SyncPipeline(PipelineConfig(str(model), **kw))
+
+
+TEXTS = ["The weather today is", "Cooking rice takes about twenty minutes if", "a", "Trains leave the station at noon"]
+
+
+def _prompts(tok, n=len(TEXTS)):
+    return [tok.encode(TEXTS[i % len(TEXTS)] + " x" * (i // len(TEXTS))) for i in range(n)]
+
+
+@pytest.mark.parametrize("split", [
+    [(0, 8)],
+    [(0, 4), (4, 8)],
+    [(0, 1), (1, 7), (7, 8)],  # uneven
+    [(0, 2), (2, 4), (4, 6), (6, 8)],
+])
+def test_pipeline_equals_single_process(ray_cluster, models, reference, split):
+    lm, cls = models
+    ref_lm, ref_cls, tok = reference
+    prompts = _prompts(tok)
+    params = [SamplingParams(max_new_tokens=8, ignore_eos=True) for _ in prompts]
+    # a small token budget forces prompts through in several chunks
+    pipe = _pipe(lm, num_stages=len(split), layer_split=split, max_batch_tokens=6)
+    try:
+        got = pipe.generate(prompts, params)
+        want = ref_lm.generate(prompts, [SamplingParams(max_new_tokens=8, ignore_eos=True) for _ in prompts])
+        assert [g.output_ids for g in got] == [w.output_ids for w in want]
+        assert [g.text for g in got] == [w.text for w in want]
+        for g, w in zip(pipe.score(prompts), ref_lm.score(prompts)):
+            assert g[0] is None and w[0] is None
+            assert g[1:] == pytest.approx(w[1:], abs=1e-4)
+    finally:
+        pipe.close()
+    pipe = _pipe(cls, num_stages=len(split), layer_split=split, max_batch_tokens=6)
+    try:
+        for g, w in zip(pipe.classify(prompts), ref_cls.classify(prompts)):
+            assert g == pytest.approx(w, abs=1e-4)
+    finally:
+        pipe.close()
+
+
+def test_concurrent_mixed_requests_match_solo_runs(ray_cluster, models, reference):
+    lm, _ = models
+    ref_lm, _, tok = reference
+    prompts = _prompts(tok, 24)
+    def params(i):
+        if i % 3 == 0:
+            return SamplingParams(max_new_tokens=4 + i % 7, ignore_eos=True)
+        return SamplingParams(max_new_tokens=4 + i % 5, temperature=0.7 + 0.1 * (i % 4), top_k=(i % 3) * 20,
+                              top_p=0.9 if i % 2 else 1.0, seed=1000 + i, ignore_eos=True)
+    pipe = _pipe(lm, num_stages=2, layer_split="3,5", num_slots=8, max_batch_tokens=32)
+    try:
+        got = pipe.generate(prompts, [params(i) for i in range(len(prompts))])
+        again = pipe.generate(prompts, [params(i) for i in range(len(prompts))])
+        assert [g.output_ids for g in got] == [a.output_ids for a in again]  # seeded sampling reproduces
+        for i, (p, g) in enumerate(zip(prompts, got)):
+            solo = ref_lm.generate([p], [params(i)])[0]  # same seed, same tokens, whatever the batch was
+            assert g.output_ids == solo.output_ids, i
+    finally:
+        pipe.close()
+
+
+def test_streaming_slots_queue_and_abort(ray_cluster, models, reference):
+    lm, _ = models
+    _, _, tok = reference
+    pipe = _pipe(lm, num_stages=2, num_slots=2, max_queue=3, layer_split="4,4")
+    sched = pipe.pipe.scheduler
+    prompt = tok.encode("Streaming test")
+
+    async def stream(n):
+        deltas, final = [], None
+        async for ev in pipe.pipe.generate(prompt, SamplingParams(max_new_tokens=n, ignore_eos=True)):
+            if isinstance(ev, FinishEvent):
+                final = ev
+            else:
+                deltas.append(ev)
+        return deltas, final
+
+    async def exhaust():
+        # 2 slots, queue of 3: five long requests fit (2 running, 3 waiting), the sixth is refused.
+        gens = [pipe.pipe.generate(prompt, SamplingParams(max_new_tokens=40, ignore_eos=True)) for _ in range(6)]
+        firsts = [asyncio.ensure_future(g.__anext__()) for g in gens[:5]]
+        await asyncio.sleep(0)
+        with pytest.raises(QueueFullError, match="queue bound 3"):
+            await gens[5].__anext__()
+        await asyncio.sleep(0.2)
+        stats = sched.stats()
+        assert stats["slots_in_use"] == 2 and stats["waiting"] == 3
+        for f in firsts:
+            f.cancel()
+        await asyncio.gather(*firsts, return_exceptions=True)
+        for g in gens[:5]:
+            await g.aclose()  # the client goes away: its request is aborted
+        for _ in range(100):
+            if sched.stats()["slots_in_use"] == 0 and sched.stats()["in_flight"] == 0:
+                break
+            await asyncio.sleep(0.05)
+        return sched.stats()
+
+    async def many_aborts(n):
+        for i in range(n):
+            g = pipe.pipe.generate(prompt, SamplingParams(max_new_tokens=50, ignore_eos=True))
+            await g.__anext__()
+            await g.aclose()
+        for _ in range(100):
+            if sched.stats()["slots_in_use"] == 0 and sched.stats()["in_flight"] == 0:
+                break
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.2)
+
+    try:
+        deltas, final = pipe._call(stream(12))
+        assert len(deltas) == 12 and [d.token_id for d in deltas] == final.output_ids
+        assert "".join(d.text for d in deltas) == final.text
+        stats = pipe._call(exhaust())
+        assert stats["slots_in_use"] == 0 and stats["waiting"] == 0 and stats["active"] == 0
+        pipe._call(many_aborts(30))
+        assert sched.stats()["slots_in_use"] == 0
+        infos = pipe._call(pipe.pipe.stage_stats())
+        assert [i["used_slots"] for i in infos] == [0, 0]  # the stages freed them too
+        # and the pipeline still serves, with the same answer as before
+        assert pipe._call(stream(12))[1].output_ids == final.output_ids
+    finally:
+        pipe.close()
+
+
+def test_stop_strings_and_eos(ray_cluster, models, reference):
+    lm, _ = models
+    ref_lm, _, tok = reference
+    prompt = tok.encode(TEXTS[0])
+    free_run = ref_lm.generate([prompt], [SamplingParams(max_new_tokens=20, ignore_eos=True)])[0]
+    stop = free_run.text[5:8]
+    params = [SamplingParams(max_new_tokens=20, stop=[stop]), SamplingParams(max_new_tokens=20, stop_token_ids=[free_run.output_ids[3]])]
+    pipe = _pipe(lm, num_stages=2, layer_split="4,4")
+    try:
+        got = pipe.generate([prompt, prompt], params)
+        want = ref_lm.generate([prompt, prompt], params)
+        assert [(g.output_ids, g.text, g.finish_reason) for g in got] == [(w.output_ids, w.text, w.finish_reason) for w in want]
+        assert got[0].finish_reason == "stop" and stop not in got[0].text
+        assert got[1].output_ids == free_run.output_ids[:4]
+    finally:
+        pipe.close()
+
+
+def test_bad_requests_are_refused_with_a_reason(ray_cluster, models):
+    lm, _ = models
+    pipe = _pipe(lm, num_stages=1, max_seq_len=64)
+    try:
+        with pytest.raises(ValueError, match="out of range"):
+            pipe.score([[1, 10_000]])
+        with pytest.raises(ValueError, match="exceeds the pipeline's max sequence length 64"):
+            pipe.generate([[1] * 60], [SamplingParams(max_new_tokens=10)])
+        with pytest.raises(ValueError, match="temperature"):
+            pipe.generate([[1, 2]], [SamplingParams(temperature=-1.0)])
+        assert pipe.score([[1, 5, 6]])[0][0] is None  # still serving
+    finally:
+        pipe.close()
+
+
+def test_actor_startup_reports_load(ray_cluster, models):
+    lm, _ = models
+    pipe = _pipe(lm, num_stages=2, layer_split=[(0, 3), (3, 8)])
+    try:
+        info = pipe.pipe.stage_info
+        assert [i["layers"] for i in info] == [[0, 3], [3, 8]]
+        assert all(i["bytes"] > 0 and i["seconds"] > 0 and i["threads"] == 1 for i in info)
+        assert len({i["pid"] for i in info}) == 2
+    finally:
+        pipe.close()
