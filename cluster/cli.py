@@ -75,8 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=make_demo)
 
     from .plan import add_plan_parser
+    from .service_cli import add_serve_parser
 
     add_plan_parser(sub)
+    add_serve_parser(sub)
     return p
 
 
@@ -138,7 +140,7 @@ def _run_rows_on_pipeline(args, model_dir: str, name: str) -> int:
     if args.address:
         ray.init(address=args.address, log_to_driver=False)
     else:
-        ray.init(num_cpus=max(2, args.stages * args.threads_per_stage), include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=max(2, args.stages * args.threads_per_stage), include_dashboard=False, log_to_driver=False)
     pipe = None
     try:
         pipe = SyncPipeline(PipelineConfig(

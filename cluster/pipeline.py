@@ -52,6 +52,9 @@ class PipelineConfig:
     dtype: str | None = None
     depth: int | None = None  # microbatches in flight (default: num_stages)
     placement_timeout_s: float = 120.0
+    # Inside a Ray Serve replica that was given placement_group_bundles, the replica sits in
+    # bundle 0 of its own placement group and the stages take bundles 1..P of that group.
+    use_current_placement_group: bool = False
     actor_options: dict = field(default_factory=dict)
 
 
@@ -91,18 +94,26 @@ class Pipeline:
         if cfg.gpus_per_stage:
             bundle["GPU"] = cfg.gpus_per_stage
         t0 = time.perf_counter()
-        pg = placement_group([dict(bundle) for _ in splits], strategy=cfg.placement_strategy)
-        try:
-            await asyncio.wait_for(pg.ready(), timeout=cfg.placement_timeout_s)
-        except asyncio.TimeoutError:
-            remove_placement_group(pg)
-            raise RuntimeError(f"could not place {len(splits)} stages of {bundle} with strategy "
-                               f"{cfg.placement_strategy}: not enough resources in the cluster") from None
+        owned, offset = True, 0
+        if cfg.use_current_placement_group:
+            pg = ray.util.get_current_placement_group()
+            if pg is None or len(pg.bundle_specs) < len(splits) + 1:
+                raise RuntimeError(f"a {len(splits)}-stage pipeline needs a placement group of {len(splits) + 1} bundles "
+                                   "(the replica's, then one per stage)")
+            owned, offset = False, 1
+        else:
+            pg = placement_group([dict(bundle) for _ in splits], strategy=cfg.placement_strategy)
+            try:
+                await asyncio.wait_for(pg.ready(), timeout=cfg.placement_timeout_s)
+            except asyncio.TimeoutError:
+                remove_placement_group(pg)
+                raise RuntimeError(f"could not place {len(splits)} stages of {bundle} with strategy "
+                                   f"{cfg.placement_strategy}: not enough resources in the cluster") from None
         actors = []
         try:
             for i, (s, e) in enumerate(splits):
                 opts = dict(num_cpus=cpus, num_gpus=cfg.gpus_per_stage, max_concurrency=1,
-                            scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i),
+                            scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i + offset),
                             **cfg.actor_options)
                 device = "cuda" if cfg.gpus_per_stage else "cpu"
                 actors.append(StageActor.options(**opts).remote(
@@ -112,7 +123,8 @@ class Pipeline:
         except Exception:
             for a in actors:
                 ray.kill(a)
-            remove_placement_group(pg)
+            if owned:
+                remove_placement_group(pg)
             raise
         for i, (info, where) in enumerate(zip(infos, wheres)):
             info.update(where)
@@ -128,7 +140,7 @@ class Pipeline:
             config.pad_token_id, tokenizer, cfg.max_batch_tokens, cfg.max_queue, cfg.depth,
         )
         log.info("pipeline of %d stage(s) ready in %.1fs", len(actors), time.perf_counter() - t0)
-        return cls(cfg, config, splits, pg, actors, scheduler, tokenizer, infos)
+        return cls(cfg, config, splits, pg if owned else None, actors, scheduler, tokenizer, infos)
 
     # ---- requests ---------------------------------------------------------------------------
     def generate(self, prompt: list[int], params: SamplingParams):
@@ -153,7 +165,8 @@ class Pipeline:
         await self.scheduler.close()
         for a in self.actors:
             ray.kill(a)
-        remove_placement_group(self.pg)
+        if self.pg is not None:
+            remove_placement_group(self.pg)
 
 
 def _chain(actors) -> callable:

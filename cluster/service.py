@@ -1,0 +1,367 @@
+"""The gRPC service: a Ray Serve deployment whose replica owns one pipeline.
+
+This module translates between the protos (protos/jamba.proto) and the scheduler's own types;
+the scheduler knows nothing of gRPC. Each replica places its stages in the replica's own
+placement group (bundle 0 is the replica, bundles 1..P the stages), so R replicas are R
+independent pipelines (data parallel) that Serve load-balances and can autoscale.
+
+Status codes: INVALID_ARGUMENT (the message names the field), RESOURCE_EXHAUSTED (queue full),
+FAILED_PRECONDITION (the loaded head cannot serve the RPC), UNAVAILABLE (pipeline down).
+A cancelled or expired call is cancelled in the replica, which aborts the request and frees its
+slots on every stage.
+
+    jamba serve --model DIR --stages P --grpc-port N [--replicas R]
+    serve run k8s/serve_config.yaml     # the same application from a Serve config
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from ray import serve
+from ray.serve.grpc_util import RayServegRPCContext
+from ray.util import metrics
+
+from protos import jamba_pb2 as pb
+from stages.sampling import SamplingParams
+from stages.tokenizer import ChatTemplateError
+
+from .pipeline import FinishEvent, Pipeline, PipelineConfig
+from .scheduler import QueueFullError, SchedulerClosedError
+
+log = logging.getLogger("ray.serve")
+
+SERVICER = "protos.jamba_pb2_grpc.add_JambaServiceServicer_to_server"
+MAX_BATCH = 256  # prompts in one Generate/Classify/Score call
+DEFAULT_MAX_NEW_TOKENS = 16
+
+
+class RequestError(Exception):
+    """A problem with the request, reported with a gRPC status code."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
+def invalid(message: str) -> RequestError:
+    return RequestError(grpc.StatusCode.INVALID_ARGUMENT, message)
+
+
+# ---- protos -> scheduler types ----------------------------------------------------------------
+def prompt_ids(prompt: pb.Prompt, field: str, tokenizer, vocab_size: int) -> list[int]:
+    kind = prompt.WhichOneof("input")
+    if kind is None:
+        raise invalid(f"{field} is empty: set text, token_ids or chat")
+    if kind == "text":
+        if not prompt.text:
+            raise invalid(f"{field}.text is empty")
+        if tokenizer is None:
+            raise invalid(f"{field}.text needs a tokenizer and the model has none; send token_ids")
+        ids = tokenizer.encode(prompt.text)
+    elif kind == "token_ids":
+        ids = list(prompt.token_ids.ids)
+        if not ids:
+            raise invalid(f"{field}.token_ids is empty")
+        bad = [i for i in ids if not 0 <= i < vocab_size]
+        if bad:
+            raise invalid(f"{field}.token_ids has ids out of range [0, {vocab_size}): {bad[:5]}")
+    else:
+        if tokenizer is None:
+            raise invalid(f"{field}.chat needs a tokenizer and the model has none; send token_ids")
+        messages = [{"role": m.role, "content": m.content} for m in prompt.chat.messages]
+        if not messages:
+            raise invalid(f"{field}.chat has no messages")
+        try:
+            ids = tokenizer.encode_chat(messages)
+        except ChatTemplateError as e:
+            raise invalid(f"{field}.chat: the chat template failed: {e}") from None
+        except ValueError as e:
+            raise invalid(f"{field}.chat: {e}") from None
+    return ids
+
+
+def sampling_params(p: pb.SamplingParams, vocab_size: int) -> SamplingParams:
+    params = SamplingParams(
+        max_new_tokens=p.max_new_tokens if p.HasField("max_new_tokens") else DEFAULT_MAX_NEW_TOKENS,
+        temperature=p.temperature if p.HasField("temperature") else 0.0,
+        top_k=p.top_k if p.HasField("top_k") else 0,
+        top_p=p.top_p if p.HasField("top_p") else 1.0,
+        seed=p.seed if p.HasField("seed") else None,
+        stop=list(p.stop), stop_token_ids=list(p.stop_token_ids), logprobs=p.logprobs,
+    )
+    try:
+        params.validate(vocab_size)
+    except ValueError as e:
+        raise invalid(f"params.{e}") from None
+    return params
+
+
+def completion(ev: FinishEvent) -> pb.Completion:
+    return pb.Completion(
+        output_ids=ev.output_ids, text=ev.text or "", finish_reason=ev.finish_reason, logprobs=ev.logprobs or [],
+        usage=pb.Usage(prompt_tokens=ev.prompt_tokens, completion_tokens=len(ev.output_ids)),
+    )
+
+
+def classification(logits: list[float], id2label: dict[int, str]) -> pb.Classification:
+    m = max(logits)
+    exp = [math.exp(x - m) for x in logits]
+    probs = [e / sum(exp) for e in exp]
+    best = max(range(len(probs)), key=probs.__getitem__)
+    return pb.Classification(logits=logits, probs=probs, label=id2label.get(best, str(best)))
+
+
+# ---- metrics -------------------------------------------------------------------------------------
+@dataclass
+class Metrics:
+    requests: metrics.Counter
+    tokens_in: metrics.Counter
+    tokens_out: metrics.Counter
+    ttft: metrics.Histogram
+    itl: metrics.Histogram
+    queue_depth: metrics.Gauge
+    slots_in_use: metrics.Gauge
+    stage_busy: metrics.Gauge
+
+    @classmethod
+    def create(cls) -> "Metrics":
+        ms = [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10]
+        return cls(
+            metrics.Counter("jamba_requests_total", "RPCs by method and status", tag_keys=("method", "code")),
+            metrics.Counter("jamba_tokens_in_total", "prompt tokens received"),
+            metrics.Counter("jamba_tokens_out_total", "tokens generated"),
+            metrics.Histogram("jamba_time_to_first_token_seconds", "time to first token", boundaries=ms),
+            metrics.Histogram("jamba_inter_token_latency_seconds", "time between streamed tokens", boundaries=ms),
+            metrics.Gauge("jamba_queue_depth", "requests waiting for a slot"),
+            metrics.Gauge("jamba_slots_in_use", "sequence slots in use"),
+            metrics.Gauge("jamba_stage_busy_seconds", "seconds each stage spent computing", tag_keys=("stage",)),
+        )
+
+
+# ---- the deployment ------------------------------------------------------------------------------
+@serve.deployment(name="JambaService", max_ongoing_requests=4096, ray_actor_options={"num_cpus": 0.1})
+class JambaService:
+    async def __init__(self, model: str, stages: int = 1, layer_split: str | None = None, num_slots: int = 32,
+                       max_batch_tokens: int = 512, max_queue: int = 1024, threads_per_stage: int = 1,
+                       gpus_per_stage: float = 0, cpus_per_stage: float | None = None, max_seq_len: int | None = None,
+                       name: str | None = None, own_placement_group: bool = False) -> None:
+        cfg = PipelineConfig(
+            model, num_stages=stages, layer_split=layer_split, num_slots=num_slots, max_batch_tokens=max_batch_tokens,
+            max_queue=max_queue, threads_per_stage=threads_per_stage, gpus_per_stage=gpus_per_stage,
+            cpus_per_stage=cpus_per_stage, max_seq_len=max_seq_len, use_current_placement_group=not own_placement_group,
+        )
+        self.pipe = await Pipeline.start(cfg)
+        self.config, self.tokenizer = self.pipe.config, self.pipe.tokenizer
+        self.name = name or model.rstrip("/").split("/")[-1]
+        self.metrics = Metrics.create()
+        self._stats_task = asyncio.get_running_loop().create_task(self._report_stats())
+        log.info("JambaService %s ready: %d stage(s) %s", self.name, stages, self.pipe.splits)
+
+    async def _report_stats(self) -> None:
+        while True:
+            s = self.pipe.scheduler.stats()
+            self.metrics.queue_depth.set(s["waiting"])
+            self.metrics.slots_in_use.set(s["slots_in_use"])
+            try:
+                for i, info in enumerate(await self.pipe.stage_stats()):
+                    self.metrics.stage_busy.set(info["busy_seconds"], tags={"stage": str(i)})
+            except Exception:  # a dead stage shows in check_health
+                pass
+            await asyncio.sleep(5)
+
+    async def check_health(self) -> None:
+        """Serve calls this; raising marks the replica unhealthy so Serve replaces it."""
+        if self.pipe.scheduler.error is not None:
+            raise RuntimeError(f"pipeline failed: {self.pipe.scheduler.error}")
+        await asyncio.wait_for(self.pipe.stage_stats(), timeout=30)
+
+    # ---- helpers -----------------------------------------------------------------------------
+    @property
+    def is_classifier(self) -> bool:
+        return self.config.is_classifier
+
+    def _need(self, classifier: bool, rpc: str) -> None:
+        if self.is_classifier != classifier:
+            have = "a sequence classifier" if self.is_classifier else "a causal language model"
+            raise RequestError(grpc.StatusCode.FAILED_PRECONDITION,
+                               f"{rpc} is not available: application {self.name!r} serves {have}")
+
+    def _prompts(self, prompts, field: str, single: bool = False) -> list[list[int]]:
+        if not prompts:
+            raise invalid(f"{field} is empty")
+        if len(prompts) > MAX_BATCH:
+            raise invalid(f"{field} has {len(prompts)} entries; at most {MAX_BATCH} per call")
+        names = [field] if single else [f"{field}[{i}]" for i in range(len(prompts))]
+        out = [prompt_ids(p, n, self.tokenizer, self.config.vocab_size) for p, n in zip(prompts, names)]
+        limit = self.pipe.scheduler.max_seq_len
+        for i, ids in enumerate(out):
+            if len(ids) > limit:
+                raise invalid(f"{field}[{i}] has {len(ids)} tokens, more than the context of {limit}")
+        return out
+
+    def _check_room(self, ids: list[list[int]], params: SamplingParams, field: str) -> None:
+        limit = self.pipe.scheduler.max_seq_len
+        for i, p in enumerate(ids):
+            if len(p) + params.max_new_tokens > limit:
+                raise invalid(f"params.max_new_tokens: {field}[{i}] has {len(p)} tokens and max_new_tokens is "
+                              f"{params.max_new_tokens}, more than the context of {limit}")
+
+    def _fail(self, method: str, ctx: RayServegRPCContext, e: Exception):
+        """Report an error with its gRPC status code (Serve's proxy passes the context's code on)."""
+        if isinstance(e, RequestError):
+            code, msg = e.code, e.message
+        elif isinstance(e, QueueFullError):
+            code, msg = grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)
+        elif isinstance(e, SchedulerClosedError):
+            code, msg = grpc.StatusCode.UNAVAILABLE, str(e)
+        elif isinstance(e, ValueError):  # the scheduler's own checks
+            code, msg = grpc.StatusCode.INVALID_ARGUMENT, str(e)
+        else:
+            raise e
+        self.metrics.requests.inc(tags={"method": method, "code": code.name})
+        ctx.set_code(code)
+        ctx.set_details(msg)
+        # A builtin exception: it crosses back to Serve's proxy by pickling, which then sends
+        # the code and details set on the context.
+        raise RuntimeError(msg) from None
+
+    async def _guard(self, method: str, ctx: RayServegRPCContext, coro):
+        try:
+            result = await coro
+        except (RequestError, QueueFullError, SchedulerClosedError, ValueError) as e:
+            self._fail(method, ctx, e)
+        self.metrics.requests.inc(tags={"method": method, "code": "OK"})
+        return result
+
+    # ---- RPCs ----------------------------------------------------------------------------------
+    async def Generate(self, request: pb.GenerateRequest, grpc_context: RayServegRPCContext) -> pb.GenerateResponse:
+        async def body():
+            self._need(False, "Generate")
+            ids = self._prompts(request.prompts, "prompts")
+            params = sampling_params(request.params, self.config.vocab_size)
+            self._check_room(ids, params, "prompts")
+            self.metrics.tokens_in.inc(sum(map(len, ids)))
+            results = await asyncio.gather(*[self._generate_one(p, params) for p in ids])
+            return pb.GenerateResponse(completions=[completion(r) for r in results])
+        return await self._guard("Generate", grpc_context, body())
+
+    async def _generate_one(self, ids: list[int], params: SamplingParams) -> FinishEvent:
+        params = SamplingParams(**{k: getattr(params, k) for k in params.__dataclass_fields__})  # one per prompt
+        async for ev in self.pipe.generate(ids, params):
+            if isinstance(ev, FinishEvent):
+                self.metrics.tokens_out.inc(len(ev.output_ids))
+                return ev
+        raise RuntimeError("generation ended without a final event")
+
+    async def GenerateStream(self, request: pb.GenerateStreamRequest, grpc_context: RayServegRPCContext):
+        try:
+            ids = self._prompts([request.prompt] if request.HasField("prompt") else [], "prompt", single=True)[0]
+            self._need(False, "GenerateStream")
+            params = sampling_params(request.params, self.config.vocab_size)
+            self._check_room([ids], params, "prompt")
+            stream = self.pipe.generate(ids, params)
+            first = await stream.__anext__()  # admission errors (queue full) surface here, before any message
+        except (RequestError, QueueFullError, SchedulerClosedError, ValueError) as e:
+            self._fail("GenerateStream", grpc_context, e)
+        self.metrics.tokens_in.inc(len(ids))
+        t0 = last = time.perf_counter()
+        first_token = True
+        try:
+            ev = first
+            while True:
+                now = time.perf_counter()
+                if isinstance(ev, FinishEvent):
+                    self.metrics.tokens_out.inc(len(ev.output_ids))
+                    self.metrics.requests.inc(tags={"method": "GenerateStream", "code": "OK"})
+                    yield pb.GenerateStreamResponse(final=completion(ev))
+                    return
+                if first_token:
+                    self.metrics.ttft.observe(now - t0)
+                    first_token = False
+                else:
+                    self.metrics.itl.observe(now - last)
+                last = now
+                lp = [ev.logprob] if ev.logprob is not None else []
+                yield pb.GenerateStreamResponse(delta=pb.TokenDelta(token_ids=[ev.token_id], text=ev.text, logprobs=lp))
+                ev = await stream.__anext__()
+        finally:
+            await stream.aclose()  # a cancelled call lands here: the request is aborted, slots freed
+
+    async def Classify(self, request: pb.ClassifyRequest, grpc_context: RayServegRPCContext) -> pb.ClassifyResponse:
+        async def body():
+            self._need(True, "Classify")
+            ids = self._prompts(request.inputs, "inputs")
+            self.metrics.tokens_in.inc(sum(map(len, ids)))
+            logits = await asyncio.gather(*[self.pipe.classify(p) for p in ids])
+            return pb.ClassifyResponse(results=[classification(lg, self.config.id2label) for lg in logits])
+        return await self._guard("Classify", grpc_context, body())
+
+    async def Score(self, request: pb.ScoreRequest, grpc_context: RayServegRPCContext) -> pb.ScoreResponse:
+        async def body():
+            self._need(False, "Score")
+            ids = self._prompts(request.inputs, "inputs")
+            self.metrics.tokens_in.inc(sum(map(len, ids)))
+            scores = await asyncio.gather(*[self.pipe.score(p) for p in ids])
+            return pb.ScoreResponse(results=[
+                pb.ScoreResult(token_ids=p, token_logprobs=s[1:], sum_logprob=math.fsum(s[1:])) for p, s in zip(ids, scores)
+            ])
+        return await self._guard("Score", grpc_context, body())
+
+    async def ModelInfo(self, request: pb.ModelInfoRequest, grpc_context: RayServegRPCContext) -> pb.ModelInfoResponse:
+        c = self.config
+        return pb.ModelInfoResponse(
+            model_name=self.name, task="classification" if c.is_classifier else "causal-lm",
+            num_layers=c.num_hidden_layers, hidden_size=c.hidden_size, vocab_size=c.vocab_size,
+            num_experts=c.num_experts, num_experts_per_tok=c.num_experts_per_tok,
+            attn_layer_period=c.attn_layer_period, attn_layer_offset=c.attn_layer_offset,
+            max_context=self.pipe.scheduler.max_seq_len,
+            stages=[pb.StageInfo(index=i, start_layer=s, end_layer=e) for i, (s, e) in enumerate(self.pipe.splits)],
+            labels=[c.id2label[i] for i in sorted(c.id2label)] if c.is_classifier else [],
+            num_slots=self.pipe.scheduler.num_slots,
+        )
+
+
+# ---- building applications -------------------------------------------------------------------------
+def build_app(args: dict[str, Any]):
+    """Serve application builder (`import_path: cluster.service:build_app` in a Serve config).
+
+    args: model (required), stages, layer_split, num_slots, max_batch_tokens, max_queue,
+    threads_per_stage, gpus_per_stage, max_seq_len, name, replicas, placement_strategy,
+    autoscaling_config (a Serve autoscaling config; replaces replicas).
+    """
+    args = dict(args)
+    if "model" not in args:
+        raise ValueError("the Jamba application needs args.model (a checkpoint directory, or 'demo')")
+    from .service_cli import resolve_model
+
+    args.setdefault("name", resolve_model(args["model"])[0])
+    args["model"] = resolve_model(args["model"])[1]
+    replicas = args.pop("replicas", 1)
+    strategy = args.pop("placement_strategy", "PACK")
+    autoscaling = args.pop("autoscaling_config", None)
+    stages = int(args.get("stages", 1))
+    threads = int(args.get("threads_per_stage", 1))
+    gpus = float(args.get("gpus_per_stage", 0))
+    cpus = float(args.setdefault("cpus_per_stage", threads))
+    stage_bundle = {"CPU": cpus, **({"GPU": gpus} if gpus else {})}
+    options = dict(placement_group_bundles=[{"CPU": 0.1}] + [dict(stage_bundle) for _ in range(stages)],
+                   placement_group_strategy=strategy)
+    if autoscaling:
+        options["autoscaling_config"] = autoscaling
+    else:
+        options["num_replicas"] = replicas
+    return JambaService.options(**options).bind(**args)
+
+
+def grpc_options(port: int):
+    from ray.serve.config import gRPCOptions
+
+    return gRPCOptions(port=port, grpc_servicer_functions=[SERVICER])
+
