@@ -74,11 +74,14 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0)
     d.set_defaults(func=make_demo)
 
+    from client.cli import add_client_parser
+
     from .plan import add_plan_parser
     from .service_cli import add_serve_parser
 
     add_plan_parser(sub)
     add_serve_parser(sub)
+    add_client_parser(sub)
     return p
 
 

@@ -1,0 +1,390 @@
+"""`jamba client`: the JSON Lines commands of `jamba generate|score|classify`, run by a server.
+
+    jamba client generate --address HOST:PORT [--input rows.jsonl] [--output out.jsonl]
+    jamba client stream   --address HOST:PORT [--input rows.jsonl] [--output out.jsonl]
+    jamba client score    --address HOST:PORT [--input rows.jsonl] [--output out.jsonl]
+    jamba client classify --address HOST:PORT [--input rows.jsonl] [--output out.jsonl]
+    jamba client info     --address HOST:PORT [--output info.json]
+    common options: [--application NAME] [--timeout S]
+                    [--tls] [--ca-cert F] [--client-cert F --client-key F] [--tls-server-name NAME]
+
+Rows and output rows follow the offline contracts (README, cluster/rows.py): a row names its
+input with one of `prompt`, `input_ids` or `messages` (`text` too for score and classify) and,
+for generate and stream, may carry sampling fields; the output row is the input row plus the
+results. Input defaults to stdin, output to stdout. Any certificate option implies --tls.
+
+How rows become RPCs: `generate` groups the rows of a chunk that have identical sampling
+parameters into Generate calls of up to --batch-size prompts (rows that differ only in, say,
+`seed` each get their own call), and keeps up to --concurrency calls in flight; `score` and
+`classify` batch the same way. `stream` runs one GenerateStream per row, in order, echoing the
+text to stderr as it arrives and writing the finished row (with output_ids) to --output.
+
+Errors: a malformed row is reported on stderr as `FILE:LINE: what is wrong` and its output row
+is `{"line": N, "error": "..."}`; so is a row the server rejects (INVALID_ARGUMENT: a token id
+out of range, a prompt longer than the context, ... -- a rejected batch is retried row by row to
+find the culprit) or one that runs past --timeout (DEADLINE_EXCEEDED). The other rows are
+still processed and the exit status is 1. Any other failed RPC (UNAVAILABLE after retries,
+FAILED_PRECONDITION, RESOURCE_EXHAUSTED, ...) concerns the server, not the row: it is printed
+as `jamba client: CODE: message` and the command stops with exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, TextIO
+
+import grpc
+
+from protos import jamba_pb2 as pb
+
+from .client import JambaClient
+from .messages import JambaError, sampling_params, to_chat
+
+# Nothing from cluster/ or stages/ (no torch, no Ray): this runs where only the client is installed,
+# which is why the row checks of cluster/rows.py are repeated here rather than imported.
+
+log = logging.getLogger("jamba.client")
+
+INPUT_FIELDS = ("prompt", "text", "input_ids", "messages")
+SAMPLING_FIELDS = ("max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop", "stop_token_ids", "logprobs")
+CHUNK_ROWS = 256  # rows read, run and written together; bounds memory on huge inputs
+ROW_CODES = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OUT_OF_RANGE, grpc.StatusCode.DEADLINE_EXCEEDED}
+SPLIT_CODES = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OUT_OF_RANGE}  # worth retrying row by row
+
+
+class RowError(ValueError):
+    pass
+
+
+# ---- the parser -------------------------------------------------------------------------------
+def add_client_parser(subparsers) -> argparse.ArgumentParser:
+    """Add `client` (with generate|stream|classify|score|info below it) to a parser's subparsers."""
+    help_ = "run rows against a jamba gRPC server (same JSON Lines as generate/score/classify)"
+    p = subparsers.add_parser("client", help=help_, description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_commands(p.add_subparsers(dest="client_command", required=True, metavar="COMMAND"))
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The same commands as a standalone program (`python -m client.cli generate ...`)."""
+    p = argparse.ArgumentParser(prog="jamba client", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_commands(p.add_subparsers(dest="client_command", required=True, metavar="COMMAND"))
+    return p
+
+
+def _add_commands(sub) -> None:
+    for name, helptext in (
+        ("generate", "complete prompts; adds output_ids, text, finish_reason"),
+        ("stream", "complete prompts one at a time, echoing text to stderr as it is generated"),
+        ("score", "log-likelihood of each row's tokens; adds token_logprobs, sum_logprob"),
+        ("classify", "sequence classification; adds logits, probs, label"),
+    ):
+        s = sub.add_parser(name, help=helptext, description=helptext)
+        _add_connection_args(s)
+        s.add_argument("--input", default="-", help="JSON Lines file (default: stdin)")
+        s.add_argument("--output", default="-", help="JSON Lines output file (default: stdout)")
+        if name != "stream":
+            s.add_argument("--batch-size", type=_positive_int, default=32, help="rows per RPC (default 32)")
+            s.add_argument("--concurrency", type=_positive_int, default=4, help="RPCs in flight (default 4)")
+            s.set_defaults(func=run_rows, task=name)
+        else:
+            s.set_defaults(func=run_stream, task=name)
+    s = sub.add_parser("info", help="print the served model's ModelInfo as JSON", description="print ModelInfo as JSON")
+    _add_connection_args(s)
+    s.add_argument("--output", default="-", help="output file (default: stdout)")
+    s.set_defaults(func=run_info, task="info")
+
+
+def _add_connection_args(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--address", required=True, help="server HOST:PORT (Ray Serve's gRPC port)")
+    s.add_argument("--application", help="Serve application to call (the `application` metadata key)")
+    s.add_argument("--timeout", type=float, default=None, help="deadline of each RPC in seconds (default: none)")
+    g = s.add_argument_group("TLS", "any certificate option implies --tls")
+    g.add_argument("--tls", action="store_true", help="connect with TLS (default: plaintext)")
+    g.add_argument("--ca-cert", help="PEM file of the CA that signed the server's certificate (default: system's)")
+    g.add_argument("--client-cert", help="PEM certificate chain for mutual TLS (with --client-key)")
+    g.add_argument("--client-key", help="PEM private key for mutual TLS (with --client-cert)")
+    g.add_argument("--tls-server-name", help="name to check the server's certificate against (default: the host)")
+
+
+def _positive_int(s: str) -> int:
+    n = int(s)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {n}")
+    return n
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s", stream=sys.stderr)
+    try:
+        return args.func(args)
+    except (FileNotFoundError, ValueError) as e:  # setup problems: one line, as `jamba` does
+        print(f"jamba client: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+# ---- commands ---------------------------------------------------------------------------------
+def connect(args) -> JambaClient:
+    certs = (args.ca_cert, args.client_cert, args.client_key, args.tls_server_name)
+    if (args.client_cert is None) != (args.client_key is None):
+        raise ValueError("--client-cert and --client-key go together")
+    return JambaClient(args.address, application=args.application, timeout=args.timeout,
+                       tls=args.tls or any(c is not None for c in certs), root_certificates=args.ca_cert,
+                       certificate_chain=args.client_cert, private_key=args.client_key,
+                       tls_server_name=args.tls_server_name)
+
+
+def _fatal(e: JambaError) -> int:
+    print(f"jamba client: {e}", file=sys.stderr)
+    return 2
+
+
+def run_info(args) -> int:
+    with connect(args) as client:
+        try:
+            info = client.model_info()
+        except JambaError as e:
+            return _fatal(e)
+    with _open_output(args.output) as out:
+        out.write(json.dumps(info.to_dict(), indent=2, ensure_ascii=False) + "\n")
+    return 0
+
+
+@dataclass
+class Job:
+    """A parsed row, ready to send."""
+
+    lineno: int
+    row: dict[str, Any]
+    prompt: pb.Prompt
+    params: dict[str, Any]  # sampling_params() kwargs (empty for score/classify)
+
+    def key(self) -> bytes:
+        """Rows whose keys are equal can share one Generate call."""
+        return sampling_params(**self.params).SerializeToString(deterministic=True)
+
+
+def run_rows(args) -> int:
+    name = _check_input(args.input)
+    t0, n_rows, n_errors = time.perf_counter(), 0, 0
+    with connect(args) as client, _open_output(args.output) as out, \
+            ThreadPoolExecutor(max_workers=args.concurrency) as pool:
+        for chunk in _chunks(_read_lines(args.input), CHUNK_ROWS):
+            try:
+                results = _run_chunk(client, pool, args.task, chunk, args.batch_size)
+            except JambaError as e:
+                pool.shutdown(wait=False, cancel_futures=True)  # don't start the chunk's other batches
+                return _fatal(e)
+            for lineno, res, error in results:
+                n_errors += _write(out, name, lineno, res, error)
+            out.flush()
+            n_rows += len(chunk)
+    log.info("%s: %d rows, %d failed in %.2fs", args.task, n_rows, n_errors, time.perf_counter() - t0)
+    return 1 if n_errors else 0
+
+
+def _run_chunk(client: JambaClient, pool: ThreadPoolExecutor, task: str, chunk: list[tuple[int, str]],
+               batch_size: int) -> list[tuple[int, dict[str, Any], str | None]]:
+    """One (lineno, output row, error) per line of the chunk, in input order."""
+    done: dict[int, tuple[dict[str, Any], str | None]] = {}
+    groups: dict[bytes, list[Job]] = {}
+    for lineno, line in chunk:
+        try:
+            job = parse_row(lineno, line, task)
+            groups.setdefault(job.key(), []).append(job)
+        except RowError as e:
+            done[lineno] = ({"line": lineno, "error": str(e)}, str(e))
+    batches = [jobs[i:i + batch_size] for jobs in groups.values() for i in range(0, len(jobs), batch_size)]
+    for results in pool.map(lambda b: _run_batch(client, task, b), batches):
+        done.update(results)
+    return [(lineno, *done[lineno]) for lineno, _ in chunk]
+
+
+def _run_batch(client: JambaClient, task: str, jobs: list[Job]) -> dict[int, tuple[dict[str, Any], str | None]]:
+    """Run one RPC for `jobs` (which share their params). A rejected batch is retried row by row,
+    so that only the rows the server objects to get errors; fatal errors propagate."""
+    prompts = [j.prompt for j in jobs]
+    try:
+        if task == "generate":
+            outs = [generation_row(j.row, c) for j, c in zip(jobs, client.generate(prompts, **jobs[0].params))]
+        elif task == "score":
+            outs = [score_row(j.row, r) for j, r in zip(jobs, client.score(prompts))]
+        else:
+            outs = [classify_row(j.row, r) for j, r in zip(jobs, client.classify(prompts))]
+    except JambaError as e:
+        if e.code not in ROW_CODES:
+            raise
+        if e.code in SPLIT_CODES and len(jobs) > 1:
+            results: dict[int, tuple[dict[str, Any], str | None]] = {}
+            for j in jobs:
+                results.update(_run_batch(client, task, [j]))
+            return results
+        return {j.lineno: ({"line": j.lineno, "error": str(e)}, str(e)) for j in jobs}
+    if len(outs) != len(jobs):
+        raise JambaError(grpc.StatusCode.INTERNAL, f"sent {len(jobs)} inputs, got {len(outs)} results")
+    return {j.lineno: (o, None) for j, o in zip(jobs, outs)}
+
+
+def run_stream(args) -> int:
+    name = _check_input(args.input)
+    n_rows = n_errors = 0
+    with connect(args) as client, _open_output(args.output) as out:
+        for lineno, line in _read_lines(args.input):
+            n_rows += 1
+            try:
+                job = parse_row(lineno, line, "generate")
+            except RowError as e:
+                n_errors += _write(out, name, lineno, {"line": lineno, "error": str(e)}, str(e))
+                continue
+            print(f"[{lineno}] ", end="", file=sys.stderr, flush=True)
+            try:
+                with client.generate_stream(job.prompt, **job.params) as stream:
+                    for delta in stream:
+                        print(delta.text, end="", file=sys.stderr, flush=True)
+            except JambaError as e:
+                print(file=sys.stderr)
+                if e.code not in ROW_CODES:
+                    return _fatal(e)
+                n_errors += _write(out, name, lineno, {"line": lineno, "error": str(e)}, str(e))
+                continue
+            print(file=sys.stderr)
+            n_errors += _write(out, name, lineno, generation_row(job.row, stream.completion), None)
+            out.flush()
+    log.info("stream: %d rows, %d failed", n_rows, n_errors)
+    return 1 if n_errors else 0
+
+
+# ---- rows ---------------------------------------------------------------------------------------
+def parse_row(lineno: int, line: str, task: str) -> Job:
+    """Check a line as the offline commands do (cluster/rows.py) and build its prompt and params.
+    What needs the model (token ids in range, fitting the context) is checked by the server."""
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise RowError(f"malformed JSON: {e.msg} at column {e.colno}") from None
+    if any("\udc80" <= ch <= "\udcff" for ch in line):  # surrogateescape marks bad bytes
+        raise RowError("line is not valid UTF-8")
+    if not isinstance(row, dict):
+        raise RowError(f"a row must be a JSON object, not {type(row).__name__}")
+    if task == "generate" and "text" in row:
+        # `text` is generate's output field; taking it as input would overwrite the input.
+        raise RowError("generate takes its input as prompt, input_ids or messages; text is the output field")
+    given = [f for f in INPUT_FIELDS if f in row]
+    if len(given) != 1:
+        got = f" (got {', '.join(given)})" if given else ""
+        raise RowError(f"a row needs exactly one of {', '.join(INPUT_FIELDS)}{got}")
+    field = given[0]
+    value = row[field]
+    if field in ("prompt", "text"):
+        if not isinstance(value, str):
+            raise RowError(f"{field} must be a string")
+        if not value:
+            raise RowError(f"{field} is empty")
+        prompt = pb.Prompt(text=value)
+    elif field == "input_ids":
+        if not isinstance(value, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in value):
+            raise RowError("input_ids must be a list of integers")
+        if not value:
+            raise RowError("input_ids is empty")
+        try:
+            prompt = pb.Prompt(token_ids=pb.TokenIds(ids=value))
+        except ValueError as e:  # an id beyond int64
+            raise RowError(f"input_ids: {e}") from None
+    else:
+        if not isinstance(value, list) or not value:
+            raise RowError("messages must be a non-empty list of {role, content} objects")
+        try:
+            prompt = pb.Prompt(chat=to_chat(value))
+        except (TypeError, ValueError) as e:
+            raise RowError(f"messages: {e}") from None
+    params: dict[str, Any] = {}
+    if task == "generate":
+        params = {k: row[k] for k in SAMPLING_FIELDS if row.get(k) is not None}
+        try:
+            sampling_params(**params)
+        except (TypeError, ValueError) as e:
+            raise RowError(str(e)) from None
+    return Job(lineno, row, prompt, params)
+
+
+def generation_row(row: dict[str, Any], c) -> dict[str, Any]:
+    out = dict(row, output_ids=c.output_ids, text=c.text, finish_reason=c.finish_reason)
+    if c.logprobs is not None:
+        out["logprobs"] = c.logprobs
+    return out
+
+
+def score_row(row: dict[str, Any], r) -> dict[str, Any]:
+    return dict(row, token_logprobs=r.token_logprobs, sum_logprob=r.sum_logprob)
+
+
+def classify_row(row: dict[str, Any], r) -> dict[str, Any]:
+    return dict(row, logits=r.logits, probs=r.probs, label=r.label)
+
+
+# ---- files --------------------------------------------------------------------------------------
+def _check_input(path: str) -> str:
+    """The name errors are reported under; a missing file is a setup error, as for `jamba`."""
+    if path == "-":
+        return "<stdin>"
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"input file {path} does not exist")
+    return path
+
+
+@contextmanager
+def _open_output(path: str) -> Iterator[TextIO]:
+    """stdout for '-', else the file; only a file we opened is closed."""
+    if path == "-":
+        yield sys.stdout
+        sys.stdout.flush()
+        return
+    with open(path, "w", encoding="utf-8") as f:
+        yield f
+
+
+def _write(out, name: str, lineno: int, res: dict[str, Any], error: str | None) -> int:
+    """Write an output row; report an error row on stderr. Returns 1 for an error row."""
+    if error is not None:
+        print(f"{name}:{lineno}: {error}", file=sys.stderr)
+    out.write(json.dumps(res, ensure_ascii=False) + "\n")
+    return 0 if error is None else 1
+
+
+def _read_lines(path: str) -> Iterator[tuple[int, str]]:
+    f = sys.stdin if path == "-" else open(path, encoding="utf-8", errors="surrogateescape")
+    try:
+        for i, line in enumerate(f, 1):
+            if line.strip():
+                yield i, line
+    finally:
+        if f is not sys.stdin:
+            f.close()
+
+
+def _chunks(it, n: int):
+    chunk = []
+    for x in it:
+        chunk.append(x)
+        if len(chunk) == n:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+if __name__ == "__main__":
+    sys.exit(main())
