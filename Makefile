@@ -3,8 +3,10 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 MODEL ?=
+STAGES ?= 2
+PORT ?= 9000
 
-.PHONY: venv demo test bench clean
+.PHONY: venv demo serve test bench clean
 
 $(BIN)/jamba: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,7 +19,11 @@ $(BIN)/jamba: pyproject.toml
 venv: $(BIN)/jamba
 
 demo: venv
-	$(BIN)/python -m cluster.demo $(if $(MODEL),--model $(MODEL))
+	$(BIN)/python -m cluster.demo --stages $(STAGES) --grpc-port $(PORT) $(if $(MODEL),--model $(MODEL))
+
+# The gRPC service in the foreground: make serve MODEL=/path/to/checkpoint STAGES=2 PORT=9000
+serve: venv
+	$(BIN)/jamba serve --model $(if $(MODEL),$(MODEL),demo) --stages $(STAGES) --grpc-port $(PORT)
 
 test: venv
 	$(BIN)/python -m pytest -q tests

@@ -182,6 +182,10 @@ class JambaService:
             raise RuntimeError(f"pipeline failed: {self.pipe.scheduler.error}")
         await asyncio.wait_for(self.pipe.stage_stats(), timeout=30)
 
+    async def stats(self) -> dict:
+        """Scheduler and stage counters (through a Serve handle; not part of the gRPC API)."""
+        return {"scheduler": self.pipe.scheduler.stats(), "stages": await self.pipe.stage_stats()}
+
     # ---- helpers -----------------------------------------------------------------------------
     @property
     def is_classifier(self) -> bool:

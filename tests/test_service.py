@@ -1,0 +1,220 @@
+"""End to end: Ray Serve's gRPC proxy on a loopback port, the client library, the offline reference."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import grpc
+import pytest
+import ray
+from ray import serve
+
+from client import AsyncJambaClient, JambaClient, JambaError
+from cluster.service import build_app, grpc_options
+from stages.demo import make_demo_model
+from stages.loading import load_stage
+from stages.runner import LocalRunner
+from stages.sampling import SamplingParams
+from stages.tokenizer import Tokenizer
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    return make_demo_model(root / "lm"), make_demo_model(root / "cls", task="classification")
+
+
+@pytest.fixture(scope="module")
+def service(models):
+    lm, cls = models
+    port = _free_port()
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    try:
+        serve.start(grpc_options=grpc_options(port), http_options={"host": "127.0.0.1", "port": _free_port()})
+        serve.run(build_app({"model": str(lm), "name": "lm", "stages": 2, "layer_split": "3,5", "cpus_per_stage": 0.25,
+                             "num_slots": 40, "max_batch_tokens": 64}), name="lm", route_prefix="/lm")
+        serve.run(build_app({"model": str(cls), "name": "cls", "stages": 1, "cpus_per_stage": 0.25}),
+                  name="cls", route_prefix="/cls")
+        serve.run(build_app({"model": str(lm), "name": "tiny", "stages": 1, "cpus_per_stage": 0.25, "num_slots": 1,
+                             "max_queue": 1}), name="tiny", route_prefix="/tiny")
+        yield f"127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def reference(models):
+    lm, cls = models
+    tok = Tokenizer.from_dir(lm)
+    return LocalRunner(load_stage(lm)[0], tok), LocalRunner(load_stage(cls)[0], tok), tok
+
+
+PROMPTS = ["The weather today is", "Cooking rice takes", "Trains leave at noon and", "Hello"]
+
+
+def _stats(app: str) -> dict:
+    return serve.get_app_handle(app).stats.remote().result()
+
+
+def test_unary_stream_and_offline_agree(service, reference):
+    ref_lm, _, tok = reference
+    want = ref_lm.generate([tok.encode(p) for p in PROMPTS], [SamplingParams(max_new_tokens=10) for _ in PROMPTS])
+    with JambaClient(service, application="lm", timeout=60) as c:
+        unary = c.generate(PROMPTS, max_new_tokens=10)
+        assert [u.output_ids for u in unary] == [w.output_ids for w in want]
+        assert [u.text for u in unary] == [w.text for w in want]
+        for p, w in zip(PROMPTS, want):
+            stream = c.generate_stream(p, max_new_tokens=10)
+            deltas = list(stream)
+            final = stream.completion
+            assert [t for d in deltas for t in d.token_ids] == w.output_ids == final.output_ids
+            assert "".join(d.text for d in deltas) == w.text == final.text
+            assert final.finish_reason == w.finish_reason
+            assert final.prompt_tokens == len(tok.encode(p)) and final.completion_tokens == len(w.output_ids)
+        chat = [{"role": "user", "content": "Say hello."}]
+        ref_chat = ref_lm.generate([tok.encode_chat(chat)], [SamplingParams(max_new_tokens=6)])[0]
+        assert c.chat(chat, max_new_tokens=6).output_ids == ref_chat.output_ids
+        seeded = dict(max_new_tokens=8, temperature=0.9, top_p=0.95, seed=11)
+        assert c.generate([PROMPTS[0]], **seeded)[0].output_ids == \
+            ref_lm.generate([tok.encode(PROMPTS[0])], [SamplingParams(**seeded)])[0].output_ids
+
+
+def test_score_and_classify_equal_offline(service, reference):
+    ref_lm, ref_cls, tok = reference
+    with JambaClient(service, application="lm") as c:
+        got = c.score(PROMPTS + [[1, 7, 300, 12]])
+    want = ref_lm.score([tok.encode(p) for p in PROMPTS] + [[1, 7, 300, 12]])
+    for g, w in zip(got, want):
+        assert g.token_logprobs[0] is None
+        assert g.token_logprobs[1:] == pytest.approx(w[1:], abs=1e-4)
+        assert g.sum_logprob == pytest.approx(sum(w[1:]), abs=1e-3)
+    with JambaClient(service, application="cls") as c:
+        got = c.classify(PROMPTS)
+        info = c.model_info()
+    for g, w in zip(got, ref_cls.classify([tok.encode(p) for p in PROMPTS])):
+        assert g.logits == pytest.approx(w, abs=1e-4)
+        assert g.label == info.labels[max(range(len(w)), key=w.__getitem__)]
+    assert info.task == "classification" and info.labels == ["negative", "neutral", "positive"]
+
+
+def test_model_info(service):
+    with JambaClient(service, application="lm") as c:
+        info = c.model_info()
+    assert info.task == "causal-lm" and info.num_layers == 8
+    assert [(s.start_layer, s.end_layer) for s in info.stages] == [(0, 3), (3, 8)]
+
+
+BAD = [  # (application, call, kwargs, code, message fragment)
+    ("lm", "generate", dict(prompts=[""]), "INVALID_ARGUMENT", "prompts[0].text is empty"),
+    ("lm", "generate", dict(prompts=[[1, 99999]]), "INVALID_ARGUMENT", "prompts[0].token_ids has ids out of range"),
+    ("lm", "generate", dict(prompts=["hi"], temperature=-1.0), "INVALID_ARGUMENT", "params.temperature"),
+    ("lm", "generate", dict(prompts=["hi"], top_p=1.5), "INVALID_ARGUMENT", "params.top_p"),
+    ("lm", "generate", dict(prompts=["hi"], max_new_tokens=0), "INVALID_ARGUMENT", "params.max_new_tokens"),
+    ("lm", "generate", dict(prompts=["hi"], max_new_tokens=100000), "INVALID_ARGUMENT", "max_new_tokens"),
+    ("lm", "generate", dict(prompts=[[{"role": "wizard", "content": "x"}]]), "INVALID_ARGUMENT", "wizard"),
+    ("lm", "generate", dict(prompts=[]), "INVALID_ARGUMENT", "prompts is empty"),
+    ("lm", "classify", dict(inputs=["hi"]), "FAILED_PRECONDITION", "Classify is not available"),
+    ("cls", "generate", dict(prompts=["hi"]), "FAILED_PRECONDITION", "Generate is not available"),
+    ("cls", "score", dict(inputs=["hi"]), "FAILED_PRECONDITION", "Score is not available"),
+    ("lm", "score", dict(inputs=[[1] * 5000]), "INVALID_ARGUMENT", "more than the context"),
+]
+
+
+@pytest.mark.parametrize("app,call,kwargs,code,fragment", BAD, ids=[f"{b[1]}-{b[3]}-{i}" for i, b in enumerate(BAD)])
+def test_bad_requests_get_status_codes(service, app, call, kwargs, code, fragment):
+    with JambaClient(service, application=app, timeout=30) as c:
+        with pytest.raises(JambaError) as e:
+            getattr(c, call)(**kwargs)
+        assert e.value.code_name == code and fragment in e.value.details, str(e.value)
+        if app == "lm":  # still serving
+            assert c.generate(["still there"], max_new_tokens=2)[0].finish_reason == "length"
+
+
+def test_stream_errors_and_unknown_application(service):
+    with JambaClient(service, application="lm") as c:
+        with pytest.raises(JambaError, match="INVALID_ARGUMENT: prompt.text is empty"):
+            list(c.generate_stream("", max_new_tokens=3))
+    with JambaClient(service, application="nope", retry=None) as c:
+        with pytest.raises(JambaError) as e:
+            c.generate(["hi"])
+        assert e.value.code_name == "NOT_FOUND" and "nope" in e.value.details
+
+
+def test_cancelled_stream_and_deadline_free_slots(service):
+    with JambaClient(service, application="lm") as c:
+        for _ in range(3):
+            stream = c.generate_stream("cancel me", max_new_tokens=2000)
+            next(iter(stream))
+            stream.close()
+        with pytest.raises(JambaError) as e:
+            c.generate(["too slow"], max_new_tokens=3000, timeout=0.5)
+        assert e.value.code_name == "DEADLINE_EXCEEDED"
+    deadline = time.time() + 20
+    while time.time() < deadline:
+        s = _stats("lm")
+        if s["scheduler"]["slots_in_use"] == 0 and all(st["used_slots"] == 0 for st in s["stages"]):
+            break
+        time.sleep(0.2)
+    assert s["scheduler"]["slots_in_use"] == 0 and s["scheduler"]["waiting"] == 0
+    assert [st["used_slots"] for st in s["stages"]] == [0, 0]
+
+
+def test_queue_full_is_resource_exhausted(service):
+    """'tiny' has 1 slot and a queue of 1: a third concurrent request is refused."""
+    with JambaClient(service, application="tiny", retry=None) as c:
+        streams = [c.generate_stream("hold the slot", max_new_tokens=3000) for _ in range(2)]
+        next(iter(streams[0]))
+        deadline = time.time() + 30
+        while _stats("tiny")["scheduler"]["waiting"] < 1 and time.time() < deadline:
+            time.sleep(0.1)  # the second stream has reached the queue
+        with pytest.raises(JambaError) as e:
+            c.generate(["one too many"], max_new_tokens=2)
+        assert e.value.code_name == "RESOURCE_EXHAUSTED" and "queue bound 1" in e.value.details
+        for s in streams:
+            s.close()
+
+
+def test_32_concurrent_streams(service, reference):
+    import asyncio
+
+    ref_lm, _, tok = reference
+    prompts = [f"{PROMPTS[i % 4]} {i}" for i in range(32)]
+    want = ref_lm.generate([tok.encode(p) for p in prompts], [SamplingParams(max_new_tokens=6 + i % 5) for i in range(32)])
+
+    async def run():
+        async with AsyncJambaClient(service, application="lm", timeout=120) as c:
+            async def one(i):
+                stream = c.generate_stream(prompts[i], max_new_tokens=6 + i % 5)
+                ids = [t async for d in stream for t in d.token_ids]
+                return ids, stream.completion
+            return await asyncio.gather(*[one(i) for i in range(32)])
+
+    got = asyncio.run(run())
+    for (ids, final), w in zip(got, want):
+        assert ids == final.output_ids == w.output_ids
+
+
+def test_client_cli_against_the_service(service, reference, tmp_path):
+    ref_lm, _, tok = reference
+    rows = [{"prompt": PROMPTS[0], "max_new_tokens": 5}, {"input_ids": [1, 2, 3], "max_new_tokens": 4}, "not json"]
+    (tmp_path / "in.jsonl").write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    r = subprocess.run([sys.executable, "-m", "cluster.cli", "client", "generate", "--address", service,
+                        "--application", "lm", "--input", str(tmp_path / "in.jsonl")], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 1 and "in.jsonl:3:" in r.stderr
+    out = [json.loads(line) for line in r.stdout.splitlines()]
+    want = ref_lm.generate([tok.encode(PROMPTS[0]), [1, 2, 3]], [SamplingParams(max_new_tokens=5), SamplingParams(max_new_tokens=4)])
+    assert [o["output_ids"] for o in out[:2]] == [w.output_ids for w in want]
+    assert out[2]["line"] == 3 and "malformed JSON" in out[2]["error"]
