@@ -152,23 +152,34 @@ def test_stream_errors_and_unknown_application(service):
         assert e.value.code_name == "NOT_FOUND" and "nope" in e.value.details
 
 
-def test_cancelled_stream_and_deadline_free_slots(service):
+def _wait_until_idle(app: str, timeout: float = 60) -> dict:
+    deadline = time.time() + timeout
+    while True:
+        s = _stats(app)
+        idle = s["scheduler"]["slots_in_use"] == 0 and all(st["used_slots"] == 0 for st in s["stages"])
+        if idle or time.time() > deadline:
+            return s
+        time.sleep(0.2)
+
+
+def test_cancelled_stream_frees_slots(service):
     with JambaClient(service, application="lm") as c:
         for _ in range(3):
             stream = c.generate_stream("cancel me", max_new_tokens=2000)
             next(iter(stream))
             stream.close()
-        with pytest.raises(JambaError) as e:
-            c.generate(["too slow"], max_new_tokens=3000, timeout=0.5)
-        assert e.value.code_name == "DEADLINE_EXCEEDED"
-    deadline = time.time() + 20
-    while time.time() < deadline:
-        s = _stats("lm")
-        if s["scheduler"]["slots_in_use"] == 0 and all(st["used_slots"] == 0 for st in s["stages"]):
-            break
-        time.sleep(0.2)
+    s = _wait_until_idle("lm")
     assert s["scheduler"]["slots_in_use"] == 0 and s["scheduler"]["waiting"] == 0
     assert [st["used_slots"] for st in s["stages"]] == [0, 0]
+
+
+def test_deadline_exceeded_frees_slots(service):
+    with JambaClient(service, application="lm") as c:
+        with pytest.raises(JambaError) as e:
+            c.generate(["too slow"], max_new_tokens=1500, timeout=1.0)
+        assert e.value.code_name == "DEADLINE_EXCEEDED"
+    s = _wait_until_idle("lm")
+    assert s["scheduler"]["slots_in_use"] == 0 and [st["used_slots"] for st in s["stages"]] == [0, 0]
 
 
 def test_queue_full_is_resource_exhausted(service):
