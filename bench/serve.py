@@ -1,0 +1,142 @@
+"""What the gRPC service adds to latency: time to first token and inter-token latency, p50 and p99,
+at 1, 8 and 32 concurrent streams, through gRPC (Ray Serve's proxy and the client library) and
+through the in-process pipeline, in the same run and on the same pipeline shape.
+
+    .venv/bin/python bench/serve.py [--quick] [--stages 2]
+
+Model: the demo checkpoint (small, so the figures show the serving overhead rather than compute).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import socket
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private local cluster, torn down at exit
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import ray  # noqa: E402
+from ray import serve  # noqa: E402
+
+from client import AsyncJambaClient  # noqa: E402
+from cluster.pipeline import FinishEvent, Pipeline, PipelineConfig  # noqa: E402
+from cluster.service import build_app, grpc_options  # noqa: E402
+from stages.demo import ensure_demo_model  # noqa: E402
+from stages.sampling import SamplingParams  # noqa: E402
+
+PROMPT = "The weather today is"
+
+
+def pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))] if xs else float("nan")
+
+
+async def in_process(pipe: Pipeline, n: int, new_tokens: int) -> tuple[list[float], list[float]]:
+    ids = pipe.tokenizer.encode(PROMPT)
+
+    async def one():
+        t0 = last = time.perf_counter()
+        ttft, itl = None, []
+        async for ev in pipe.generate(ids, SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)):
+            now = time.perf_counter()
+            if isinstance(ev, FinishEvent):
+                break
+            if ttft is None:
+                ttft = now - t0
+            else:
+                itl.append(now - last)
+            last = now
+        return ttft, itl
+    res = await asyncio.gather(*[one() for _ in range(n)])
+    return [r[0] for r in res], [x for r in res for x in r[1]]
+
+
+async def through_grpc(address: str, n: int, new_tokens: int) -> tuple[list[float], list[float]]:
+    async with AsyncJambaClient(address, application="lm", timeout=300) as c:
+        async def one():
+            t0 = last = time.perf_counter()
+            ttft, itl = None, []
+            async for _ in c.generate_stream(PROMPT, max_new_tokens=new_tokens, stop_token_ids=[]):
+                now = time.perf_counter()
+                if ttft is None:
+                    ttft = now - t0
+                else:
+                    itl.append(now - last)
+                last = now
+            return ttft, itl
+        res = await asyncio.gather(*[one() for _ in range(n)])
+    return [r[0] for r in res], [x for r in res for x in r[1]]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--stages", type=int, default=2)
+    args = ap.parse_args()
+    new_tokens = 16 if args.quick else 32
+    model = str(ensure_demo_model("lm"))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    # Logical CPUs: the idle Serve pipeline and the in-process one exist side by side; only one runs at a time.
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    rows = []
+    try:
+        cfg = dict(stages=args.stages, cpus_per_stage=0.5, num_slots=64, max_batch_tokens=512)
+        serve.start(grpc_options=grpc_options(port), http_options={"host": "127.0.0.1", "port": 0},
+                    logging_config={"log_level": "WARNING"})
+        serve.run(build_app({"model": model, "name": "lm", **cfg}), name="lm", route_prefix="/lm")
+        address = f"127.0.0.1:{port}"
+
+        async def local_runs():
+            pipe = await Pipeline.start(PipelineConfig(model, num_stages=args.stages, cpus_per_stage=0.5, num_slots=64,
+                                                       max_batch_tokens=512))
+            try:
+                await in_process(pipe, 4, 4)  # warm-up
+                return {n: await in_process(pipe, n, new_tokens) for n in (1, 8, 32)}
+            finally:
+                await pipe.close()
+
+        async def grpc_runs():
+            await through_grpc(address, 4, 4)
+            return {n: await through_grpc(address, n, new_tokens) for n in (1, 8, 32)}
+
+        # Alternate the two, so that neither gets the quieter moments of the machine.
+        local = asyncio.run(local_runs())
+        remote = asyncio.run(grpc_runs())
+        for n in (1, 8, 32):
+            (lt, li), (rt, ri) = local[n], remote[n]
+            rows.append((n, lt, li, rt, ri))
+            print(f"  n={n}: TTFT p50 local {statistics.median(lt) * 1e3:.1f} ms, grpc {statistics.median(rt) * 1e3:.1f} ms; "
+                  f"ITL p50 local {statistics.median(li) * 1e3:.2f} ms, grpc {statistics.median(ri) * 1e3:.2f} ms", file=sys.stderr)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+    ms = lambda x: f"{x * 1e3:.1f}"  # noqa: E731
+    print(f"\nStreaming latency, demo model, {args.stages}-stage pipeline, {new_tokens} tokens per stream\n")
+    print("| streams | TTFT p50 in-process | TTFT p50 gRPC | added | TTFT p99 in-process | TTFT p99 gRPC | "
+          "ITL p50 in-process | ITL p50 gRPC | added | ITL p99 in-process | ITL p99 gRPC |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    worst_ttft = worst_itl = 0.0
+    for n, lt, li, rt, ri in rows:
+        add_t = statistics.median(rt) - statistics.median(lt)
+        add_i = statistics.median(ri) - statistics.median(li)
+        worst_ttft, worst_itl = max(worst_ttft, add_t), max(worst_itl, add_i)
+        print(f"| {n} | {ms(statistics.median(lt))} | {ms(statistics.median(rt))} | **{ms(add_t)}** | {ms(pct(lt, 99))} | "
+              f"{ms(pct(rt, 99))} | {ms(statistics.median(li))} | {ms(statistics.median(ri))} | **{ms(add_i)}** | "
+              f"{ms(pct(li, 99))} | {ms(pct(ri, 99))} |")
+    print(f"\n- target: service adds <= 15 ms to TTFT p50: worst {worst_ttft * 1e3:.1f} ms: "
+          f"{'met' if worst_ttft <= 0.015 else 'NOT met'}")
+    print(f"- target: service adds <= 2 ms to ITL p50: worst {worst_itl * 1e3:.2f} ms: {'met' if worst_itl <= 0.002 else 'NOT met'}")
+
+
+if __name__ == "__main__":
+    main()
