@@ -52,6 +52,8 @@ class PipelineConfig:
     dtype: str | None = None
     depth: int | None = None  # microbatches in flight (default: num_stages)
     placement_timeout_s: float = 120.0
+    max_restarts: int = 3  # a dead stage actor is restarted by Ray (reloading its layers) this often
+    recover_timeout_s: float = 120.0
     # Inside a Ray Serve replica that was given placement_group_bundles, the replica sits in
     # bundle 0 of its own placement group and the stages take bundles 1..P of that group.
     use_current_placement_group: bool = False
@@ -113,6 +115,7 @@ class Pipeline:
         try:
             for i, (s, e) in enumerate(splits):
                 opts = dict(num_cpus=cpus, num_gpus=cfg.gpus_per_stage, max_concurrency=1,
+                            max_restarts=cfg.max_restarts, max_task_retries=0,
                             scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i + offset),
                             **cfg.actor_options)
                 device = "cuda" if cfg.gpus_per_stage else "cpu"
@@ -138,6 +141,7 @@ class Pipeline:
         scheduler = Scheduler(
             send, len(actors), cfg.num_slots, max_seq_len, config.vocab_size, config.eos_token_ids,
             config.pad_token_id, tokenizer, cfg.max_batch_tokens, cfg.max_queue, cfg.depth,
+            recover=lambda: _wait_for_stages(actors), recover_timeout=cfg.recover_timeout_s,
         )
         log.info("pipeline of %d stage(s) ready in %.1fs", len(actors), time.perf_counter() - t0)
         return cls(cfg, config, splits, pg if owned else None, actors, scheduler, tokenizer, infos)
@@ -167,6 +171,20 @@ class Pipeline:
             ray.kill(a)
         if self.pg is not None:
             remove_placement_group(self.pg)
+
+
+async def _wait_for_stages(actors) -> None:
+    """Return once every stage answers again (Ray restarts a dead actor, which reloads its layers)."""
+    for i, a in enumerate(actors):
+        while True:
+            try:
+                info = await asyncio.wait_for(a.info.remote(), timeout=30)
+                log.info("stage %d is up (pid %s, %d steps since start)", i, info["pid"], info["steps"])
+                break
+            except (ray.exceptions.ActorUnavailableError, ray.exceptions.ActorDiedError,
+                    ray.exceptions.RayActorError, asyncio.TimeoutError):
+                # Restarting (or gone for good: then the scheduler's recover timeout ends the wait).
+                await asyncio.sleep(0.2)
 
 
 def _chain(actors) -> callable:

@@ -12,6 +12,12 @@ Slot allocations and frees ride in the next microbatch's header, so they cost no
 
 The scheduler knows nothing of Ray or gRPC: it is given `send(header, token_ids) -> awaitable
 answer bytes`, which runs one microbatch through all stages (see cluster/pipeline.py).
+
+Recovery: when a microbatch fails because a stage died, the scheduler stops issuing work, lets
+the other in-flight microbatches settle, awaits `recover()` (the pipeline brings its stages
+back), and then rebuilds every live request's cache by prefilling its prompt plus the tokens it
+has produced so far. Sampling is a pure function of (seed, token index), so the continuation is
+exactly what an undisturbed run would have produced; streams only see a pause.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import os
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Awaitable, Callable
@@ -66,7 +72,6 @@ class _Request:
     kind: str  # "generate" | "score" | "classify"
     prompt: list[int]
     state: SequenceState | None = None  # generate only
-    seed: int = 0
     slot: int = -1
     fed: int = 0
     in_flight: bool = False
@@ -103,8 +108,13 @@ class Scheduler:
         max_batch_tokens: int = 512,
         max_queue: int = 1024,
         depth: int | None = None,
+        recover: Callable[[], Awaitable[None]] | None = None,
+        recover_timeout: float = 120.0,
     ) -> None:
         self.send, self.num_stages = send, num_stages
+        self.recover, self.recover_timeout = recover, recover_timeout
+        self.recovering = False
+        self.recoveries: list[dict] = []
         self.num_slots, self.max_seq_len, self.vocab_size = num_slots, max_seq_len, vocab_size
         self.eos_ids, self.pad_token_id, self.tokenizer = eos_ids, pad_token_id, tokenizer
         self.max_batch_tokens, self.max_queue = max_batch_tokens, max_queue
@@ -112,7 +122,7 @@ class Scheduler:
         self.free_slots = list(range(num_slots - 1, -1, -1))
         self.waiting: deque[_Request] = deque()
         self.active: list[_Request] = []
-        self.to_alloc: list[list[int]] = []
+        self.to_alloc: list[int] = []
         self.to_free: list[int] = []
         self.in_flight = 0
         self.wakeup = asyncio.Event()
@@ -127,8 +137,7 @@ class Scheduler:
         self._check_prompt(prompt, params.max_new_tokens)
         params.validate(self.vocab_size)
         state = SequenceState(list(prompt), params, self.eos_ids, self.tokenizer)
-        seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
-        req = _Request("generate", list(prompt), state=state, seed=seed, events=asyncio.Queue())
+        req = _Request("generate", list(prompt), state=state, events=asyncio.Queue())
         if self.tokenizer is not None:
             req.decoder = self.tokenizer.incremental_decoder()
         self._enqueue(req)
@@ -168,7 +177,8 @@ class Scheduler:
 
     def stats(self) -> dict:
         return {"waiting": len(self.waiting), "active": len(self.active), "slots_in_use": self.num_slots - len(self.free_slots),
-                "num_slots": self.num_slots, "in_flight": self.in_flight, "microbatches": self.microbatches}
+                "num_slots": self.num_slots, "in_flight": self.in_flight, "microbatches": self.microbatches,
+                "recoveries": len(self.recoveries), "recovering": self.recovering}
 
     async def close(self, drain_timeout: float = 30.0) -> None:
         """Stop admitting work, let in-flight microbatches return, fail whatever is left."""
@@ -213,7 +223,7 @@ class Scheduler:
         while self.waiting and self.free_slots:
             req = self.waiting.popleft()
             req.slot = self.free_slots.pop()
-            self.to_alloc.append([req.slot, req.seed])
+            self.to_alloc.append(req.slot)
             self.active.append(req)
 
     def _release(self, req: _Request) -> None:
@@ -245,7 +255,37 @@ class Scheduler:
             self.error = e
             self._fail_all(e)
 
+    async def _recover(self, cause: Exception) -> None:
+        t0 = time.perf_counter()
+        while self.in_flight:  # let the other in-flight microbatches succeed or fail
+            await asyncio.sleep(0.005)
+        try:
+            await asyncio.wait_for(self.recover(), timeout=self.recover_timeout)
+        except Exception as e:
+            self.error = SchedulerClosedError(f"a pipeline stage failed ({cause}) and could not be brought back: {e}")
+            log.error("%s", self.error)
+            self._fail_all(self.error)
+            return
+        t1 = time.perf_counter()
+        # Every stage restarts these sequences from scratch: free (harmless on a restarted
+        # stage), allocate (zeroes the state), and replay prompt + output so far.
+        live = [r for r in self.active if not r.done]
+        for r in live:
+            r.fed, r.in_flight = 0, False
+            r.scores = []
+        slots = [r.slot for r in live]
+        self.to_free = sorted(set(self.to_free) | set(slots))
+        self.to_alloc = slots
+        self.recoveries.append({"cause": type(cause).__name__, "reload_seconds": t1 - t0,
+                                "replayed_requests": len(live), "replayed_tokens": sum(len(r.tokens) for r in live),
+                                "at": time.time()})
+        log.warning("pipeline recovered in %.1fs; replaying %d request(s)", t1 - t0, len(live))
+        self.recovering = False
+        self.wakeup.set()
+
     def _build(self):
+        if self.recovering:
+            return None
         ready = [r for r in self.active if not r.in_flight and not r.done]
         if not ready and not self.to_free:
             return None
@@ -274,7 +314,8 @@ class Scheduler:
         end = start + n
         if r.kind == "generate":
             p = r.state.params
-            mode, arg = ("sample", [p.temperature, p.top_k, p.top_p]) if end == len(r.tokens) else ("none", None)
+            sample = [p.temperature, p.top_k, p.top_p, r.state.seed, len(r.state.output_ids)]
+            mode, arg = ("sample", sample) if end == len(r.tokens) else ("none", None)
         elif r.kind == "score":
             targets = r.prompt[start + 1 : end + 1]
             mode, arg = "score", targets + [None] * (n - len(targets))
@@ -287,10 +328,17 @@ class Scheduler:
         try:
             answer = msgpack.unpackb(await self.send(header, ids))
         except Exception as e:
-            log.error("microbatch failed: %s", e)
-            self.error = e
             self.in_flight -= 1
-            self._fail_all(e)
+            for r, _ in rows:
+                r.in_flight = False
+            if self.recover is None or self.closed:
+                log.error("microbatch failed: %s", e)
+                self.error = e
+                self._fail_all(e)
+            elif not self.recovering:
+                log.warning("microbatch failed (%s); recovering the pipeline", type(e).__name__)
+                self.recovering = True
+                asyncio.get_running_loop().create_task(self._recover(e))
             return
         self.in_flight -= 1
         for (r, n), res in zip(rows, answer):

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .model import JambaStage
-from .sampling import SamplingParams, sample
+from .sampling import SamplingParams, sample, token_generator
 
 
 @dataclass
@@ -39,10 +39,14 @@ class SequenceState:
     output_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     finish_reason: str | None = None
-    generator: torch.Generator | None = None
+    seed: int = 0
 
     def __post_init__(self) -> None:
-        self.generator = self.params.make_generator()
+        self.seed = self.params.resolved_seed()
+
+    def generator(self) -> torch.Generator:
+        """Random numbers for the next token (see stages/sampling.py)."""
+        return token_generator(self.seed, len(self.output_ids))
 
     @property
     def tokens(self) -> list[int]:
@@ -140,7 +144,7 @@ class LocalRunner:
                 s.fed += n
             if ready:
                 idx = torch.tensor([i for i, _ in ready])
-                toks, lps = sample(logits[idx], [s.params for _, s in ready], [s.generator for _, s in ready])
+                toks, lps = sample(logits[idx], [s.params for _, s in ready], [s.generator() for _, s in ready])
                 for (_, s), t, lp in zip(ready, toks, lps):
                     if s.add_token(t, lp):
                         cache.free(s.slot)

@@ -1,8 +1,10 @@
 """Per-request sampling: greedy, temperature, top-k, top-p, seeded.
 
-Sampling runs where the logits are (the last stage), so only token ids travel back. Each request
-draws from its own `torch.Generator`, so a seeded request gives the same tokens whatever else is
-in its batch. Logits are processed in the order transformers uses: temperature, top-k, top-p.
+Sampling runs where the logits are (the last stage), so only token ids travel back. The random
+numbers for a request's n-th token come from a generator seeded by (request seed, n) alone, so a
+seeded request gives the same tokens whatever else is in its batch, and a request replayed after a
+stage failure draws exactly what it would have drawn. Logits are processed in the order
+transformers uses: temperature, top-k, top-p.
 """
 
 from __future__ import annotations
@@ -59,10 +61,16 @@ class SamplingParams:
         if any(not 0 <= i < vocab_size for i in ids):
             bad("stop_token_ids", f"must be token ids in [0, {vocab_size})", [i for i in ids if not 0 <= i < vocab_size][:5])
 
-    def make_generator(self) -> torch.Generator:
-        g = torch.Generator()
-        g.manual_seed(self.seed if self.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1)
-        return g
+    def resolved_seed(self) -> int:
+        """The request's seed: the given one, or a fresh random one for an unseeded request."""
+        return self.seed if self.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
+
+
+def token_generator(seed: int, step: int) -> torch.Generator:
+    """The generator for the `step`-th sampled token of a request with this seed."""
+    g = torch.Generator()
+    g.manual_seed((seed * 6364136223846793005 + step * 1442695040888963407 + 1) % 2**63)
+    return g
 
 
 def sample(

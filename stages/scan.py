@@ -34,6 +34,12 @@ The file reads top to bottom:
 
 All arithmetic is float32 whatever the input dtype (bf16/fp16 inputs are
 upcast); outputs come back in the input's dtype.
+
+numba compiles each kernel on its first call (seconds) and caches the machine
+code in stages/__pycache__; call ``warmup()`` at worker start.  The kernels use
+min(torch.get_num_threads(), NUMBA_NUM_THREADS) threads.  numba's OpenMP pool
+and torch's are separate runtimes: if both spin on a small machine, setting
+OMP_WAIT_POLICY=PASSIVE for the worker process avoids them starving each other.
 """
 
 from __future__ import annotations
@@ -46,7 +52,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-try:  # numba is a declared dependency, but keep the module importable without it.
+try:  # a declared dependency; importing it compiles nothing.  Without it we use the reference.
     import numba
     from numba import prange
 except ImportError:  # pragma: no cover - exercised only on broken installs
@@ -409,14 +415,21 @@ def _np32(t: torch.Tensor) -> np.ndarray:
 
 def _np64(t: torch.Tensor) -> np.ndarray:
     """An int64 numpy view of an index tensor (cu_seqlens, slots)."""
-    if t.dtype == torch.int64 and t.device.type == "cpu" and t.is_contiguous():
+    if t.dtype == torch.int64 and t.is_cpu and t.is_contiguous():
         return t.detach().numpy()
     return t.detach().to(device="cpu", dtype=torch.int64).contiguous().numpy()
 
 
-def _set_numba_threads() -> int:
+# Below this many inner-loop element updates (~30 us of work on one core) a call runs on
+# the calling thread only: waking the thread pool would cost more than it saves.
+_MIN_PARALLEL_WORK = 1 << 16
+
+
+def _set_numba_threads(work: int) -> int:
     # Follow torch's thread setting so the two runtimes don't oversubscribe the cores.
     n = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+    if work < _MIN_PARALLEL_WORK:
+        n = 1
     numba.set_num_threads(n)
     return n
 
@@ -462,7 +475,7 @@ def causal_conv1d_varlen_cpu(x, weight, bias, conv_states, cu_seqlens, slots) ->
         raise ValueError(f"weight must be (D={D}, K>=2), got {tuple(weight.shape)}")
     if conv_states.dim() != 3 or conv_states.shape[1:] != (D, K - 1):
         raise ValueError(f"conv_states must be (S, {D}, {K - 1}), got {tuple(conv_states.shape)}")
-    nthreads = _set_numba_threads()
+    nthreads = _set_numba_threads(T * D * K)
     cu, sl = _np64(cu_seqlens), _np64(slots)
     _check_rows(cu, sl, T, conv_states.shape[0])
 
@@ -485,7 +498,7 @@ def selective_scan_varlen_cpu(u, delta, A, B, C, D, z, ssm_states, cu_seqlens, s
         raise ValueError("z must have u's shape (T, D)")
     if ssm_states.dim() != 3 or ssm_states.shape[1:] != (Dm, N):
         raise ValueError(f"ssm_states must be (S, {Dm}, {N}), got {tuple(ssm_states.shape)}")
-    nthreads = _set_numba_threads()
+    nthreads = _set_numba_threads(T * Dm * N)
     cu, sl = _np64(cu_seqlens), _np64(slots)
     _check_rows(cu, sl, T, ssm_states.shape[0])
 
@@ -557,11 +570,13 @@ def _conv_cuda(x, weight, bias, conv_states, cu_seqlens, slots) -> torch.Tensor:
     # Only the pure decode step goes to causal_conv1d_update: x (B, D), conv_state
     # (B, D, state_len >= K-1) shifted in place.  We gather our rows' states into a copy,
     # let it update the copy and scatter back.  The CUDA kernel wants a single dtype.
-    same_dtype = weight.dtype == x.dtype == conv_states.dtype and (bias is None or bias.dtype == x.dtype)
-    if "causal_conv1d_update" in _load_cuda_ops() and same_dtype and _all_rows_single_token(cu_seqlens, x.shape[0]):
+    one_dtype = weight.dtype == x.dtype == conv_states.dtype and (bias is None or bias.dtype == x.dtype)
+    usable = "causal_conv1d_update" in _load_cuda_ops() and one_dtype
+    if usable and _all_rows_single_token(cu_seqlens, x.shape[0]):
         idx = slots.to(conv_states.device, torch.int64)
         st = conv_states.index_select(0, idx)  # (B, D, K-1) copy
-        y = _call_cuda_op("causal_conv1d_update", x.contiguous(), st, weight.contiguous(), bias, activation="silu")
+        y = _call_cuda_op("causal_conv1d_update", x.contiguous(), st, weight.contiguous(), bias,
+                          activation="silu")
         if y is not None:
             conv_states.index_copy_(0, idx, st)
             return y
@@ -575,7 +590,8 @@ def _scan_cuda(u, delta, A, B, C, D, z, ssm_states, cu_seqlens, slots) -> torch.
     if "selective_state_update" in _load_cuda_ops() and _all_rows_single_token(cu_seqlens, u.shape[0]):
         idx = slots.to(ssm_states.device, torch.int64)
         st = ssm_states.index_select(0, idx)  # (B, D, N) copy
-        y = _call_cuda_op("selective_state_update", st, u, delta, A, B, C, D=D, z=z, dt_bias=None, dt_softplus=False)
+        y = _call_cuda_op("selective_state_update", st, u, delta, A, B, C, D=D, z=z,
+                          dt_bias=None, dt_softplus=False)
         if y is not None:
             ssm_states.index_copy_(0, idx, st)
             return y

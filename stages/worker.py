@@ -7,11 +7,12 @@ the forward, and for each row its slot, its number of new tokens and what the la
 return for it:
 
     header = {"free": [slot, ...],
-              "alloc": [[slot, seed], ...],
+              "alloc": [slot, ...],
               "rows": [[slot, n_tokens, mode, arg], ...]}
 
     mode "none"     arg None                        nothing (a prompt chunk that is not the last)
-         "sample"   arg [temperature, top_k, top_p]  one token sampled from the row's last position
+         "sample"   arg [temperature, top_k, top_p, seed, step]
+                                                     one token sampled from the row's last position
          "score"    arg [target ids, length n]       log p(target j | tokens up to j) for each position
                                                      (a null target gives null)
          "classify" arg index in the row            the head's logits at that position
@@ -29,7 +30,7 @@ import msgpack
 import torch
 
 from .loading import load_stage
-from .sampling import SamplingParams, sample
+from .sampling import SamplingParams, sample, token_generator
 
 
 class StageWorker:
@@ -49,7 +50,6 @@ class StageWorker:
         t0 = time.perf_counter()
         self.stage, stats = load_stage(model_dir, start, end, dtype=dtype, device=device)
         self.cache = self.stage.make_cache(num_slots, max_seq_len)
-        self.generators: dict[int, torch.Generator] = {}
         self.load_info = {
             "layers": [start, end], "seconds": time.perf_counter() - t0, "bytes": stats.bytes_loaded,
             "files": len(stats.files_opened), "threads": torch.get_num_threads(), "pid": os.getpid(),
@@ -66,11 +66,8 @@ class StageWorker:
         h = msgpack.unpackb(header)
         for slot in h["free"]:
             self.cache.free(slot)
-            self.generators.pop(slot, None)
-        for slot, seed in h["alloc"]:
+        for slot in h["alloc"]:
             self.cache.allocate(slot)
-            if self.stage.is_last:
-                self.generators[slot] = torch.Generator().manual_seed(seed)
         rows = h["rows"]
         if not rows:
             out = msgpack.packb([]) if self.stage.is_last else x
@@ -101,7 +98,7 @@ class StageWorker:
         sampling = [(k, r) for k, r in enumerate(rows) if r[2] == "sample"]
         if sampling:
             params = [SamplingParams(temperature=r[3][0], top_k=r[3][1], top_p=r[3][2]) for _, r in sampling]
-            gens = [self.generators[r[0]] for _, r in sampling]
+            gens = [token_generator(r[3][3], r[3][4]) for _, r in sampling]
             logits = out[torch.tensor([spans[k][0] for k, _ in sampling])]
             tokens, logprobs = sample(logits, params, gens)
             for (k, _), t, lp in zip(sampling, tokens, logprobs):
