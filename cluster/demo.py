@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     from client import JambaClient
     from stages.demo import ensure_demo_model
 
-    from .service import build_app, grpc_options
+    from .service import build_app, grpc_options, limit_message_size
 
     lm = args.model or str(ensure_demo_model("lm"))
     cls = str(ensure_demo_model("classification"))
@@ -39,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.model:
         print("The demo model's weights are RANDOM: expect gibberish text; the point is the machinery.")
     t0 = time.perf_counter()
+    limit_message_size()
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
     try:
         serve.start(grpc_options=grpc_options(args.grpc_port), http_options={"host": "127.0.0.1", "port": 0},

@@ -364,6 +364,17 @@ def build_app(args: dict[str, Any]):
     return JambaService.options(**options).bind(**args)
 
 
+MAX_MESSAGE_BYTES = 16 << 20
+
+
+def limit_message_size() -> None:
+    """Serve's gRPC proxy accepts 2 GiB messages by default, an easy way to exhaust its memory;
+    cap it (RESOURCE_EXHAUSTED beyond). Must run before Ray starts: the proxy reads the env."""
+    import os
+
+    os.environ.setdefault("RAY_SERVE_GRPC_MAX_MESSAGE_SIZE", str(MAX_MESSAGE_BYTES))
+
+
 def grpc_options(port: int):
     from ray.serve.config import gRPCOptions
 

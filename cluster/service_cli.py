@@ -45,11 +45,12 @@ def run_serve(args) -> int:
     import ray
     from ray import serve
 
-    from .service import build_app, grpc_options
+    from .service import build_app, grpc_options, limit_message_size
 
     apps = [resolve_model(m) for m in (args.model or ["demo"])]
     if len({n for n, _ in apps}) != len(apps):
         raise ValueError("two --model entries have the same application name; name them NAME=DIR")
+    limit_message_size()
     if args.address:
         ray.init(address=args.address)
     else:

@@ -15,7 +15,7 @@ import ray
 from ray import serve
 
 from client import AsyncJambaClient, JambaClient, JambaError
-from cluster.service import build_app, grpc_options
+from cluster.service import build_app, grpc_options, limit_message_size
 from stages.demo import make_demo_model
 from stages.loading import load_stage
 from stages.runner import LocalRunner
@@ -39,6 +39,7 @@ def models(tmp_path_factory):
 def service(models):
     lm, cls = models
     port = _free_port()
+    limit_message_size()
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     try:
         serve.start(grpc_options=grpc_options(port), http_options={"host": "127.0.0.1", "port": _free_port()})
@@ -197,12 +198,13 @@ def test_queue_full_is_resource_exhausted(service):
             s.close()
 
 
-def test_32_concurrent_streams(service, reference):
+def test_64_concurrent_streams(service, reference):
+    """64 concurrent streams of mixed lengths: no errors, each equal to its solo offline run."""
     import asyncio
 
     ref_lm, _, tok = reference
-    prompts = [f"{PROMPTS[i % 4]} {i}" for i in range(32)]
-    want = ref_lm.generate([tok.encode(p) for p in prompts], [SamplingParams(max_new_tokens=6 + i % 5) for i in range(32)])
+    prompts = [f"{PROMPTS[i % 4]} {i}" + " and more" * (i % 7) for i in range(64)]
+    want = ref_lm.generate([tok.encode(p) for p in prompts], [SamplingParams(max_new_tokens=6 + i % 5) for i in range(64)])
 
     async def run():
         async with AsyncJambaClient(service, application="lm", timeout=120) as c:
@@ -210,7 +212,7 @@ def test_32_concurrent_streams(service, reference):
                 stream = c.generate_stream(prompts[i], max_new_tokens=6 + i % 5)
                 ids = [t async for d in stream for t in d.token_ids]
                 return ids, stream.completion
-            return await asyncio.gather(*[one(i) for i in range(32)])
+            return await asyncio.gather(*[one(i) for i in range(64)])
 
     got = asyncio.run(run())
     for (ids, final), w in zip(got, want):
@@ -229,3 +231,97 @@ def test_client_cli_against_the_service(service, reference, tmp_path):
     want = ref_lm.generate([tok.encode(PROMPTS[0]), [1, 2, 3]], [SamplingParams(max_new_tokens=5), SamplingParams(max_new_tokens=4)])
     assert [o["output_ids"] for o in out[:2]] == [w.output_ids for w in want]
     assert out[2]["line"] == 3 and "malformed JSON" in out[2]["error"]
+
+
+# ---- the hostile-input table (raw protos, so anything can be sent) -------------------------------------
+def _gen(prompts=None, **params):
+    from protos import jamba_pb2 as pb
+
+    return pb.GenerateRequest(prompts=prompts if prompts is not None else [pb.Prompt(text="hi")],
+                              params=pb.SamplingParams(**params))
+
+
+def _hostile_table():
+    from protos import jamba_pb2 as pb
+
+    P, T, C, M = pb.Prompt, pb.TokenIds, pb.Chat, pb.ChatMessage
+    inv, fp = "INVALID_ARGUMENT", "FAILED_PRECONDITION"
+    nan, inf = float("nan"), float("inf")
+    return [
+        ("empty text", "Generate", _gen([P(text="")]), inv, "prompts[0].text is empty"),
+        ("unset prompt", "Generate", _gen([P()]), inv, "prompts[0] is empty"),
+        ("no prompts", "Generate", _gen([]), inv, "prompts is empty"),
+        ("empty token ids", "Generate", _gen([P(token_ids=T(ids=[]))]), inv, "prompts[0].token_ids is empty"),
+        ("negative token id", "Generate", _gen([P(token_ids=T(ids=[1, -5]))]), inv, "out of range"),
+        ("token id too big", "Generate", _gen([P(token_ids=T(ids=[1, 512]))]), inv, "out of range [0, 512)"),
+        ("huge token id", "Generate", _gen([P(token_ids=T(ids=[2**62]))]), inv, "out of range"),
+        ("prompt over context", "Score", pb.ScoreRequest(inputs=[P(token_ids=T(ids=[1] * 5000))]), inv, "more than the context"),
+        ("max_new_tokens 0", "Generate", _gen(max_new_tokens=0), inv, "params.max_new_tokens"),
+        ("max_new_tokens negative", "Generate", _gen(max_new_tokens=-3), inv, "params.max_new_tokens"),
+        ("max_new_tokens absurd", "Generate", _gen(max_new_tokens=10**12), inv, "max_new_tokens"),
+        ("temperature negative", "Generate", _gen(temperature=-0.1), inv, "params.temperature"),
+        ("temperature NaN", "Generate", _gen(temperature=nan), inv, "params.temperature"),
+        ("temperature inf", "Generate", _gen(temperature=inf), inv, "params.temperature"),
+        ("top_p zero", "Generate", _gen(top_p=0.0), inv, "params.top_p"),
+        ("top_p above one", "Generate", _gen(top_p=1.01), inv, "params.top_p"),
+        ("top_p NaN", "Generate", _gen(top_p=nan), inv, "params.top_p"),
+        ("top_k negative", "Generate", _gen(top_k=-1), inv, "params.top_k"),
+        ("huge stop list", "Generate", _gen(stop=["x"] * 10_000), inv, "params.stop"),
+        ("huge stop string", "Generate", _gen(stop=["x" * 100_000]), inv, "params.stop"),
+        ("empty stop string", "Generate", _gen(stop=[""]), inv, "params.stop"),
+        ("stop id out of range", "Generate", _gen(stop_token_ids=[9999]), inv, "params.stop_token_ids"),
+        ("unknown chat role", "Generate", _gen([P(chat=C(messages=[M(role="wizard", content="x")]))]), inv, "wizard"),
+        ("empty chat", "Generate", _gen([P(chat=C(messages=[]))]), inv, "prompts[0].chat has no messages"),
+        ("chat role empty", "Generate", _gen([P(chat=C(messages=[M(role="", content="x")]))]), inv, "prompts[0].chat"),
+        ("10,000 prompts", "Generate", _gen([P(text="hi")] * 10_000), inv, "at most 256"),
+        ("second prompt bad", "Generate", _gen([P(text="ok"), P(token_ids=T(ids=[700]))]), inv, "prompts[1].token_ids"),
+        ("classify on an LM", "Classify", pb.ClassifyRequest(inputs=[P(text="hi")]), fp, "Classify is not available"),
+        ("empty classify", "Classify", pb.ClassifyRequest(inputs=[]), fp, "Classify is not available"),
+        ("score with no inputs", "Score", pb.ScoreRequest(inputs=[]), inv, "inputs is empty"),
+        ("stream with no prompt", "GenerateStream", pb.GenerateStreamRequest(), inv, "prompt is empty"),
+        ("stream with bad top_p", "GenerateStream", pb.GenerateStreamRequest(prompt=P(text="x"), params=pb.SamplingParams(top_p=2.0)),
+         inv, "params.top_p"),
+    ]
+
+
+def test_hostile_input_table(service, reference):
+    """Every malformed or hostile request gets its status code and a message naming the field;
+    afterwards the service is healthy and answers a normal request exactly as before."""
+    from protos import jamba_pb2 as pb
+    from protos import jamba_pb2_grpc as pb_grpc
+
+    ref_lm, _, tok = reference
+    table = _hostile_table()
+    assert len(table) >= 30
+    channel = grpc.insecure_channel(service, options=[("grpc.max_send_message_length", 64 << 20)])
+    stub = pb_grpc.JambaServiceStub(channel)
+    md = [("application", "lm")]
+    failures = []
+    try:
+        for name, method, request, code, fragment in table:
+            try:
+                call = getattr(stub, method)
+                result = call(request, metadata=md, timeout=60)
+                if method == "GenerateStream":
+                    list(result)
+                failures.append(f"{name}: no error")
+            except grpc.RpcError as e:
+                if e.code().name != code or fragment not in (e.details() or ""):
+                    failures.append(f"{name}: got {e.code().name}: {e.details()}")
+        # transport-level abuse: a deadline of 1 ms, an unknown application, an oversized message
+        with pytest.raises(grpc.RpcError) as e:
+            stub.Generate(_gen(max_new_tokens=50), metadata=md, timeout=0.001)
+        assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        with pytest.raises(grpc.RpcError) as e:
+            stub.Generate(_gen(), metadata=[("application", "no-such-app")], timeout=30)
+        assert e.value.code() == grpc.StatusCode.NOT_FOUND
+        with pytest.raises(grpc.RpcError) as e:
+            stub.Generate(_gen([pb.Prompt(text="x" * (8 << 20))]), metadata=md, timeout=30)
+        assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED  # over the server's message size limit
+        # still healthy, and a normal request gives exactly the offline answer
+        out = stub.Generate(_gen([pb.Prompt(text=PROMPTS[0])], max_new_tokens=8), metadata=md, timeout=60)
+        want = ref_lm.generate([tok.encode(PROMPTS[0])], [SamplingParams(max_new_tokens=8)])[0]
+        assert list(out.completions[0].output_ids) == want.output_ids
+    finally:
+        channel.close()
+    assert not failures, "\n".join(failures)
