@@ -1,7 +1,6 @@
 """Tests for stages/scan.py: numba kernels vs the torch references, varlen/slot handling,
 chunked prefill, dtypes, the dispatcher, and agreement with transformers' Jamba scan."""
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
