@@ -23,6 +23,7 @@ Both clients take the same options and have the same methods; every failed RPC r
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from os import PathLike
@@ -149,8 +150,13 @@ class _Settings:
         return module.insecure_channel(self.address, options=self.options)
 
     def call_kwargs(self, timeout: float | None, metadata: Metadata | None) -> dict[str, Any]:
-        return {"timeout": self.timeout if timeout is None else timeout,
-                "metadata": self.metadata + _metadata_pairs(metadata)}
+        timeout = self.timeout if timeout is None else timeout
+        extra: tuple[tuple[str, str], ...] = ()
+        if timeout is not None:
+            # The deadline also travels as metadata: Ray Serve's proxy does not pass gRPC's own
+            # deadline to the replica, whose scheduler drops a request once it has passed.
+            extra = (("jamba-deadline", f"{time.time() + timeout:.3f}"),)
+        return {"timeout": timeout, "metadata": self.metadata + _metadata_pairs(metadata) + extra}
 
 
 _NO_FINAL = "the stream ended without its final message"

@@ -66,6 +66,7 @@ A job with bad rows completes (exit status 0); the count is in the log and in _S
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import logging
@@ -365,11 +366,24 @@ def _row_id(row: Any, file: str, n: int) -> str:
     return v if isinstance(v, str) else json.dumps(v, ensure_ascii=False, default=_json_default)
 
 
+def _utf8(s: str | None) -> str | None:
+    """Arrow strings are UTF-8: a lone surrogate (JSON allows "\\ud800") becomes "?"."""
+    if s is None:
+        return None
+    try:
+        s.encode("utf-8")
+        return s
+    except UnicodeEncodeError:
+        return s.encode("utf-8", "replace").decode("utf-8")
+
+
 def _cell(name: str, v: Any):
     if v is None:
         return None
+    if isinstance(v, str):
+        v = _utf8(v)
     if name == "messages":
-        return json.dumps(v, ensure_ascii=False, default=_json_default)
+        return _utf8(json.dumps(v, ensure_ascii=False, default=_json_default))
     if name == "stop" and isinstance(v, str):
         return [v]
     if name in ("temperature", "top_p") and isinstance(v, int) and not isinstance(v, bool):
@@ -384,17 +398,18 @@ def output_table(task: str, rows: list[dict], srcs: list[tuple[str, int]]) -> pa
     names = set(schema.names)
     cols: dict[str, list] = {n: [] for n in schema.names}
     for row, (file, n) in zip(rows, srcs):
-        cols["id"].append(_row_id(row, file, n))
+        cols["id"].append(_utf8(_row_id(row, file, n)))
         cols["source_file"].append(file)
         cols["source_row"].append(n)
         for name in schema.names[3:-1]:
             cols[name].append(_cell(name, row.get(name)))
         extra = {k: v for k, v in row.items() if k not in names}
-        cols["extra"].append(json.dumps(extra, ensure_ascii=False, default=_json_default) if extra else None)
+        cols["extra"].append(_utf8(json.dumps(extra, ensure_ascii=False, default=_json_default)) if extra else None)
     return pa.Table.from_arrays([pa.array(cols[f.name], f.type) for f in schema], schema=schema)
 
 
 def error_table(errors: list[tuple[str, str, int, str, str]]) -> pa.Table:
+    errors = [tuple(_utf8(x) if isinstance(x, str) else x for x in e) for e in errors]
     cols = list(zip(*errors)) if errors else [[] for _ in ERROR_SCHEMA]
     return pa.Table.from_arrays([pa.array(list(c), f.type) for c, f in zip(cols, ERROR_SCHEMA)], schema=ERROR_SCHEMA)
 
@@ -469,7 +484,24 @@ class BatchWorker:
         nums = batch.column("_row").to_pylist()
         lines = [b.decode("utf-8", "surrogateescape") for b in batch.column("_line").to_pylist()]
         srcs = list(zip(files, nums))
-        results, tokens = run_chunk(self.pipe, self.task, list(enumerate(lines)))
+        chunk = list(enumerate(lines))
+        try:
+            results, tokens = run_chunk(self.pipe, self.task, chunk)
+        except Exception:
+            sched = self.pipe.pipe.scheduler
+            if sched.error is not None or sched.closed:
+                raise  # the pipeline itself failed: fail the job (a rerun resumes)
+            # A request the checks let through was refused: find it, row by row.
+            results, tokens = [], 0
+            for item in chunk:
+                try:
+                    res, n = run_chunk(self.pipe, self.task, [item])
+                    results += res
+                    tokens += n
+                except Exception as e:
+                    if sched.error is not None or sched.closed:
+                        raise
+                    results.append({"line": item[0], "error": f"{type(e).__name__}: {e}"})
         ok_rows, ok_srcs, errors = [], [], []
         for k, res in enumerate(results):
             if set(res) == {"line", "error"}:
@@ -636,8 +668,7 @@ class Progress:
 def run_job(cfg: BatchConfig) -> dict:
     """Run (or resume) a batch job on the connected Ray cluster; returns the summary."""
     import ray
-    from ray.data import ActorPoolStrategy, DataContext
-    from ray.data._internal.execution.interfaces import ExecutionResources
+    from ray.data import ActorPoolStrategy
 
     from stages.config import JambaConfig
 
@@ -683,83 +714,96 @@ def run_job(cfg: BatchConfig) -> dict:
     if already:
         log.info("resuming: %d row(s) already committed in %s", already, cfg.output)
 
-    ctx = DataContext.get_current()
-    ctx.enable_progress_bars = log.isEnabledFor(logging.DEBUG)
-    ctx.print_on_execution_start = False
-    ctx.execution_options.resource_limits = ExecutionResources.for_limits(cpu=cluster_cpus - stage_cpus)
-    read_cpus = min(1.0, reserve / 4)
-    done_ref = ray.put(done) if done else None
-    datasets = [ray.data.read_datasource(_make_datasource(paths, kind, in_fs, done_ref, cfg.batch_size), num_cpus=read_cpus)
-                for kind, paths in groups.items()]
-    ds = datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
-    remaining = ds.count() if cfg.count else None
-    nfiles = sum(len(v) for v in groups.values())
-    log.info("%s: %d input file(s), %s row(s) to run on %d pipeline(s) of %d stage(s), %g CPU per stage "
-             "(%g of %g cluster CPUs, %g kept for Ray Data)", cfg.task, nfiles,
-             "?" if remaining is None else remaining, cfg.pipelines, cfg.stages, cps, stage_cpus, cluster_cpus, reserve)
+    with _ray_data_settings(cpu_limit=cluster_cpus - stage_cpus, progress_bars=log.isEnabledFor(logging.DEBUG)):
+        read_cpus = min(1.0, reserve / 4)
+        done_ref = ray.put(done) if done else None
+        datasets = [ray.data.read_datasource(_make_datasource(paths, kind, in_fs, done_ref, cfg.batch_size), num_cpus=read_cpus)
+                    for kind, paths in groups.items()]
+        ds = datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
+        remaining = ds.count() if cfg.count else None
+        nfiles = sum(len(v) for v in groups.values())
+        log.info("%s: %d input file(s), %s row(s) to run on %d pipeline(s) of %d stage(s), %g CPU per stage "
+                 "(%g of %g cluster CPUs, %g kept for Ray Data)", cfg.task, nfiles,
+                 "?" if remaining is None else remaining, cfg.pipelines, cfg.stages, cps, stage_cpus, cluster_cpus, reserve)
 
-    progress = Progress(cfg.task, remaining, cfg.progress_interval)
-    lost = 0
-    if remaining != 0:
-        pipeline = dict(model_dir=mpath, num_stages=cfg.stages, layer_split=cfg.layer_split, num_slots=cfg.num_slots,
-                        max_seq_len=cfg.max_seq_len, max_batch_tokens=cfg.max_batch_tokens,
-                        max_queue=max(1024, cfg.batch_size * cfg.calls_per_actor), threads_per_stage=cfg.threads_per_stage,
-                        cpus_per_stage=cps, gpus_per_stage=cfg.gpus_per_stage, placement_strategy=cfg.placement_strategy,
-                        dtype=cfg.dtype)
-        out = ds.map_batches(
-            BatchWorker, batch_size=cfg.batch_size, batch_format="pyarrow", num_cpus=0,
-            compute=ActorPoolStrategy(size=cfg.pipelines, max_tasks_in_flight_per_actor=cfg.calls_per_actor,
-                                      max_concurrent_calls_per_actor=cfg.calls_per_actor,
-                                      enable_true_multi_threading=cfg.calls_per_actor > 1),
-            fn_constructor_kwargs=dict(task=cfg.task, pipeline=pipeline, output=cfg.output, run_id=run_id),
-        )
-        for b in out.iter_batches(batch_size=None, batch_format="pyarrow"):
-            cols = ("rows", "failed", "tokens", "committed", "ready_at", "done_at")
-            for rows, failed, tokens, ok, ready_at, done_at in zip(*(b.column(c).to_pylist() for c in cols)):
-                progress.add(rows, failed, tokens, ready_at, done_at)
-                lost += not ok
-        if lost:
-            raise RuntimeError(f"{lost} batch(es) were not committed: another run took over {cfg.output}")
+        progress = Progress(cfg.task, remaining, cfg.progress_interval)
+        lost = 0
+        if remaining != 0:
+            pipeline = dict(model_dir=mpath, num_stages=cfg.stages, layer_split=cfg.layer_split, num_slots=cfg.num_slots,
+                            max_seq_len=cfg.max_seq_len, max_batch_tokens=cfg.max_batch_tokens,
+                            max_queue=max(1024, cfg.batch_size * cfg.calls_per_actor), threads_per_stage=cfg.threads_per_stage,
+                            cpus_per_stage=cps, gpus_per_stage=cfg.gpus_per_stage, placement_strategy=cfg.placement_strategy,
+                            dtype=cfg.dtype)
+            out = ds.map_batches(
+                BatchWorker, batch_size=cfg.batch_size, batch_format="pyarrow", num_cpus=0,
+                compute=ActorPoolStrategy(size=cfg.pipelines, max_tasks_in_flight_per_actor=cfg.calls_per_actor,
+                                          max_concurrent_calls_per_actor=cfg.calls_per_actor,
+                                          enable_true_multi_threading=cfg.calls_per_actor > 1),
+                fn_constructor_kwargs=dict(task=cfg.task, pipeline=pipeline, output=cfg.output, run_id=run_id),
+            )
+            for b in out.iter_batches(batch_size=None, batch_format="pyarrow"):
+                cols = ("rows", "failed", "tokens", "committed", "ready_at", "done_at")
+                for rows, failed, tokens, ok, ready_at, done_at in zip(*(b.column(c).to_pylist() for c in cols)):
+                    progress.add(rows, failed, tokens, ready_at, done_at)
+                    lost += not ok
+            if lost:
+                raise RuntimeError(f"{lost} batch(es) were not committed: another run took over {cfg.output}")
 
-    # ---- finish: exactly once, then the summary ----
-    paths, after = committed(fs, root)
-    dups = remove_duplicates(fs, paths, after)
-    if dups:
+        # ---- finish: exactly once, then the summary ----
         paths, after = committed(fs, root)
-    total = after.num_rows
-    if remaining is not None and total != already + remaining:
-        raise RuntimeError(f"{cfg.output} holds {total} row(s), expected {already + remaining}: rerun the job to finish it")
-    n_err = sum(pq.ParquetFile(p, filesystem=fs).metadata.num_rows for p in paths if f"/{ERRORS_DIR}/" in p)
-    secs = time.perf_counter() - t0
-    run_secs = time.perf_counter() - progress.t0
-    # steady state: from the first pipeline being ready to the last commit (no startup, no count pass)
-    steady = (progress.done_at - progress.ready_at) if progress.ready_at and progress.done_at else 0.0
-    summary = {
-        "task": cfg.task, "model": cfg.model, "input": cfg.inputs, "output": cfg.output, "complete": True,
-        "rows": total, "rows_ok": total - n_err, "rows_failed": n_err,
-        "parts": sum(1 for p in paths if f"/{DATA_DIR}/" in p),
-        "this_run": {
-            "rows": progress.rows, "failed": progress.failed, "tokens": progress.tokens, "skipped_committed": already,
-            "seconds": round(secs, 3), "processing_seconds": round(run_secs, 3),
-            "rows_per_s": round(progress.rows / run_secs, 3) if run_secs > 0 else 0.0,
-            "tokens_per_s": round(progress.tokens / run_secs, 3) if run_secs > 0 else 0.0,
-            "startup_seconds": round(progress.ready_at - progress.wall0, 3) if progress.ready_at else 0.0,
-            "steady_seconds": round(steady, 3),
-            "steady_rows_per_s": round(progress.rows / steady, 3) if steady > 0 else 0.0,
-            "steady_tokens_per_s": round(progress.tokens / steady, 3) if steady > 0 else 0.0,
-            "duplicates_removed": dups, "cleaned_up": removed,
-        },
-        "pipelines": cfg.pipelines, "stages": cfg.stages, "cpus_per_stage": cps, "reserve_cpus": reserve,
-        "batch_size": cfg.batch_size, "run_id": run_id,
-        "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
-        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
-    write_atomic(fs, posixpath.join(root, SUMMARY), (json.dumps(summary, indent=2) + "\n").encode())
-    log.info("%s done: %d row(s) this run (%d failed, %d already committed), %d tokens in %.1fs: %.1f rows/s, "
-             "%.0f tokens/s; %s holds %d row(s), %d in errors/", cfg.task, progress.rows, progress.failed, already,
-             progress.tokens, secs, summary["this_run"]["rows_per_s"], summary["this_run"]["tokens_per_s"],
-             cfg.output, total, n_err)
-    return summary
+        dups = remove_duplicates(fs, paths, after)
+        if dups:
+            paths, after = committed(fs, root)
+        total = after.num_rows
+        if remaining is not None and total != already + remaining:
+            raise RuntimeError(f"{cfg.output} holds {total} row(s), expected {already + remaining}: rerun the job to finish it")
+        n_err = sum(pq.ParquetFile(p, filesystem=fs).metadata.num_rows for p in paths if f"/{ERRORS_DIR}/" in p)
+        secs = time.perf_counter() - t0
+        run_secs = time.perf_counter() - progress.t0
+        # steady state: from the first pipeline being ready to the last commit (no startup, no count pass)
+        steady = (progress.done_at - progress.ready_at) if progress.ready_at and progress.done_at else 0.0
+        summary = {
+            "task": cfg.task, "model": cfg.model, "input": cfg.inputs, "output": cfg.output, "complete": True,
+            "rows": total, "rows_ok": total - n_err, "rows_failed": n_err,
+            "parts": sum(1 for p in paths if f"/{DATA_DIR}/" in p),
+            "this_run": {
+                "rows": progress.rows, "failed": progress.failed, "tokens": progress.tokens, "skipped_committed": already,
+                "seconds": round(secs, 3), "processing_seconds": round(run_secs, 3),
+                "rows_per_s": round(progress.rows / run_secs, 3) if run_secs > 0 else 0.0,
+                "tokens_per_s": round(progress.tokens / run_secs, 3) if run_secs > 0 else 0.0,
+                "startup_seconds": round(progress.ready_at - progress.wall0, 3) if progress.ready_at else 0.0,
+                "steady_seconds": round(steady, 3),
+                "steady_rows_per_s": round(progress.rows / steady, 3) if steady > 0 else 0.0,
+                "steady_tokens_per_s": round(progress.tokens / steady, 3) if steady > 0 else 0.0,
+                "duplicates_removed": dups, "cleaned_up": removed,
+            },
+            "pipelines": cfg.pipelines, "stages": cfg.stages, "cpus_per_stage": cps, "reserve_cpus": reserve,
+            "batch_size": cfg.batch_size, "run_id": run_id,
+            "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        write_atomic(fs, posixpath.join(root, SUMMARY), (json.dumps(summary, indent=2) + "\n").encode())
+        log.info("%s done: %d row(s) this run (%d failed, %d already committed), %d tokens in %.1fs: %.1f rows/s, "
+                 "%.0f tokens/s; %s holds %d row(s), %d in errors/", cfg.task, progress.rows, progress.failed, already,
+                 progress.tokens, secs, summary["this_run"]["rows_per_s"], summary["this_run"]["tokens_per_s"],
+                 cfg.output, total, n_err)
+        return summary
+
+
+@contextlib.contextmanager
+def _ray_data_settings(cpu_limit: float, progress_bars: bool):
+    """Ray Data stays within the CPUs the stages leave (the CPU rule); restored afterwards."""
+    from ray.data import DataContext
+    from ray.data._internal.execution.interfaces import ExecutionResources
+
+    ctx = DataContext.get_current()
+    saved = (ctx.enable_progress_bars, ctx.print_on_execution_start, ctx.execution_options.resource_limits)
+    ctx.enable_progress_bars, ctx.print_on_execution_start = progress_bars, False
+    ctx.execution_options.resource_limits = ExecutionResources.for_limits(cpu=cpu_limit)
+    try:
+        yield
+    finally:
+        ctx.enable_progress_bars, ctx.print_on_execution_start, ctx.execution_options.resource_limits = saved
 
 
 # ---- command line ------------------------------------------------------------------------------

@@ -147,8 +147,8 @@ class Pipeline:
         return cls(cfg, config, splits, pg if owned else None, actors, scheduler, tokenizer, infos)
 
     # ---- requests ---------------------------------------------------------------------------
-    def generate(self, prompt: list[int], params: SamplingParams):
-        return self.scheduler.generate(prompt, params)
+    def generate(self, prompt: list[int], params: SamplingParams, deadline: float | None = None):
+        return self.scheduler.generate(prompt, params, deadline)
 
     async def generate_full(self, prompt: list[int], params: SamplingParams) -> GenerationResult:
         async for ev in self.scheduler.generate(prompt, params):
@@ -156,11 +156,11 @@ class Pipeline:
                 return GenerationResult(ev.output_ids, ev.finish_reason, ev.text, ev.logprobs, ev.prompt_tokens)
         raise RuntimeError("generation ended without a finish event")
 
-    async def score(self, prompt: list[int]) -> list[float | None]:
-        return await self.scheduler.score(prompt)
+    async def score(self, prompt: list[int], deadline: float | None = None) -> list[float | None]:
+        return await self.scheduler.score(prompt, deadline)
 
-    async def classify(self, prompt: list[int]) -> list[float]:
-        return await self.scheduler.classify(prompt)
+    async def classify(self, prompt: list[int], deadline: float | None = None) -> list[float]:
+        return await self.scheduler.classify(prompt, deadline)
 
     async def stage_stats(self) -> list[dict]:
         return await asyncio.gather(*[a.info.remote() for a in self.actors])

@@ -49,6 +49,10 @@ class SchedulerClosedError(RuntimeError):
     pass
 
 
+class DeadlineExceededError(TimeoutError):
+    """The request's deadline passed before it finished; its slots were freed."""
+
+
 @dataclass
 class TokenEvent:
     """A sampled token, streamed as soon as the last stage returns it."""
@@ -81,6 +85,7 @@ class _Request:
     future: asyncio.Future | None = None  # score/classify
     scores: list = field(default_factory=list)
     pool: int = 0  # classify: position whose logits are pooled
+    deadline: float | None = None  # time.time() after which the request is dropped
     decoder: object | None = None  # streaming detokenizer
     text: str = ""  # text the decoder has released
     emitted: int = 0  # characters of it streamed so far
@@ -132,12 +137,14 @@ class Scheduler:
         self._task = asyncio.get_running_loop().create_task(self._loop())
 
     # ---- public API -----------------------------------------------------------------------
-    async def generate(self, prompt: list[int], params: SamplingParams) -> AsyncIterator[TokenEvent | FinishEvent]:
-        """Stream a generation. Closing the iterator early aborts it and frees its slot."""
+    async def generate(self, prompt: list[int], params: SamplingParams,
+                       deadline: float | None = None) -> AsyncIterator[TokenEvent | FinishEvent]:
+        """Stream a generation. Closing the iterator early aborts it and frees its slot, and so
+        does reaching `deadline` (a time.time() value), which raises DeadlineExceededError."""
         self._check_prompt(prompt, params.max_new_tokens)
         params.validate(self.vocab_size)
         state = SequenceState(list(prompt), params, self.eos_ids, self.tokenizer)
-        req = _Request("generate", list(prompt), state=state, events=asyncio.Queue())
+        req = _Request("generate", list(prompt), state=state, events=asyncio.Queue(), deadline=deadline)
         if self.tokenizer is not None:
             req.decoder = self.tokenizer.incremental_decoder()
         self._enqueue(req)
@@ -153,14 +160,14 @@ class Scheduler:
             if not req.done:
                 self.abort(req)
 
-    async def score(self, prompt: list[int]) -> list[float | None]:
+    async def score(self, prompt: list[int], deadline: float | None = None) -> list[float | None]:
         self._check_prompt(prompt, 0)
-        req = _Request("score", list(prompt), future=asyncio.get_running_loop().create_future())
+        req = _Request("score", list(prompt), future=asyncio.get_running_loop().create_future(), deadline=deadline)
         return await self._wait(req)
 
-    async def classify(self, prompt: list[int]) -> list[float]:
+    async def classify(self, prompt: list[int], deadline: float | None = None) -> list[float]:
         self._check_prompt(prompt, 0)
-        req = _Request("classify", list(prompt), future=asyncio.get_running_loop().create_future())
+        req = _Request("classify", list(prompt), future=asyncio.get_running_loop().create_future(), deadline=deadline)
         req.pool = pooling_position(prompt, self.pad_token_id)
         return await self._wait(req)
 
@@ -219,6 +226,16 @@ class Scheduler:
             self.abort(req)
             raise
 
+    def _expire(self) -> None:
+        now = time.time()
+        for r in [r for r in list(self.waiting) + self.active if r.deadline is not None and r.deadline < now and not r.done]:
+            err = DeadlineExceededError("the request's deadline passed before it finished")
+            if r.events is not None:
+                r.events.put_nowait(err)
+            elif r.future is not None and not r.future.done():
+                r.future.set_exception(err)
+            self.abort(r)
+
     def _admit(self) -> None:
         while self.waiting and self.free_slots:
             req = self.waiting.popleft()
@@ -249,7 +266,11 @@ class Scheduler:
                     launched = True
                 if not launched:
                     self.wakeup.clear()
-                    await self.wakeup.wait()
+                    try:  # wake up now and then to drop requests past their deadline
+                        await asyncio.wait_for(self.wakeup.wait(), timeout=0.25)
+                    except asyncio.TimeoutError:
+                        pass
+                self._expire()
         except Exception as e:  # a bug here must not hang every caller
             log.exception("scheduler loop failed")
             self.error = e

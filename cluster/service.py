@@ -11,7 +11,7 @@ A cancelled or expired call is cancelled in the replica, which aborts the reques
 slots on every stage.
 
     jamba serve --model DIR --stages P --grpc-port N [--replicas R]
-    serve run k8s/serve_config.yaml     # the same application from a Serve config
+    serve run serve_config.yaml         # the same application from a Serve config
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from stages.sampling import SamplingParams
 from stages.tokenizer import ChatTemplateError
 
 from .pipeline import FinishEvent, Pipeline, PipelineConfig
-from .scheduler import QueueFullError, SchedulerClosedError
+from .scheduler import DeadlineExceededError, QueueFullError, SchedulerClosedError
 
 log = logging.getLogger("ray.serve")
 
@@ -116,6 +116,16 @@ def classification(logits: list[float], id2label: dict[int, str]) -> pb.Classifi
     probs = [e / sum(exp) for e in exp]
     best = max(range(len(probs)), key=probs.__getitem__)
     return pb.Classification(logits=logits, probs=probs, label=id2label.get(best, str(best)))
+
+
+def _deadline(ctx: RayServegRPCContext) -> float | None:
+    """The client's deadline (time.time() seconds) from the `jamba-deadline` metadata the client
+    library sends: Serve's proxy does not pass gRPC's own deadline on to the replica."""
+    value = dict(ctx.invocation_metadata()).get("jamba-deadline")
+    try:
+        return float(value) if value else None
+    except ValueError:
+        raise invalid(f"metadata jamba-deadline must be a unix time in seconds, not {value!r}") from None
 
 
 # ---- metrics -------------------------------------------------------------------------------------
@@ -225,6 +235,8 @@ class JambaService:
             code, msg = grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)
         elif isinstance(e, SchedulerClosedError):
             code, msg = grpc.StatusCode.UNAVAILABLE, str(e)
+        elif isinstance(e, DeadlineExceededError):
+            code, msg = grpc.StatusCode.DEADLINE_EXCEEDED, str(e)
         elif isinstance(e, ValueError):  # the scheduler's own checks
             code, msg = grpc.StatusCode.INVALID_ARGUMENT, str(e)
         else:
@@ -239,7 +251,7 @@ class JambaService:
     async def _guard(self, method: str, ctx: RayServegRPCContext, coro):
         try:
             result = await coro
-        except (RequestError, QueueFullError, SchedulerClosedError, ValueError) as e:
+        except (RequestError, QueueFullError, SchedulerClosedError, DeadlineExceededError, ValueError) as e:
             self._fail(method, ctx, e)
         self.metrics.requests.inc(tags={"method": method, "code": "OK"})
         return result
@@ -252,13 +264,14 @@ class JambaService:
             params = sampling_params(request.params, self.config.vocab_size)
             self._check_room(ids, params, "prompts")
             self.metrics.tokens_in.inc(sum(map(len, ids)))
-            results = await asyncio.gather(*[self._generate_one(p, params) for p in ids])
+            deadline = _deadline(grpc_context)
+            results = await asyncio.gather(*[self._generate_one(p, params, deadline) for p in ids])
             return pb.GenerateResponse(completions=[completion(r) for r in results])
         return await self._guard("Generate", grpc_context, body())
 
-    async def _generate_one(self, ids: list[int], params: SamplingParams) -> FinishEvent:
+    async def _generate_one(self, ids: list[int], params: SamplingParams, deadline: float | None) -> FinishEvent:
         params = SamplingParams(**{k: getattr(params, k) for k in params.__dataclass_fields__})  # one per prompt
-        async for ev in self.pipe.generate(ids, params):
+        async for ev in self.pipe.generate(ids, params, deadline):
             if isinstance(ev, FinishEvent):
                 self.metrics.tokens_out.inc(len(ev.output_ids))
                 return ev
@@ -270,9 +283,9 @@ class JambaService:
             self._need(False, "GenerateStream")
             params = sampling_params(request.params, self.config.vocab_size)
             self._check_room([ids], params, "prompt")
-            stream = self.pipe.generate(ids, params)
+            stream = self.pipe.generate(ids, params, _deadline(grpc_context))
             first = await stream.__anext__()  # admission errors (queue full) surface here, before any message
-        except (RequestError, QueueFullError, SchedulerClosedError, ValueError) as e:
+        except (RequestError, QueueFullError, SchedulerClosedError, DeadlineExceededError, ValueError) as e:
             self._fail("GenerateStream", grpc_context, e)
         self.metrics.tokens_in.inc(len(ids))
         t0 = last = time.perf_counter()
@@ -295,6 +308,8 @@ class JambaService:
                 lp = [ev.logprob] if ev.logprob is not None else []
                 yield pb.GenerateStreamResponse(delta=pb.TokenDelta(token_ids=[ev.token_id], text=ev.text, logprobs=lp))
                 ev = await stream.__anext__()
+        except (DeadlineExceededError, SchedulerClosedError) as e:  # mid-stream: the deadline, or the pipeline gave up
+            self._fail("GenerateStream", grpc_context, e)
         finally:
             await stream.aclose()  # a cancelled call lands here: the request is aborted, slots freed
 
@@ -303,7 +318,7 @@ class JambaService:
             self._need(True, "Classify")
             ids = self._prompts(request.inputs, "inputs")
             self.metrics.tokens_in.inc(sum(map(len, ids)))
-            logits = await asyncio.gather(*[self.pipe.classify(p) for p in ids])
+            logits = await asyncio.gather(*[self.pipe.classify(p, _deadline(grpc_context)) for p in ids])
             return pb.ClassifyResponse(results=[classification(lg, self.config.id2label) for lg in logits])
         return await self._guard("Classify", grpc_context, body())
 
@@ -312,7 +327,7 @@ class JambaService:
             self._need(False, "Score")
             ids = self._prompts(request.inputs, "inputs")
             self.metrics.tokens_in.inc(sum(map(len, ids)))
-            scores = await asyncio.gather(*[self.pipe.score(p) for p in ids])
+            scores = await asyncio.gather(*[self.pipe.score(p, _deadline(grpc_context)) for p in ids])
             return pb.ScoreResponse(results=[
                 pb.ScoreResult(token_ids=p, token_logprobs=s[1:], sum_logprob=math.fsum(s[1:])) for p, s in zip(ids, scores)
             ])

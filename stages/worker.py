@@ -33,6 +33,15 @@ from .loading import load_stage
 from .sampling import SamplingParams, sample, token_generator
 
 
+def _rss_bytes() -> int:
+    """Resident memory of this process (Linux), for leak checks."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return 0
+
+
 class StageWorker:
     def __init__(
         self,
@@ -59,7 +68,7 @@ class StageWorker:
 
     def info(self) -> dict:
         return dict(self.load_info, busy_seconds=self.busy_seconds, steps=self.steps,
-                    used_slots=self.cache.used_slots, num_slots=self.cache.num_slots)
+                    used_slots=self.cache.used_slots, num_slots=self.cache.num_slots, rss_bytes=_rss_bytes())
 
     def step(self, header: bytes, x: torch.Tensor):
         t0 = time.perf_counter()

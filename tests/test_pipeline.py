@@ -167,6 +167,48 @@ def test_streaming_slots_queue_and_abort(ray_cluster, models, reference):
         pipe.close()
 
 
+def test_a_thousand_cancellations_leak_nothing(ray_cluster, models, reference):
+    """1,000 streams aborted at every point of their life (queued, admitted, mid-decode): no slot is
+    left in use on the scheduler or any stage, and stage memory stays flat."""
+    lm, _ = models
+    _, _, tok = reference
+    pipe = _pipe(lm, num_stages=2, layer_split="4,4", num_slots=8, max_queue=2000)
+    sched = pipe.pipe.scheduler
+    prompt = tok.encode("Cancel me please")
+
+    async def churn(n):
+        async def one(i):
+            g = pipe.pipe.generate(prompt, SamplingParams(max_new_tokens=64, ignore_eos=True))
+            if i % 3:  # the rest are dropped before their first token, some while still queued
+                for _ in range(i % 4):
+                    await g.__anext__()
+            await g.aclose()
+        for start in range(0, n, 50):
+            await asyncio.gather(*[one(i) for i in range(start, start + 50)])
+
+    async def settle():
+        for _ in range(200):
+            if sched.stats()["slots_in_use"] == 0 and sched.stats()["in_flight"] == 0:
+                return
+            await asyncio.sleep(0.05)
+
+    try:
+        pipe._call(churn(50))  # warm-up: allocator and caches reach their working size
+        pipe._call(settle())
+        before = [i["rss_bytes"] for i in pipe._call(pipe.pipe.stage_stats())]
+        pipe._call(churn(1000))
+        pipe._call(settle())
+        pipe.score([prompt])  # one more microbatch carries the last frees to the stages
+        stats = sched.stats()
+        infos = pipe._call(pipe.pipe.stage_stats())
+        assert stats["slots_in_use"] == 0 and stats["waiting"] == 0 and stats["active"] == 0
+        assert [i["used_slots"] for i in infos] == [0, 0]
+        growth = [(i["rss_bytes"] - b) / 2**20 for i, b in zip(infos, before)]
+        assert max(growth) < 32, growth  # MiB
+    finally:
+        pipe.close()
+
+
 def test_stop_strings_and_eos(ray_cluster, models, reference):
     lm, _ = models
     ref_lm, _, tok = reference
@@ -208,5 +250,37 @@ def test_actor_startup_reports_load(ray_cluster, models):
         assert [i["layers"] for i in info] == [[0, 3], [3, 8]]
         assert all(i["bytes"] > 0 and i["seconds"] > 0 and i["threads"] == 1 for i in info)
         assert len({i["pid"] for i in info}) == 2
+    finally:
+        pipe.close()
+
+
+def test_deadline_drops_the_request_and_frees_its_slot(ray_cluster, models, reference):
+    import time
+
+    from cluster.scheduler import DeadlineExceededError
+
+    lm, _ = models
+    _, _, tok = reference
+    pipe = _pipe(lm, num_stages=2, layer_split="4,4")
+    sched = pipe.pipe.scheduler
+
+    async def run():
+        got = []
+        with pytest.raises(DeadlineExceededError):
+            async for ev in pipe.pipe.generate(tok.encode("slow"), SamplingParams(max_new_tokens=3000, ignore_eos=True),
+                                               deadline=time.time() + 3.0):
+                got.append(ev)
+        with pytest.raises(DeadlineExceededError):
+            await pipe.pipe.score(tok.encode("late"), deadline=time.time() - 1)
+        for _ in range(100):
+            if sched.stats()["slots_in_use"] == 0 and sched.stats()["in_flight"] == 0:
+                break
+            await asyncio.sleep(0.05)
+        return got
+
+    try:
+        got = pipe._call(run())
+        assert len(got) < 3000  # dropped long before max_new_tokens
+        assert sched.stats()["slots_in_use"] == 0 and sched.stats()["active"] == 0
     finally:
         pipe.close()
