@@ -466,11 +466,11 @@ def part_key(srcs: list[tuple[str, int]]) -> str:
 class BatchWorker:
     """Ray Data's map_batches UDF. Drives one pipeline; commits each batch as a part file."""
 
-    def __init__(self, task: str, pipeline: dict, output: str, run_id: str) -> None:
+    def __init__(self, task: str, pipeline: dict, output: str, run_id: str, sink=None) -> None:
         from .pipeline import PipelineConfig, SyncPipeline
 
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-        self.task, self.run_id = task, run_id
+        self.task, self.run_id, self.sink = task, run_id, sink
         self.fs, self.root = filesystem(output)
         self.pipe = SyncPipeline(PipelineConfig(**pipeline))
         self.lock = threading.Lock()
@@ -516,9 +516,12 @@ class BatchWorker:
                 ok_srcs.append(srcs[k])
         key = part_key(srcs)
         committed = self._commit(key, output_table(self.task, ok_rows, ok_srcs), error_table(errors) if errors else None)
+        done_at = time.time()
+        if committed and self.sink is not None:
+            self.sink.add.remote(len(srcs), len(errors), tokens, self.ready_at, done_at)
         return pa.table({"part": [key], "rows": [len(srcs) if committed else 0], "failed": [len(errors) if committed else 0],
                          "tokens": [tokens], "seconds": [time.perf_counter() - t0], "committed": [committed],
-                         "ready_at": [self.ready_at], "done_at": [time.time()]})
+                         "ready_at": [self.ready_at], "done_at": [done_at]})
 
     def _commit(self, key: str, data: pa.Table, errors: pa.Table | None) -> bool:
         name = f"part-{key}.parquet"
@@ -627,16 +630,16 @@ def _fmt_eta(s: float) -> str:
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
-class Progress:
-    def __init__(self, task: str, total: int | None, interval: float) -> None:
-        self.task, self.total, self.interval = task, total, interval
-        self.rows = self.failed = self.tokens = self.parts = 0
-        self.t0 = self.last = time.perf_counter()
-        self.wall0 = time.time()
-        self.ready_at: float | None = None  # when the first pipeline was ready (wall clock)
-        self.done_at: float | None = None
+class ProgressSink:
+    """Counts committed batches. As a 0-CPU actor it is where pool actors report each commit, so
+    the driver can log progress while Ray Data holds the per-batch summaries back in blocks."""
 
-    def add(self, rows: int, failed: int, tokens: int, ready_at: float | None = None, done_at: float | None = None) -> None:
+    def __init__(self) -> None:
+        self.rows = self.failed = self.tokens = self.parts = 0
+        self.ready_at: float | None = None  # when the first pipeline was ready (wall clock)
+        self.done_at: float | None = None  # the last commit
+
+    def add(self, rows: int, failed: int, tokens: int, ready_at: float | None, done_at: float | None) -> None:
         if ready_at is not None:
             self.ready_at = ready_at if self.ready_at is None else min(self.ready_at, ready_at)
         if done_at is not None:
@@ -645,24 +648,47 @@ class Progress:
         self.failed += failed
         self.tokens += tokens
         self.parts += 1
-        now = time.perf_counter()
-        if now - self.last >= self.interval:
-            self.last = now
-            log.info("%s", self.line())
 
-    def line(self) -> str:
-        # rates since the first pipeline was ready, so that startup does not skew the ETA
-        dt = max(time.time() - (self.ready_at or self.wall0), 1e-9)
-        rps, tps = self.rows / dt, self.tokens / dt
-        s = f"{self.task}: {self.rows}"
-        if self.total:
-            s += f"/{self.total} rows ({self.rows / self.total:.0%})"
-            eta = (self.total - self.rows) / rps if rps > 0 else float("inf")
-            tail = f", ETA {_fmt_eta(eta)}" if math.isfinite(eta) else ""
-        else:
-            s += " rows"
-            tail = ""
-        return s + f", {self.failed} failed, {rps:.1f} rows/s, {tps:.0f} tokens/s" + tail
+    def snapshot(self) -> "ProgressSink":
+        return self
+
+
+def progress_line(task: str, total: int | None, p: ProgressSink, wall0: float) -> str:
+    # rates since the first pipeline was ready, so that start-up does not skew the ETA
+    dt = max(time.time() - (p.ready_at or wall0), 1e-9)
+    rps, tps = p.rows / dt, p.tokens / dt
+    s = f"{task}: {p.rows}"
+    tail = ""
+    if total:
+        s += f"/{total} rows ({p.rows / total:.0%})"
+        eta = (total - p.rows) / rps if rps > 0 else float("inf")
+        tail = f", ETA {_fmt_eta(eta)}" if math.isfinite(eta) else ""
+    else:
+        s += " rows"
+    return s + f", {p.failed} failed, {rps:.1f} rows/s, {tps:.0f} tokens/s" + tail
+
+
+@contextlib.contextmanager
+def _reporting(task: str, total: int | None, interval: float, sink, wall0: float):
+    """Log progress every `interval` seconds from the sink actor, in a thread, while the job runs."""
+    import ray
+
+    stop = threading.Event()
+
+    def loop():
+        while not stop.wait(interval):
+            try:
+                log.info("%s", progress_line(task, total, ray.get(sink.snapshot.remote(), timeout=30), wall0))
+            except Exception as e:  # progress is best effort
+                log.debug("progress: %s", e)
+
+    t = threading.Thread(target=loop, name="batch-progress", daemon=True)
+    t.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        t.join(timeout=5)
 
 
 def run_job(cfg: BatchConfig) -> dict:
@@ -726,7 +752,8 @@ def run_job(cfg: BatchConfig) -> dict:
                  "(%g of %g cluster CPUs, %g kept for Ray Data)", cfg.task, nfiles,
                  "?" if remaining is None else remaining, cfg.pipelines, cfg.stages, cps, stage_cpus, cluster_cpus, reserve)
 
-        progress = Progress(cfg.task, remaining, cfg.progress_interval)
+        progress = ProgressSink()  # what Ray Data hands back: the authoritative counts
+        wall0, t_run = time.time(), time.perf_counter()
         lost = 0
         if remaining != 0:
             pipeline = dict(model_dir=mpath, num_stages=cfg.stages, layer_split=cfg.layer_split, num_slots=cfg.num_slots,
@@ -734,18 +761,21 @@ def run_job(cfg: BatchConfig) -> dict:
                             max_queue=max(1024, cfg.batch_size * cfg.calls_per_actor), threads_per_stage=cfg.threads_per_stage,
                             cpus_per_stage=cps, gpus_per_stage=cfg.gpus_per_stage, placement_strategy=cfg.placement_strategy,
                             dtype=cfg.dtype)
+            sink = ray.remote(num_cpus=0)(ProgressSink).remote()
             out = ds.map_batches(
                 BatchWorker, batch_size=cfg.batch_size, batch_format="pyarrow", num_cpus=0,
                 compute=ActorPoolStrategy(size=cfg.pipelines, max_tasks_in_flight_per_actor=cfg.calls_per_actor,
                                           max_concurrent_calls_per_actor=cfg.calls_per_actor,
                                           enable_true_multi_threading=cfg.calls_per_actor > 1),
-                fn_constructor_kwargs=dict(task=cfg.task, pipeline=pipeline, output=cfg.output, run_id=run_id),
+                fn_constructor_kwargs=dict(task=cfg.task, pipeline=pipeline, output=cfg.output, run_id=run_id, sink=sink),
             )
-            for b in out.iter_batches(batch_size=None, batch_format="pyarrow"):
-                cols = ("rows", "failed", "tokens", "committed", "ready_at", "done_at")
-                for rows, failed, tokens, ok, ready_at, done_at in zip(*(b.column(c).to_pylist() for c in cols)):
-                    progress.add(rows, failed, tokens, ready_at, done_at)
-                    lost += not ok
+            with _reporting(cfg.task, remaining, cfg.progress_interval, sink, wall0):
+                for b in out.iter_batches(batch_size=None, batch_format="pyarrow"):
+                    cols = ("rows", "failed", "tokens", "committed", "ready_at", "done_at")
+                    for rows, failed, tokens, ok, ready_at, done_at in zip(*(b.column(c).to_pylist() for c in cols)):
+                        progress.add(rows, failed, tokens, ready_at, done_at)
+                        lost += not ok
+            ray.kill(sink)
             if lost:
                 raise RuntimeError(f"{lost} batch(es) were not committed: another run took over {cfg.output}")
 
@@ -759,7 +789,7 @@ def run_job(cfg: BatchConfig) -> dict:
             raise RuntimeError(f"{cfg.output} holds {total} row(s), expected {already + remaining}: rerun the job to finish it")
         n_err = sum(pq.ParquetFile(p, filesystem=fs).metadata.num_rows for p in paths if f"/{ERRORS_DIR}/" in p)
         secs = time.perf_counter() - t0
-        run_secs = time.perf_counter() - progress.t0
+        run_secs = time.perf_counter() - t_run
         # steady state: from the first pipeline being ready to the last commit (no startup, no count pass)
         steady = (progress.done_at - progress.ready_at) if progress.ready_at and progress.done_at else 0.0
         summary = {
@@ -771,7 +801,7 @@ def run_job(cfg: BatchConfig) -> dict:
                 "seconds": round(secs, 3), "processing_seconds": round(run_secs, 3),
                 "rows_per_s": round(progress.rows / run_secs, 3) if run_secs > 0 else 0.0,
                 "tokens_per_s": round(progress.tokens / run_secs, 3) if run_secs > 0 else 0.0,
-                "startup_seconds": round(progress.ready_at - progress.wall0, 3) if progress.ready_at else 0.0,
+                "startup_seconds": round(progress.ready_at - wall0, 3) if progress.ready_at else 0.0,
                 "steady_seconds": round(steady, 3),
                 "steady_rows_per_s": round(progress.rows / steady, 3) if steady > 0 else 0.0,
                 "steady_tokens_per_s": round(progress.tokens / steady, 3) if steady > 0 else 0.0,

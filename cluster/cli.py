@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -27,6 +28,9 @@ CHUNK_ROWS = 256  # rows read, run and written together; bounds memory on huge i
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Before torch or numba load OpenMP: idle OpenMP threads must not spin, or torch's pool and
+    # numba's starve each other (see cluster/pipeline.py).
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(name)s: %(message)s",

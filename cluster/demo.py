@@ -23,6 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--stages", type=int, default=2)
     ap.add_argument("--grpc-port", type=int, default=int(os.environ.get("JAMBA_GRPC_PORT", 9000)))
     args = ap.parse_args(argv)
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP; see cluster/pipeline.py
     logging.basicConfig(level=logging.WARNING)
 
     import ray

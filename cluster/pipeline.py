@@ -35,6 +35,11 @@ from .scheduler import FinishEvent, Scheduler, TokenEvent
 
 log = logging.getLogger(__name__)
 
+# torch and numba each keep an OpenMP thread pool, and by default idle OpenMP threads spin. A stage
+# runs both back to back on one or two cores, so one pool's spinning threads starve the other:
+# measured here, a 4-layer decode step took 177 ms with spinning and 28 ms without.
+STAGE_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
+
 
 @dataclass
 class PipelineConfig:
@@ -116,6 +121,7 @@ class Pipeline:
             for i, (s, e) in enumerate(splits):
                 opts = dict(num_cpus=cpus, num_gpus=cfg.gpus_per_stage, max_concurrency=1,
                             max_restarts=cfg.max_restarts, max_task_retries=0,
+                            runtime_env={"env_vars": dict(STAGE_ENV)},
                             scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i + offset),
                             **cfg.actor_options)
                 device = "cuda" if cfg.gpus_per_stage else "cpu"

@@ -276,7 +276,7 @@ class Scheduler:
             self.error = e
             self._fail_all(e)
 
-    async def _recover(self, cause: Exception) -> None:
+    async def _recover(self, cause: Exception, detected_at: float) -> None:
         t0 = time.perf_counter()
         while self.in_flight:  # let the other in-flight microbatches succeed or fail
             await asyncio.sleep(0.005)
@@ -299,7 +299,7 @@ class Scheduler:
         self.to_alloc = slots
         self.recoveries.append({"cause": type(cause).__name__, "reload_seconds": t1 - t0,
                                 "replayed_requests": len(live), "replayed_tokens": sum(len(r.tokens) for r in live),
-                                "at": time.time()})
+                                "detected_at": detected_at, "recovered_at": time.time()})
         log.warning("pipeline recovered in %.1fs; replaying %d request(s)", t1 - t0, len(live))
         self.recovering = False
         self.wakeup.set()
@@ -359,7 +359,7 @@ class Scheduler:
             elif not self.recovering:
                 log.warning("microbatch failed (%s); recovering the pipeline", type(e).__name__)
                 self.recovering = True
-                asyncio.get_running_loop().create_task(self._recover(e))
+                asyncio.get_running_loop().create_task(self._recover(e, time.time()))
             return
         self.in_flight -= 1
         for (r, n), res in zip(rows, answer):
