@@ -31,8 +31,11 @@ and row number and drops rows already committed) and fans batches out with `map_
 actor pool of --pipelines actors. Each pool actor asks for no CPU itself and drives one pipeline
 (cluster/pipeline.py): --stages stage actors in their own placement group, which hold the CPUs.
 The pool actor runs each batch (cluster/cli.py's `run_chunk`, the same parsing and validation as
-`jamba score`) and commits it itself; only a one-row summary per batch goes back to the driver,
-which logs progress (rows/s, tokens/s, ETA).
+`jamba score`) and commits it itself; only a one-row summary per batch goes back to the driver
+(and to a 0-CPU progress actor, from which the driver logs rows/s, tokens/s and the ETA every
+--progress-interval seconds). If the pipeline refuses a request that the row checks let through,
+the batch is rerun row by row and only that row goes to errors/; if the pipeline itself fails, the
+job fails, and a rerun resumes it.
 
 Exactly once, and resume:
 - A batch's result is committed as one part file per directory, named by a hash of the
@@ -49,9 +52,10 @@ Exactly once, and resume:
   been reaped do not commit into a rerun. As a last guard, the job checks at the end that no row
   is committed twice (rewriting a part without such rows if one ever is) and that every input row
   is committed, then writes _SUMMARY.json.
+- Rows are made durable by the rename (and an fsync on local disks); killing the job at any point
+  loses at most the batches in flight.
 - One job at a time per output directory. On a cluster of several nodes the output directory
-  (and the model directory) must be shared storage: every pool actor writes its own parts. Rows are made durable by the rename (and an fsync on
-  local disks); killing the job at any point loses at most the batches in flight.
+  (and the model directory) must be shared storage: every pool actor writes its own parts.
 
 CPUs: stage actors take `--cpus-per-stage` CPUs each; the job leaves `--reserve-cpus` CPUs (default
 0.5 on clusters of up to 4 CPUs, 1 above) to Ray Data's read tasks, and tells Ray Data to stay
@@ -655,7 +659,9 @@ class ProgressSink:
 
 def progress_line(task: str, total: int | None, p: ProgressSink, wall0: float) -> str:
     # rates since the first pipeline was ready, so that start-up does not skew the ETA
-    dt = max(time.time() - (p.ready_at or wall0), 1e-9)
+    if p.ready_at is None:
+        return f"{task}: starting the pipelines ({time.time() - wall0:.0f}s)"
+    dt = max(time.time() - p.ready_at, 1e-9)
     rps, tps = p.rows / dt, p.tokens / dt
     s = f"{task}: {p.rows}"
     tail = ""
@@ -691,11 +697,8 @@ def _reporting(task: str, total: int | None, interval: float, sink, wall0: float
         t.join(timeout=5)
 
 
-def run_job(cfg: BatchConfig) -> dict:
-    """Run (or resume) a batch job on the connected Ray cluster; returns the summary."""
-    import ray
-    from ray.data import ActorPoolStrategy
-
+def preflight(cfg: BatchConfig) -> tuple[str, pafs.FileSystem, dict[str, list[str]]]:
+    """Check what can be checked before touching Ray: the task, the model, the inputs."""
     from stages.config import JambaConfig
 
     from .cli import _check_head
@@ -704,16 +707,24 @@ def run_job(cfg: BatchConfig) -> dict:
         raise ValueError(f"task must be one of {', '.join(TASKS)}, not {cfg.task!r}")
     if cfg.batch_size < 1 or cfg.calls_per_actor < 1:
         raise ValueError("--batch-size and --calls-per-actor must be at least 1")
-    started = time.time()
-    t0 = time.perf_counter()
     mfs, mpath = filesystem(cfg.model)
     if not _is_local(mfs):
         raise ValueError("--model must be a directory that every node can read (a local or shared path)")
     if not os.path.isfile(os.path.join(mpath, "config.json")):
         raise FileNotFoundError(f"{cfg.model} is not a model directory (no config.json)")
-    config = JambaConfig.from_file(mpath)
-    _check_head(cfg.task, config, mpath)
+    _check_head(cfg.task, JambaConfig.from_file(mpath), mpath)
     in_fs, groups = resolve_inputs(cfg.inputs, cfg.input_format)
+    return mpath, in_fs, groups
+
+
+def run_job(cfg: BatchConfig) -> dict:
+    """Run (or resume) a batch job on the connected Ray cluster; returns the summary."""
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    started = time.time()
+    t0 = time.perf_counter()
+    mpath, in_fs, groups = preflight(cfg)
 
     cluster_cpus = ray.cluster_resources().get("CPU", 0)
     cps, reserve = plan_cpus(cluster_cpus, cfg.pipelines, cfg.stages, cfg.threads_per_stage, cfg.cpus_per_stage,
@@ -890,6 +901,7 @@ def run_batch(args) -> int:
     import ray
 
     cfg = config_from_args(args)
+    preflight(cfg)  # a wrong path fails here, before a cluster is started or joined
     own = not ray.is_initialized()
     if own:
         if args.address or os.environ.get("RAY_ADDRESS"):
@@ -905,6 +917,7 @@ def run_batch(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP; see cluster/pipeline.py
     p = argparse.ArgumentParser(prog="python -m cluster.batch", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging and Ray Data's progress bars")

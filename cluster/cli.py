@@ -80,9 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     from client.cli import add_client_parser
 
+    from .batch import add_batch_parser
     from .plan import add_plan_parser
     from .service_cli import add_serve_parser
 
+    add_batch_parser(sub)
     add_plan_parser(sub)
     add_serve_parser(sub)
     add_client_parser(sub)
