@@ -182,7 +182,7 @@ def run_rows(args) -> int:
     t0, n_rows, n_errors = time.perf_counter(), 0, 0
     with connect(args) as client, _open_output(args.output) as out, \
             ThreadPoolExecutor(max_workers=args.concurrency) as pool:
-        for chunk in _chunks(_read_lines(args.input), CHUNK_ROWS):
+        for chunk in chunks(read_lines(args.input), CHUNK_ROWS):
             try:
                 results = _run_chunk(client, pool, args.task, chunk, args.batch_size)
             except JambaError as e:
@@ -242,7 +242,7 @@ def run_stream(args) -> int:
     name = _check_input(args.input)
     n_rows = n_errors = 0
     with connect(args) as client, _open_output(args.output) as out:
-        for lineno, line in _read_lines(args.input):
+        for lineno, line in read_lines(args.input):
             n_rows += 1
             try:
                 job = parse_row(lineno, line, "generate")
@@ -364,7 +364,9 @@ def _write(out, name: str, lineno: int, res: dict[str, Any], error: str | None) 
     return 0 if error is None else 1
 
 
-def _read_lines(path: str) -> Iterator[tuple[int, str]]:
+def read_lines(path: str) -> Iterator[tuple[int, str]]:
+    """(line number, line) for each non-blank line of a JSON Lines file ('-' = stdin); bytes that
+    are not UTF-8 survive as surrogates, so the row reports them instead of the read failing."""
     f = sys.stdin if path == "-" else open(path, encoding="utf-8", errors="surrogateescape")
     try:
         for i, line in enumerate(f, 1):
@@ -375,7 +377,8 @@ def _read_lines(path: str) -> Iterator[tuple[int, str]]:
             f.close()
 
 
-def _chunks(it, n: int):
+def chunks(it, n: int):
+    """Lists of up to n items from an iterator."""
     chunk = []
     for x in it:
         chunk.append(x)

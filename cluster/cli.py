@@ -20,7 +20,9 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
+
+from client.cli import chunks, read_lines
 
 log = logging.getLogger("jamba")
 
@@ -167,7 +169,7 @@ def process_file(runner, task: str, input_path: str, output_path: str, name: str
     t0, rows_done, errors, tokens = time.perf_counter(), 0, 0, 0
     out = sys.stdout if output_path == "-" else open(output_path, "w")
     try:
-        for chunk in _chunks(_read_lines(input_path), CHUNK_ROWS):
+        for chunk in chunks(read_lines(input_path), CHUNK_ROWS):
             results, n_tok = run_chunk(runner, task, chunk)
             tokens += n_tok
             for (lineno, _), res in zip(chunk, results):
@@ -184,28 +186,6 @@ def process_file(runner, task: str, input_path: str, output_path: str, name: str
     dt = time.perf_counter() - t0
     log.info("%s: %d rows, %d failed, %d tokens in %.2fs (%.0f tokens/s)", task, rows_done, errors, tokens, dt, tokens / dt if dt else 0)
     return 1 if errors else 0
-
-
-def _read_lines(path: str) -> Iterator[tuple[int, str]]:
-    f = sys.stdin if path == "-" else open(path, encoding="utf-8", errors="surrogateescape")
-    try:
-        for i, line in enumerate(f, 1):
-            if line.strip():
-                yield i, line
-    finally:
-        if f is not sys.stdin:
-            f.close()
-
-
-def _chunks(it, n: int):
-    chunk = []
-    for x in it:
-        chunk.append(x)
-        if len(chunk) == n:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
 
 
 def run_chunk(runner, task: str, chunk: list[tuple[int, str]]) -> tuple[list[dict[str, Any]], int]:
