@@ -54,6 +54,10 @@ async def run(model: Path, streams: int, victim: int, new_tokens: int, kill: boo
             killed_at = time.time()
             os.kill(pipe.stage_info[victim]["pid"], signal.SIGKILL)
         await asyncio.gather(*tasks)
+        for _ in range(100):  # the last frees ride on one more (empty) microbatch
+            if not pipe.scheduler.in_flight and not pipe.scheduler.to_free:
+                break
+            await asyncio.sleep(0.05)
         stats = pipe.scheduler.stats()
         infos = await pipe.stage_stats()
         rec = pipe.scheduler.recoveries[0] if pipe.scheduler.recoveries else None
