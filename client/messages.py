@@ -199,7 +199,8 @@ def _describe(x: Any) -> str:
 # ---- sampling parameters ----------------------------------------------------------------------
 def sampling_params(*, max_new_tokens: int | None = None, temperature: float | None = None, top_k: int | None = None,
                     top_p: float | None = None, seed: int | None = None, stop: str | Sequence[str] | None = None,
-                    stop_token_ids: Sequence[int] | None = None, logprobs: bool = False) -> pb.SamplingParams:
+                    stop_token_ids: Sequence[int] | None = None, logprobs: bool = False,
+                    ignore_eos: bool = False) -> pb.SamplingParams:
     """The SamplingParams proto; only the fields given are set, so the server's defaults apply to
     the rest (max_new_tokens 16, greedy, no top-k/top-p, unseeded). `stop` may be one string."""
     p = pb.SamplingParams()
@@ -227,6 +228,9 @@ def sampling_params(*, max_new_tokens: int | None = None, temperature: float | N
     if not isinstance(logprobs, bool):
         raise TypeError("logprobs must be true or false")
     p.logprobs = logprobs
+    if not isinstance(ignore_eos, bool):
+        raise TypeError("ignore_eos must be true or false")
+    p.ignore_eos = ignore_eos
     return p
 
 

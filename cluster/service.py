@@ -94,7 +94,7 @@ def sampling_params(p: pb.SamplingParams, vocab_size: int) -> SamplingParams:
         top_k=p.top_k if p.HasField("top_k") else 0,
         top_p=p.top_p if p.HasField("top_p") else 1.0,
         seed=p.seed if p.HasField("seed") else None,
-        stop=list(p.stop), stop_token_ids=list(p.stop_token_ids), logprobs=p.logprobs,
+        stop=list(p.stop), stop_token_ids=list(p.stop_token_ids), logprobs=p.logprobs, ignore_eos=p.ignore_eos,
     )
     try:
         params.validate(vocab_size)

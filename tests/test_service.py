@@ -168,7 +168,7 @@ def test_cancelled_stream_frees_slots(service):
     # between its proxy and the replica; the scheduler then still drops the request at its deadline.
     with JambaClient(service, application="lm", timeout=60) as c:
         for _ in range(3):
-            stream = c.generate_stream("cancel me", max_new_tokens=2000)
+            stream = c.generate_stream("cancel me", max_new_tokens=2000, ignore_eos=True)
             next(iter(stream))
             stream.close()
     s = _wait_until_idle("lm")
@@ -179,7 +179,7 @@ def test_cancelled_stream_frees_slots(service):
 def test_deadline_exceeded_frees_slots(service):
     with JambaClient(service, application="lm") as c:
         with pytest.raises(JambaError) as e:
-            c.generate(["too slow"], max_new_tokens=1500, timeout=1.0)
+            c.generate(["too slow"], max_new_tokens=3000, ignore_eos=True, timeout=1.0)
         assert e.value.code_name == "DEADLINE_EXCEEDED"
     s = _wait_until_idle("lm")
     assert s["scheduler"]["slots_in_use"] == 0 and [st["used_slots"] for st in s["stages"]] == [0, 0]
@@ -188,7 +188,7 @@ def test_deadline_exceeded_frees_slots(service):
 def test_queue_full_is_resource_exhausted(service):
     """'tiny' has 1 slot and a queue of 1: a third concurrent request is refused."""
     with JambaClient(service, application="tiny", retry=None) as c:
-        streams = [c.generate_stream("hold the slot", max_new_tokens=3000) for _ in range(2)]
+        streams = [c.generate_stream("hold the slot", max_new_tokens=3000, ignore_eos=True) for _ in range(2)]
         next(iter(streams[0]))
         deadline = time.time() + 30
         while _stats("tiny")["scheduler"]["waiting"] < 1 and time.time() < deadline:
