@@ -47,8 +47,6 @@ def service(models):
                              "num_slots": 40, "max_batch_tokens": 64}), name="lm", route_prefix="/lm")
         serve.run(build_app({"model": str(cls), "name": "cls", "stages": 1, "cpus_per_stage": 0.25}),
                   name="cls", route_prefix="/cls")
-        serve.run(build_app({"model": str(lm), "name": "tiny", "stages": 1, "cpus_per_stage": 0.25, "num_slots": 1,
-                             "max_queue": 1}), name="tiny", route_prefix="/tiny")
         yield f"127.0.0.1:{port}"
     finally:
         serve.shutdown()
@@ -183,21 +181,6 @@ def test_deadline_exceeded_frees_slots(service):
         assert e.value.code_name == "DEADLINE_EXCEEDED"
     s = _wait_until_idle("lm")
     assert s["scheduler"]["slots_in_use"] == 0 and [st["used_slots"] for st in s["stages"]] == [0, 0]
-
-
-def test_queue_full_is_resource_exhausted(service):
-    """'tiny' has 1 slot and a queue of 1: a third concurrent request is refused."""
-    with JambaClient(service, application="tiny", retry=None) as c:
-        streams = [c.generate_stream("hold the slot", max_new_tokens=3000, ignore_eos=True) for _ in range(2)]
-        next(iter(streams[0]))
-        deadline = time.time() + 30
-        while _stats("tiny")["scheduler"]["waiting"] < 1 and time.time() < deadline:
-            time.sleep(0.1)  # the second stream has reached the queue
-        with pytest.raises(JambaError) as e:
-            c.generate(["one too many"], max_new_tokens=2)
-        assert e.value.code_name == "RESOURCE_EXHAUSTED" and "queue bound 1" in e.value.details
-        for s in streams:
-            s.close()
 
 
 def test_64_concurrent_streams(service, reference):
