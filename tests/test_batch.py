@@ -19,12 +19,10 @@ from types import SimpleNamespace
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import ray
 
 from cluster.batch import (BatchConfig, BatchWorker, _rows_table, add_batch_parser, config_from_args, filesystem, plan_cpus,
                            resolve_inputs, run_job)
 from cluster.cli import run_chunk
-from stages.demo import make_demo_model
 from stages.loading import load_stage
 from stages.runner import LocalRunner
 from stages.tokenizer import Tokenizer
@@ -34,19 +32,6 @@ ROOT = Path(__file__).resolve().parents[1]
 WORDS = "the cat sat on a warm mat while rain fell over quiet hills and far rivers".split()
 
 
-@pytest.fixture(scope="module")
-def ray_cluster():
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    try:
-        yield ray.get_runtime_context().gcs_address
-    finally:
-        ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("models")
-    return make_demo_model(root / "lm"), make_demo_model(root / "cls", task="classification")
 
 
 @pytest.fixture(scope="module")

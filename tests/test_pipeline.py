@@ -5,31 +5,16 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-import ray
 import torch
 
 from cluster.pipeline import PipelineConfig, SyncPipeline
 from cluster.scheduler import FinishEvent, QueueFullError
-from stages.demo import make_demo_model
 from stages.loading import load_stage
 from stages.runner import LocalRunner
 from stages.sampling import SamplingParams
 from stages.tokenizer import Tokenizer
 
 
-@pytest.fixture(scope="module")
-def ray_cluster():
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
-    try:
-        yield
-    finally:
-        ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("models")
-    return make_demo_model(root / "lm"), make_demo_model(root / "cls", task="classification")
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ import os
 import signal
 
 import pytest
-import ray
 
 from cluster.pipeline import Pipeline, PipelineConfig
 from cluster.scheduler import FinishEvent
@@ -18,14 +17,6 @@ from stages.runner import LocalRunner
 from stages.sampling import SamplingParams
 from stages.tokenizer import Tokenizer
 
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
-    try:
-        yield
-    finally:
-        ray.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,6 @@ from ray import serve
 
 from client import AsyncJambaClient, JambaClient, JambaError
 from cluster.service import build_app, grpc_options, limit_message_size
-from stages.demo import make_demo_model
 from stages.loading import load_stage
 from stages.runner import LocalRunner
 from stages.sampling import SamplingParams
@@ -28,11 +27,6 @@ def _free_port() -> int:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("models")
-    return make_demo_model(root / "lm"), make_demo_model(root / "cls", task="classification")
 
 
 @pytest.fixture(scope="module")
