@@ -23,8 +23,9 @@ Errors: a malformed row is reported on stderr as `FILE:LINE: what is wrong` and 
 is `{"line": N, "error": "..."}`; so is a row the server rejects (INVALID_ARGUMENT: a token id
 out of range, a prompt longer than the context, ... -- a rejected batch is retried row by row to
 find the culprit) or one that runs past --timeout (DEADLINE_EXCEEDED). The other rows are
-still processed and the exit status is 1. Any other failed RPC (UNAVAILABLE after retries,
-FAILED_PRECONDITION, RESOURCE_EXHAUSTED, ...) concerns the server, not the row: it is printed
+still processed and the exit status is 1. A server whose queue is full (RESOURCE_EXHAUSTED) is
+waited out for up to --wait-when-busy seconds. Any other failed RPC (UNAVAILABLE after retries,
+FAILED_PRECONDITION, RESOURCE_EXHAUSTED past that wait, ...) concerns the server, not the row: it is printed
 as `jamba client: CODE: message` and the command stops with exit status 2.
 """
 
@@ -109,6 +110,9 @@ def _add_connection_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("--address", required=True, help="server HOST:PORT (Ray Serve's gRPC port)")
     s.add_argument("--application", help="Serve application to call (the `application` metadata key)")
     s.add_argument("--timeout", type=float, default=None, help="deadline of each RPC in seconds (default: none)")
+    s.add_argument("--wait-when-busy", type=float, default=300.0, metavar="SECONDS",
+                   help="how long an RPC refused with RESOURCE_EXHAUSTED (queue full) is retried, pausing as the "
+                        "server hints (default 300; 0: fail at once)")
     g = s.add_argument_group("TLS", "any certificate option implies --tls")
     g.add_argument("--tls", action="store_true", help="connect with TLS (default: plaintext)")
     g.add_argument("--ca-cert", help="PEM file of the CA that signed the server's certificate (default: system's)")
@@ -142,7 +146,7 @@ def connect(args) -> JambaClient:
     if (args.client_cert is None) != (args.client_key is None):
         raise ValueError("--client-cert and --client-key go together")
     return JambaClient(args.address, application=args.application, timeout=args.timeout,
-                       tls=args.tls or any(c is not None for c in certs), root_certificates=args.ca_cert,
+                       wait_when_busy=args.wait_when_busy, tls=args.tls or any(c is not None for c in certs), root_certificates=args.ca_cert,
                        certificate_chain=args.client_cert, private_key=args.client_key,
                        tls_server_name=args.tls_server_name)
 

@@ -10,10 +10,14 @@
 
 Both clients take the same options and have the same methods; every failed RPC raises
 `JambaError` (code + message). Transport concerns live in the channel, not in the methods:
-- retries: gRPC's own retry policy, set in the channel's service config. By default an RPC that
-  ends with UNAVAILABLE before any response arrived is retried (4 attempts in all, exponential
-  backoff). Generation has no side effects, so retrying is safe; a stream is never retried once
-  its first message has arrived (gRPC commits the call at that point).
+- retries: gRPC's own retry policy, set in the channel's service config, retries an RPC that
+  fails with UNAVAILABLE before the server answered at all (the proxy is down or restarting; 4
+  attempts in all, exponential backoff). Generation has no side effects, so retrying is safe.
+  gRPC commits a call once response headers arrive, and Ray Serve's proxy sends headers before
+  any status it reports itself, so errors from the service are never retried by gRPC.
+- backpressure: a full server answers RESOURCE_EXHAUSTED with a retry hint
+  (`JambaError.retry_after`); `wait_when_busy=S` makes unary calls wait out such refusals for
+  up to S seconds, pausing as hinted.
 - deadlines: `timeout` seconds per call (client default, overridable per call). For a stream the
   deadline covers the whole stream.
 - routing: `application` is sent as the `application` metadata key, which Ray Serve uses to pick
@@ -22,6 +26,7 @@ Both clients take the same options and have the same methods; every failed RPC r
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
@@ -55,8 +60,9 @@ class RetryPolicy:
 
     Backoff before attempt n+1 is random in [0, min(initial_backoff * multiplier**(n-1),
     max_backoff)] seconds. gRPC caps max_attempts at 5, so larger values are refused here rather
-    than silently lowered. RESOURCE_EXHAUSTED (the server's queue is full) is not retried by
-    default; add it to retryable_codes to wait out a busy server.
+    than silently lowered. gRPC only retries a call that failed before response headers came
+    back, which in practice means the connection or the proxy failed; to wait out a busy server
+    (RESOURCE_EXHAUSTED), use the client's wait_when_busy instead.
     """
 
     max_attempts: int = 4
@@ -133,11 +139,14 @@ class _Settings:
     def __init__(self, address: str, application: str | None, metadata: Metadata | None, timeout: float | None,
                  tls: bool, root_certificates: PemSource | None, private_key: PemSource | None,
                  certificate_chain: PemSource | None, tls_server_name: str | None, retry: RetryPolicy | None,
-                 max_message_bytes: int) -> None:
+                 max_message_bytes: int, wait_when_busy: float = 0.0) -> None:
+        if wait_when_busy < 0:
+            raise ValueError(f"wait_when_busy must be >= 0 seconds, got {wait_when_busy}")
         if not tls and (root_certificates or private_key or certificate_chain or tls_server_name):
             raise ValueError("root_certificates, private_key, certificate_chain and tls_server_name need tls=True")
         self.address = address
         self.timeout = timeout
+        self.wait_when_busy = wait_when_busy
         self.metadata = (("application", application),) if application else ()
         self.metadata += _metadata_pairs(metadata)
         self.options = channel_options(retry, max_message_bytes, tls_server_name)
@@ -157,6 +166,13 @@ class _Settings:
             # deadline to the replica, whose scheduler drops a request once it has passed.
             extra = (("jamba-deadline", f"{time.time() + timeout:.3f}"),)
         return {"timeout": timeout, "metadata": self.metadata + _metadata_pairs(metadata) + extra}
+
+    def busy_pause(self, error: JambaError, give_up: float) -> float | None:
+        """How long to wait before retrying a call the server refused as busy (RESOURCE_EXHAUSTED
+        with a retry hint), or None to raise: not busy, no hint, or past wait_when_busy."""
+        if error.code != grpc.StatusCode.RESOURCE_EXHAUSTED or error.retry_after is None:
+            return None
+        return error.retry_after if time.monotonic() + error.retry_after <= give_up else None
 
 
 _NO_FINAL = "the stream ended without its final message"
@@ -305,6 +321,9 @@ class JambaClient:
         certificate_chain (mutual TLS) are PEM bytes or file paths. tls_server_name overrides
         the name the server's certificate is checked against.
     retry: RetryPolicy for the channel, or None for no retries.
+    wait_when_busy: seconds a unary call may spend waiting out a busy server: a call refused with
+        RESOURCE_EXHAUSTED and a retry hint is sent again after the hinted pause, until this
+        budget is spent (default 0: raise at once). Each attempt has its own deadline.
     max_message_bytes: largest message sent or received.
     """
 
@@ -312,17 +331,23 @@ class JambaClient:
                  timeout: float | None = None, tls: bool = False, root_certificates: PemSource | None = None,
                  private_key: PemSource | None = None, certificate_chain: PemSource | None = None,
                  tls_server_name: str | None = None, retry: RetryPolicy | None = RetryPolicy(),
-                 max_message_bytes: int = MAX_MESSAGE_BYTES) -> None:
+                 wait_when_busy: float = 0.0, max_message_bytes: int = MAX_MESSAGE_BYTES) -> None:
         self._settings = _Settings(address, application, metadata, timeout, tls, root_certificates, private_key,
-                                   certificate_chain, tls_server_name, retry, max_message_bytes)
+                                   certificate_chain, tls_server_name, retry, max_message_bytes, wait_when_busy)
         self._channel = self._settings.channel(grpc)
         self._stub = pb_grpc.JambaServiceStub(self._channel)
 
     def _call(self, method, request, timeout: float | None, metadata: Metadata | None):
-        try:
-            return method(request, **self._settings.call_kwargs(timeout, metadata))
-        except grpc.RpcError as e:
-            raise JambaError.from_rpc_error(e) from e
+        give_up = time.monotonic() + self._settings.wait_when_busy
+        while True:
+            try:
+                return method(request, **self._settings.call_kwargs(timeout, metadata))
+            except grpc.RpcError as e:
+                error = JambaError.from_rpc_error(e)
+                pause = self._settings.busy_pause(error, give_up)
+                if pause is None:
+                    raise error from e
+            time.sleep(pause)
 
     def generate(self, prompts: Sequence[PromptLike], *, timeout: float | None = None,
                  metadata: Metadata | None = None, **params) -> list[Completion]:
@@ -382,17 +407,23 @@ class AsyncJambaClient:
                  timeout: float | None = None, tls: bool = False, root_certificates: PemSource | None = None,
                  private_key: PemSource | None = None, certificate_chain: PemSource | None = None,
                  tls_server_name: str | None = None, retry: RetryPolicy | None = RetryPolicy(),
-                 max_message_bytes: int = MAX_MESSAGE_BYTES) -> None:
+                 wait_when_busy: float = 0.0, max_message_bytes: int = MAX_MESSAGE_BYTES) -> None:
         self._settings = _Settings(address, application, metadata, timeout, tls, root_certificates, private_key,
-                                   certificate_chain, tls_server_name, retry, max_message_bytes)
+                                   certificate_chain, tls_server_name, retry, max_message_bytes, wait_when_busy)
         self._channel = self._settings.channel(grpc.aio)
         self._stub = pb_grpc.JambaServiceStub(self._channel)
 
     async def _call(self, method, request, timeout: float | None, metadata: Metadata | None):
-        try:
-            return await method(request, **self._settings.call_kwargs(timeout, metadata))
-        except grpc.RpcError as e:
-            raise JambaError.from_rpc_error(e) from e
+        give_up = time.monotonic() + self._settings.wait_when_busy
+        while True:
+            try:
+                return await method(request, **self._settings.call_kwargs(timeout, metadata))
+            except grpc.RpcError as e:
+                error = JambaError.from_rpc_error(e)
+                pause = self._settings.busy_pause(error, give_up)
+                if pause is None:
+                    raise error from e
+            await asyncio.sleep(pause)
 
     async def generate(self, prompts: Sequence[PromptLike], *, timeout: float | None = None,
                        metadata: Metadata | None = None, **params) -> list[Completion]:

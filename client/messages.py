@@ -10,6 +10,7 @@ the server knows the model: it answers INVALID_ARGUMENT with a message naming th
 from __future__ import annotations
 
 import numbers
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Union
@@ -23,6 +24,9 @@ PromptLike = Union[str, Sequence[int], Sequence[Mapping[str, str]], pb.Prompt]
 
 
 # ---- errors -----------------------------------------------------------------------------------
+_RETRY_AFTER = re.compile(r"retry after (\d+) ms")
+
+
 class JambaError(Exception):
     """A failed RPC: the gRPC status code and the server's message.
 
@@ -43,6 +47,13 @@ class JambaError(Exception):
 
     def __str__(self) -> str:
         return f"{self.code.name}: {self.details}"
+
+    @property
+    def retry_after(self) -> float | None:
+        """Seconds to wait before retrying, when the server said (RESOURCE_EXHAUSTED: its queue is
+        full; the details end with "retry after N ms"), else None."""
+        m = _RETRY_AFTER.search(self.details)
+        return int(m.group(1)) / 1000 if m else None
 
     @classmethod
     def from_rpc_error(cls, e: grpc.RpcError) -> "JambaError":

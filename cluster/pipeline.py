@@ -179,18 +179,27 @@ class Pipeline:
             remove_placement_group(self.pg)
 
 
-async def _wait_for_stages(actors) -> None:
-    """Return once every stage answers again (Ray restarts a dead actor, which reloads its layers)."""
+async def _wait_for_stages(actors, gone_after: float = 5.0) -> None:
+    """Return once every stage answers again. Ray restarts a dead stage actor (it reloads its
+    layers), and calls meanwhile fail with ActorUnavailableError. ActorDiedError means the actor
+    will not come back (its restarts are used up, or it was killed for good); it is trusted once
+    it has persisted for `gone_after` seconds, so the scheduler fails requests now rather than
+    at its recover timeout. A stage whose node is gone and whose placement group cannot be
+    placed again just stays unavailable: the scheduler's recover timeout ends that wait."""
     for i, a in enumerate(actors):
+        died_since = None
         while True:
             try:
                 info = await asyncio.wait_for(a.info.remote(), timeout=30)
                 log.info("stage %d is up (pid %s, %d steps since start)", i, info["pid"], info["steps"])
                 break
-            except (ray.exceptions.ActorUnavailableError, ray.exceptions.ActorDiedError,
-                    ray.exceptions.RayActorError, asyncio.TimeoutError):
-                # Restarting (or gone for good: then the scheduler's recover timeout ends the wait).
-                await asyncio.sleep(0.2)
+            except ray.exceptions.ActorDiedError as e:
+                died_since = died_since or time.monotonic()
+                if time.monotonic() - died_since >= gone_after:
+                    raise RuntimeError(f"stage {i} is gone for good: {str(e).splitlines()[0]}") from None
+            except (ray.exceptions.RayActorError, asyncio.TimeoutError):
+                died_since = None  # restarting
+            await asyncio.sleep(0.2)
 
 
 def _chain(actors) -> callable:

@@ -42,7 +42,12 @@ Send = Callable[[bytes, torch.Tensor], Awaitable[bytes]]
 
 
 class QueueFullError(RuntimeError):
-    """Every slot is taken and the waiting queue is at its bound."""
+    """Every slot is taken and the waiting queue is at its bound. `retry_after` (seconds) is the
+    scheduler's estimate of when a retry could be admitted."""
+
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class SchedulerClosedError(RuntimeError):
@@ -134,6 +139,7 @@ class Scheduler:
         self.closed = False
         self.error: BaseException | None = None
         self.microbatches = 0
+        self.finished_at: deque[float] = deque(maxlen=64)  # when recent requests finished: the drain rate
         self._task = asyncio.get_running_loop().create_task(self._loop())
 
     # ---- public API -----------------------------------------------------------------------
@@ -213,10 +219,20 @@ class Scheduler:
     def _enqueue(self, req: _Request) -> None:
         # Waiting requests that free slots will take at once do not count against the bound.
         if len(self.waiting) >= self.max_queue + len(self.free_slots):
+            wait = self.retry_after()
             raise QueueFullError(f"all {self.num_slots} slots are busy and {len(self.waiting)} requests are waiting "
-                                 f"(queue bound {self.max_queue}); retry later")
+                                 f"(queue bound {self.max_queue}); retry after {round(wait * 1000)} ms", wait)
         self.waiting.append(req)
         self.wakeup.set()
+
+    def retry_after(self) -> float:
+        """Seconds until one place in the queue frees up, at the rate requests have been finishing
+        lately (1 s when too few have finished to tell), within [0.1, 60]."""
+        now, done = time.time(), self.finished_at
+        if len(done) < 2 or now - done[0] <= 0:
+            return 1.0
+        rate = len(done) / (now - done[0])  # requests finished per second
+        return min(60.0, max(0.1, 1.0 / rate))
 
     async def _wait(self, req: _Request):
         self._enqueue(req)
@@ -246,6 +262,7 @@ class Scheduler:
     def _release(self, req: _Request) -> None:
         if req in self.active:
             self.active.remove(req)
+            self.finished_at.append(time.time())
         if req.slot >= 0:
             self.to_free.append(req.slot)
             self.free_slots.append(req.slot)
@@ -283,7 +300,10 @@ class Scheduler:
         try:
             await asyncio.wait_for(self.recover(), timeout=self.recover_timeout)
         except Exception as e:
-            self.error = SchedulerClosedError(f"a pipeline stage failed ({cause}) and could not be brought back: {e}")
+            why = (f"it was not back within {self.recover_timeout:g}s (no resources to restart it?)"
+                   if isinstance(e, asyncio.TimeoutError) else str(e))
+            self.error = SchedulerClosedError(f"a pipeline stage failed ({type(cause).__name__}) and could not be "
+                                              f"brought back: {why}")
             log.error("%s", self.error)
             self._fail_all(self.error)
             return

@@ -5,8 +5,10 @@ the scheduler knows nothing of gRPC. Each replica places its stages in the repli
 placement group (bundle 0 is the replica, bundles 1..P the stages), so R replicas are R
 independent pipelines (data parallel) that Serve load-balances and can autoscale.
 
-Status codes: INVALID_ARGUMENT (the message names the field), RESOURCE_EXHAUSTED (queue full),
-FAILED_PRECONDITION (the loaded head cannot serve the RPC), UNAVAILABLE (pipeline down).
+Status codes: INVALID_ARGUMENT (the message names the field), RESOURCE_EXHAUSTED (queue full; the
+message ends with "retry after N ms"), FAILED_PRECONDITION (the loaded head cannot serve the RPC),
+UNAVAILABLE (a stage died and could not be brought back; the replica then fails Serve's health
+check, and Serve replaces it with a fresh one).
 A cancelled or expired call is cancelled in the replica, which aborts the request and frees its
 slots on every stage.
 
@@ -161,11 +163,13 @@ class JambaService:
     async def __init__(self, model: str, stages: int = 1, layer_split: str | None = None, num_slots: int = 32,
                        max_batch_tokens: int = 512, max_queue: int = 1024, threads_per_stage: int = 1,
                        gpus_per_stage: float = 0, cpus_per_stage: float | None = None, max_seq_len: int | None = None,
-                       name: str | None = None, own_placement_group: bool = False) -> None:
+                       name: str | None = None, own_placement_group: bool = False, max_restarts: int = 3,
+                       recover_timeout_s: float = 120.0) -> None:
         cfg = PipelineConfig(
             model, num_stages=stages, layer_split=layer_split, num_slots=num_slots, max_batch_tokens=max_batch_tokens,
             max_queue=max_queue, threads_per_stage=threads_per_stage, gpus_per_stage=gpus_per_stage,
             cpus_per_stage=cpus_per_stage, max_seq_len=max_seq_len, use_current_placement_group=not own_placement_group,
+            max_restarts=max_restarts, recover_timeout_s=recover_timeout_s,
         )
         self.pipe = await Pipeline.start(cfg)
         self.config, self.tokenizer = self.pipe.config, self.pipe.tokenizer
@@ -352,8 +356,10 @@ def build_app(args: dict[str, Any]):
     """Serve application builder (`import_path: cluster.service:build_app` in a Serve config).
 
     args: model (required), stages, layer_split, num_slots, max_batch_tokens, max_queue,
-    threads_per_stage, gpus_per_stage, max_seq_len, name, replicas, placement_strategy,
-    autoscaling_config (a Serve autoscaling config; replaces replicas).
+    threads_per_stage, gpus_per_stage, max_seq_len, name, max_restarts (of each stage actor),
+    recover_timeout_s, replicas, placement_strategy, autoscaling_config (a Serve autoscaling
+    config; replaces replicas), health_check_period_s and health_check_timeout_s (how soon Serve
+    notices a replica whose pipeline is down, and replaces it; Serve's defaults 10 s and 30 s).
     """
     args = dict(args)
     if "model" not in args:
@@ -372,6 +378,9 @@ def build_app(args: dict[str, Any]):
     stage_bundle = {"CPU": cpus, **({"GPU": gpus} if gpus else {})}
     options = dict(placement_group_bundles=[{"CPU": 0.1}] + [dict(stage_bundle) for _ in range(stages)],
                    placement_group_strategy=strategy)
+    for key in ("health_check_period_s", "health_check_timeout_s"):
+        if key in args:
+            options[key] = float(args.pop(key))
     if autoscaling:
         options["autoscaling_config"] = autoscaling
     else:

@@ -30,3 +30,46 @@ def models(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("models")
     return make_demo_model(root / "lm"), make_demo_model(root / "cls", task="classification")
+
+
+@pytest.fixture(scope="module")
+def pki():
+    """A CA, a server certificate for 127.0.0.1/localhost and a client certificate, all PEM."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+
+    def name(cn):
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+    def pem_key(key):
+        return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                 serialization.NoEncryption())
+
+    def cert(subject, key, issuer, issuer_key, ca=False, sans=(), usage=None):
+        b = (x509.CertificateBuilder().subject_name(name(subject)).issuer_name(name(issuer))
+             .public_key(key.public_key()).serial_number(x509.random_serial_number())
+             .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+             .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+        if sans:
+            b = b.add_extension(x509.SubjectAlternativeName(list(sans)), critical=False)
+        if usage:
+            b = b.add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        return b.sign(issuer_key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
+
+    ca_key, server_key, client_key = (ec.generate_private_key(ec.SECP256R1()) for _ in range(3))
+    return {
+        "ca": cert("test CA", ca_key, "test CA", ca_key, ca=True),
+        "server_cert": cert("server", server_key, "test CA", ca_key, sans=[
+            x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))],
+            usage=ExtendedKeyUsageOID.SERVER_AUTH),
+        "server_key": pem_key(server_key),
+        "client_cert": cert("client", client_key, "test CA", ca_key, usage=ExtendedKeyUsageOID.CLIENT_AUTH),
+        "client_key": pem_key(client_key),
+    }

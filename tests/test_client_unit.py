@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime
-import ipaddress
 import json
 import pickle
 import subprocess
@@ -136,6 +134,8 @@ def test_jamba_error():
     assert JambaError("UNAVAILABLE", "down").code is grpc.StatusCode.UNAVAILABLE
     again = pickle.loads(pickle.dumps(e))
     assert (again.code, again.details) == (e.code, e.details)
+    assert e.retry_after is None
+    assert JambaError("RESOURCE_EXHAUSTED", "queue bound 8); retry after 1250 ms").retry_after == 1.25
 
 
 def test_channel_options_carry_the_retry_policy():
@@ -174,6 +174,8 @@ class CannedService(pb_grpc.JambaServiceServicer):
         self.endless = False  # GenerateStream never finishes
         self.skip_final = False  # GenerateStream ends without its final message
         self.attempts = 0
+        self.busy_first = 0  # Generate answers RESOURCE_EXHAUSTED (queue full, with a retry hint) this often
+        self.attempt_times: list[float] = []
         self.batches: list[int] = []  # prompts per Generate call that got an answer
         self.metadata: list[dict[str, str]] = []
         self.stream_ended = threading.Event()  # set when a GenerateStream call terminates
@@ -181,7 +183,12 @@ class CannedService(pb_grpc.JambaServiceServicer):
 
     def Generate(self, request, context):
         self.attempts += 1
+        self.attempt_times.append(time.monotonic())
         self.metadata.append(dict(context.invocation_metadata()))
+        if self.busy_first > 0:
+            self.busy_first -= 1
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                          "all 2 slots are busy and 4 requests are waiting (queue bound 4); retry after 150 ms")
         if self.unavailable_first > 0:
             self.unavailable_first -= 1
             context.abort(grpc.StatusCode.UNAVAILABLE, "pipeline is restarting")
@@ -309,6 +316,36 @@ def test_no_retries_without_a_policy(service, address):
     assert service.attempts == 1
 
 
+def test_busy_server_is_waited_out_as_hinted(service, address):
+    service.busy_first = 2
+    with JambaClient(address, wait_when_busy=5) as c:
+        assert len(c.generate(["a"])) == 1
+    gaps = [b - a for a, b in zip(service.attempt_times, service.attempt_times[1:])]
+    assert service.attempts == 3 and all(g >= 0.15 for g in gaps)  # paused as the server said
+
+
+def test_busy_server_fails_without_wait_when_busy(service, address):
+    service.busy_first = 5
+    with JambaClient(address) as c, pytest.raises(JambaError) as e:
+        c.generate(["a"])
+    assert e.value.code_name == "RESOURCE_EXHAUSTED" and e.value.retry_after == 0.15 and service.attempts == 1
+    with JambaClient(address, wait_when_busy=0.2) as c, pytest.raises(JambaError, match="RESOURCE_EXHAUSTED"):
+        c.generate(["a"])  # the budget runs out after one pause
+    assert service.attempts == 3
+    with pytest.raises(ValueError, match="wait_when_busy"):
+        JambaClient(address, wait_when_busy=-1)
+
+
+def test_async_client_waits_out_a_busy_server(service, address):
+    service.busy_first = 1
+
+    async def run():
+        async with AsyncJambaClient(address, wait_when_busy=5) as c:
+            return await c.generate(["a"])
+
+    assert len(asyncio.run(run())) == 1 and service.attempts == 2
+
+
 def test_deadlines(service, address):
     service.hang = True
     with JambaClient(address, timeout=0.2) as c:
@@ -396,46 +433,6 @@ def test_async_client(service, address):
 
 
 # ---- TLS --------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def pki():
-    """A CA, a server certificate for 127.0.0.1/localhost and a client certificate, all PEM."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
-    now = datetime.datetime.now(datetime.timezone.utc)
-
-    def name(cn):
-        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-
-    def pem_key(key):
-        return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                 serialization.NoEncryption())
-
-    def cert(subject, key, issuer, issuer_key, ca=False, sans=(), usage=None):
-        b = (x509.CertificateBuilder().subject_name(name(subject)).issuer_name(name(issuer))
-             .public_key(key.public_key()).serial_number(x509.random_serial_number())
-             .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
-             .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
-        if sans:
-            b = b.add_extension(x509.SubjectAlternativeName(list(sans)), critical=False)
-        if usage:
-            b = b.add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
-        return b.sign(issuer_key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
-
-    ca_key, server_key, client_key = (ec.generate_private_key(ec.SECP256R1()) for _ in range(3))
-    return {
-        "ca": cert("test CA", ca_key, "test CA", ca_key, ca=True),
-        "server_cert": cert("server", server_key, "test CA", ca_key, sans=[
-            x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))],
-            usage=ExtendedKeyUsageOID.SERVER_AUTH),
-        "server_key": pem_key(server_key),
-        "client_cert": cert("client", client_key, "test CA", ca_key, usage=ExtendedKeyUsageOID.CLIENT_AUTH),
-        "client_key": pem_key(client_key),
-    }
-
-
 def test_tls(service, pki, tmp_path):
     creds = grpc.ssl_server_credentials([(pki["server_key"], pki["server_cert"])])
     with serve(service, creds) as addr:

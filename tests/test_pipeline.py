@@ -109,8 +109,9 @@ def test_streaming_slots_queue_and_abort(ray_cluster, models, reference):
         gens = [pipe.pipe.generate(prompt, SamplingParams(max_new_tokens=40, ignore_eos=True)) for _ in range(6)]
         firsts = [asyncio.ensure_future(g.__anext__()) for g in gens[:5]]
         await asyncio.sleep(0)
-        with pytest.raises(QueueFullError, match="queue bound 3"):
+        with pytest.raises(QueueFullError, match=r"queue bound 3\); retry after \d+ ms") as refused:
             await gens[5].__anext__()
+        assert 0.1 <= refused.value.retry_after <= 60
         await asyncio.sleep(0.2)
         stats = sched.stats()
         assert stats["slots_in_use"] == 2 and stats["waiting"] == 3

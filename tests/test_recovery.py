@@ -10,13 +10,13 @@ import signal
 import pytest
 
 from cluster.pipeline import Pipeline, PipelineConfig
-from cluster.scheduler import FinishEvent
 from stages.demo import make_demo_model
 from stages.loading import load_stage
 from stages.runner import LocalRunner
 from stages.sampling import SamplingParams
 from stages.tokenizer import Tokenizer
 
+from .streams import settle, streams_through_a_fault
 
 
 @pytest.fixture(scope="module")
@@ -40,29 +40,12 @@ def test_killed_stage_recovers_with_identical_streams(ray_cluster, model, victim
         pipe = await Pipeline.start(PipelineConfig(str(model), num_stages=2, layer_split="4,4", cpus_per_stage=0.25,
                                                    max_batch_tokens=64))
         try:
-            tokens = [[] for _ in prompts]
-            finals = [None] * len(prompts)
-
-            async def stream(i):
-                async for ev in pipe.generate(prompts[i], _params(i)):
-                    if isinstance(ev, FinishEvent):
-                        finals[i] = ev
-                    else:
-                        tokens[i].append(ev.token_id)
-
-            tasks = [asyncio.ensure_future(stream(i)) for i in range(len(prompts))]
-            while sum(map(len, tokens)) < 16 * 8:  # every stream is live and well on its way
-                await asyncio.sleep(0.01)
             pid = pipe.stage_info[victim]["pid"]
-            os.kill(pid, signal.SIGKILL)
-            await asyncio.wait_for(asyncio.gather(*tasks), timeout=180)
-            for _ in range(100):  # the last frees ride on one more (empty) microbatch
-                if not pipe.scheduler.in_flight and not pipe.scheduler.to_free:
-                    break
-                await asyncio.sleep(0.05)
-            stats = pipe.scheduler.stats()
-            infos = await pipe.stage_stats()
-            return tokens, finals, stats, infos, pid
+            tokens, finals = await streams_through_a_fault(
+                pipe, prompts, [_params(i) for i in range(16)], lambda: os.kill(pid, signal.SIGKILL),
+                tokens_before=16 * 8)  # every stream is live and well on its way
+            await settle(pipe)
+            return tokens, finals, pipe.scheduler.stats(), await pipe.stage_stats(), pid
         finally:
             await pipe.close()
 
@@ -70,5 +53,6 @@ def test_killed_stage_recovers_with_identical_streams(ray_cluster, model, victim
     assert stats["recoveries"] == 1
     assert infos[victim]["pid"] != pid  # a new process took the stage over
     for i, (got, fin, w) in enumerate(zip(tokens, finals, want)):
+        assert not isinstance(fin, BaseException), fin
         assert got == fin.output_ids == w.output_ids, i  # no token lost, repeated or changed
     assert stats["slots_in_use"] == 0 and [i["used_slots"] for i in infos] == [0, 0]

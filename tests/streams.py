@@ -1,0 +1,42 @@
+"""Fault injection under live streams, shared by the recovery tests: start one stream per prompt
+on a pipeline, inject a fault once every stream is well on its way, and collect what each
+stream saw."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Callable
+
+from cluster.pipeline import Pipeline
+from cluster.scheduler import FinishEvent
+from stages.sampling import SamplingParams
+
+
+async def streams_through_a_fault(pipe: Pipeline, prompts: list[list[int]], params: list[SamplingParams],
+                                  fault: Callable[[], None], tokens_before: int, timeout: float = 180):
+    """Returns (tokens, outcomes): the token ids each stream received, and per stream its
+    FinishEvent or the exception that ended it. `fault()` runs once the streams have received
+    `tokens_before` tokens in all."""
+    tokens: list[list[int]] = [[] for _ in prompts]
+
+    async def stream(i):
+        async for ev in pipe.generate(prompts[i], params[i]):
+            if isinstance(ev, FinishEvent):
+                return ev
+            tokens[i].append(ev.token_id)
+        raise AssertionError("the stream ended without a FinishEvent")
+
+    tasks = [asyncio.ensure_future(stream(i)) for i in range(len(prompts))]
+    while sum(map(len, tokens)) < tokens_before:
+        await asyncio.sleep(0.01)
+    fault()
+    outcomes = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), timeout=timeout)
+    return tokens, outcomes
+
+
+async def settle(pipe: Pipeline, timeout: float = 5) -> None:
+    """Wait for the last frees, which ride on one more (empty) microbatch."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while (pipe.scheduler.in_flight or pipe.scheduler.to_free) and loop.time() < end:
+        await asyncio.sleep(0.05)

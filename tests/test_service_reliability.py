@@ -1,0 +1,161 @@
+"""The service when things go wrong, through Ray Serve's real gRPC port: a full queue answers
+RESOURCE_EXHAUSTED with a retry hint, TLS works through a terminating proxy, and a stage that
+cannot be brought back fails requests with UNAVAILABLE until Serve has replaced the replica.
+
+One small application ("tiny"): one slot and a queue of one, so "full" is reached by two
+requests, deterministically; stage actors that are not restarted (max_restarts 0), so killing
+one makes recovery impossible; a 1 s health check, so Serve notices quickly."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import threading
+import time
+
+import pytest
+import ray
+from ray import serve
+
+from client import JambaClient, JambaError
+from cluster.service import build_app, grpc_options, limit_message_size
+from stages.loading import load_stage
+from stages.runner import LocalRunner
+from stages.sampling import SamplingParams
+from stages.tokenizer import Tokenizer
+
+from .tls_terminator import tls_terminator
+
+PROMPT = "The weather today is"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def service(models):
+    lm, _ = models
+    port = _free_port()
+    limit_message_size()
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    try:
+        serve.start(grpc_options=grpc_options(port), http_options={"host": "127.0.0.1", "port": _free_port()})
+        serve.run(build_app({"model": str(lm), "name": "tiny", "stages": 2, "layer_split": "4,4",
+                             "cpus_per_stage": 0.25, "num_slots": 1, "max_queue": 1, "max_restarts": 0,
+                             "health_check_period_s": 1, "health_check_timeout_s": 10}),
+                  name="tiny", route_prefix="/tiny")
+        yield f"127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def reference(models):
+    lm, _ = models
+    tok = Tokenizer.from_dir(lm)
+    return LocalRunner(load_stage(lm)[0], tok), tok
+
+
+def _stats() -> dict:
+    return serve.get_app_handle("tiny").stats.remote().result()
+
+
+def _until(predicate, timeout: float = 60, what: str = "condition"):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_full_queue_gives_resource_exhausted_with_a_retry_hint(service, reference):
+    ref, tok = reference
+    want = ref.generate([tok.encode(PROMPT)], [SamplingParams(max_new_tokens=4, ignore_eos=True)])[0].output_ids
+    with JambaClient(service, application="tiny", timeout=120) as c:
+        holder = c.generate_stream("hold the only slot", max_new_tokens=1500, ignore_eos=True)
+        next(iter(holder))  # admitted: the one slot is taken
+        waiter = c.generate_stream(PROMPT, max_new_tokens=4, ignore_eos=True)
+        _until(lambda: _stats()["scheduler"]["waiting"] == 1, what="the second request to queue")
+
+        with pytest.raises(JambaError) as e:
+            c.generate(["one too many"], max_new_tokens=2)
+        assert e.value.code_name == "RESOURCE_EXHAUSTED" and "queue bound 1" in e.value.details
+        assert 0.1 <= e.value.retry_after <= 60, e.value.details
+        with pytest.raises(JambaError, match="RESOURCE_EXHAUSTED.*retry after"):
+            list(c.generate_stream("one too many", max_new_tokens=2))
+
+        # A patient client waits out the refusals as hinted and gets in once the line moves.
+        patient: list = []
+        with JambaClient(service, application="tiny", timeout=120, wait_when_busy=120) as p:
+            t = threading.Thread(target=lambda: patient.extend(p.generate([PROMPT], max_new_tokens=4, ignore_eos=True)))
+            t.start()
+            time.sleep(1.5)  # refused at least once meanwhile
+            assert not patient
+            holder.close()  # the holder leaves: the waiter, then the patient client get the slot
+            assert [x for d in waiter for x in d.token_ids] == want
+            t.join(timeout=120)
+    assert patient and patient[0].output_ids == want
+    s = _until(lambda: (st := _stats())["scheduler"]["slots_in_use"] == 0 and st, what="the slot to be freed")
+    assert s["scheduler"]["waiting"] == 0 and [st["used_slots"] for st in s["stages"]] == [0, 0]
+
+
+def test_tls_through_a_terminating_proxy(service, reference, pki):
+    """The deployment's TLS story: a terminator in front of Serve's plaintext port (Envoy in
+    k8s/); the client library speaks TLS, optionally with a client certificate, end to end."""
+    ref, tok = reference
+    want = ref.generate([tok.encode(PROMPT)], [SamplingParams(max_new_tokens=6)])[0].output_ids
+    with tls_terminator(service, pki["server_cert"], pki["server_key"]) as tls_address:
+        with JambaClient(tls_address, application="tiny", timeout=60, tls=True, root_certificates=pki["ca"]) as c:
+            assert c.generate([PROMPT], max_new_tokens=6)[0].output_ids == want
+            assert [x for d in c.generate_stream(PROMPT, max_new_tokens=6) for x in d.token_ids] == want
+        with JambaClient(tls_address, application="tiny", timeout=10, retry=None) as c:
+            with pytest.raises(JambaError, match="UNAVAILABLE"):
+                c.model_info()  # plaintext to the TLS port
+    with tls_terminator(service, pki["server_cert"], pki["server_key"], client_ca_pem=pki["ca"]) as mtls_address:
+        with JambaClient(mtls_address, application="tiny", timeout=60, tls=True, root_certificates=pki["ca"],
+                         private_key=pki["client_key"], certificate_chain=pki["client_cert"]) as c:
+            assert c.generate([PROMPT], max_new_tokens=6)[0].output_ids == want
+        with JambaClient(mtls_address, application="tiny", timeout=10, tls=True, root_certificates=pki["ca"],
+                         retry=None) as c:
+            with pytest.raises(JambaError, match="UNAVAILABLE"):
+                c.model_info()  # no client certificate
+
+
+def test_unrecoverable_stage_gives_unavailable_and_serve_replaces_the_replica(service, reference):
+    """Runs last: it kills the replica's stage for good (max_restarts 0)."""
+    ref, tok = reference
+    want = ref.generate([tok.encode(PROMPT)], [SamplingParams(max_new_tokens=8)])[0].output_ids
+    with JambaClient(service, application="tiny", timeout=120, retry=None) as c:
+        assert c.generate([PROMPT], max_new_tokens=8)[0].output_ids == want
+        old = _stats()
+        stream = c.generate_stream("doomed", max_new_tokens=1500, ignore_eos=True)
+        next(iter(stream))
+        os.kill(old["stages"][1]["pid"], signal.SIGKILL)
+        with pytest.raises(JambaError) as e:
+            list(stream)
+        assert e.value.code_name == "UNAVAILABLE", str(e.value)
+        assert "could not be brought back: stage 1 is gone for good" in e.value.details
+
+        # Serve sees the failed health check and starts a fresh replica (new pipeline, new
+        # stages); until then requests fail fast with UNAVAILABLE, never hang or succeed wrongly.
+        codes = set()
+
+        def serving_again():
+            try:
+                return c.generate([PROMPT], max_new_tokens=8, timeout=30)[0].output_ids
+            except JambaError as err:
+                codes.add(err.code_name)
+                return None
+
+        assert _until(serving_again, timeout=180, what="a replacement replica") == want
+    assert codes <= {"UNAVAILABLE"}, codes
+    new = _stats()
+    assert {st["pid"] for st in new["stages"]}.isdisjoint(st["pid"] for st in old["stages"])
+    assert new["scheduler"]["recoveries"] == 0 and new["scheduler"]["slots_in_use"] == 0
