@@ -479,6 +479,7 @@ class BatchWorker:
         self.pipe = SyncPipeline(PipelineConfig(**pipeline))
         self.lock = threading.Lock()
         self.ready_at = time.time()
+        self.recoveries_reported = 0  # stage failures the pipeline recovered from, reported so far
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         from .cli import run_chunk
@@ -521,11 +522,14 @@ class BatchWorker:
         key = part_key(srcs)
         committed = self._commit(key, output_table(self.task, ok_rows, ok_srcs), error_table(errors) if errors else None)
         done_at = time.time()
+        with self.lock:  # stage failures the pipeline recovered from since the last report
+            recoveries = len(self.pipe.pipe.scheduler.recoveries)
+            new_recoveries, self.recoveries_reported = recoveries - self.recoveries_reported, recoveries
         if committed and self.sink is not None:
-            self.sink.add.remote(len(srcs), len(errors), tokens, self.ready_at, done_at)
+            self.sink.add.remote(len(srcs), len(errors), tokens, self.ready_at, done_at, new_recoveries)
         return pa.table({"part": [key], "rows": [len(srcs) if committed else 0], "failed": [len(errors) if committed else 0],
                          "tokens": [tokens], "seconds": [time.perf_counter() - t0], "committed": [committed],
-                         "ready_at": [self.ready_at], "done_at": [done_at]})
+                         "ready_at": [self.ready_at], "done_at": [done_at], "recoveries": [new_recoveries]})
 
     def _commit(self, key: str, data: pa.Table, errors: pa.Table | None) -> bool:
         name = f"part-{key}.parquet"
@@ -639,11 +643,12 @@ class ProgressSink:
     the driver can log progress while Ray Data holds the per-batch summaries back in blocks."""
 
     def __init__(self) -> None:
-        self.rows = self.failed = self.tokens = self.parts = 0
+        self.rows = self.failed = self.tokens = self.parts = self.recoveries = 0
         self.ready_at: float | None = None  # when the first pipeline was ready (wall clock)
         self.done_at: float | None = None  # the last commit
 
-    def add(self, rows: int, failed: int, tokens: int, ready_at: float | None, done_at: float | None) -> None:
+    def add(self, rows: int, failed: int, tokens: int, ready_at: float | None, done_at: float | None,
+            recoveries: int = 0) -> None:
         if ready_at is not None:
             self.ready_at = ready_at if self.ready_at is None else min(self.ready_at, ready_at)
         if done_at is not None:
@@ -652,6 +657,7 @@ class ProgressSink:
         self.failed += failed
         self.tokens += tokens
         self.parts += 1
+        self.recoveries += recoveries
 
     def snapshot(self) -> "ProgressSink":
         return self
@@ -782,9 +788,9 @@ def run_job(cfg: BatchConfig) -> dict:
             )
             with _reporting(cfg.task, remaining, cfg.progress_interval, sink, wall0):
                 for b in out.iter_batches(batch_size=None, batch_format="pyarrow"):
-                    cols = ("rows", "failed", "tokens", "committed", "ready_at", "done_at")
-                    for rows, failed, tokens, ok, ready_at, done_at in zip(*(b.column(c).to_pylist() for c in cols)):
-                        progress.add(rows, failed, tokens, ready_at, done_at)
+                    cols = ("rows", "failed", "tokens", "committed", "ready_at", "done_at", "recoveries")
+                    for rows, failed, tokens, ok, ready_at, done_at, rec in zip(*(b.column(c).to_pylist() for c in cols)):
+                        progress.add(rows, failed, tokens, ready_at, done_at, rec)
                         lost += not ok
             ray.kill(sink)
             if lost:
@@ -817,6 +823,7 @@ def run_job(cfg: BatchConfig) -> dict:
                 "steady_rows_per_s": round(progress.rows / steady, 3) if steady > 0 else 0.0,
                 "steady_tokens_per_s": round(progress.tokens / steady, 3) if steady > 0 else 0.0,
                 "duplicates_removed": dups, "cleaned_up": removed,
+                "stage_recoveries": progress.recoveries,  # stage failures the pipelines recovered from
             },
             "pipelines": cfg.pipelines, "stages": cfg.stages, "cpus_per_stage": cps, "reserve_cpus": reserve,
             "batch_size": cfg.batch_size, "run_id": run_id,
@@ -824,6 +831,9 @@ def run_job(cfg: BatchConfig) -> dict:
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
         write_atomic(fs, posixpath.join(root, SUMMARY), (json.dumps(summary, indent=2) + "\n").encode())
+        if progress.recoveries:
+            log.warning("the pipelines recovered from %d stage failure(s) during the run; no row was lost",
+                        progress.recoveries)
         log.info("%s done: %d row(s) this run (%d failed, %d already committed), %d tokens in %.1fs: %.1f rows/s, "
                  "%.0f tokens/s; %s holds %d row(s), %d in errors/", cfg.task, progress.rows, progress.failed, already,
                  progress.tokens, secs, summary["this_run"]["rows_per_s"], summary["this_run"]["tokens_per_s"],

@@ -123,7 +123,7 @@ class _Refusing:
 
     def __init__(self, real):
         self.real, self.config, self.tokenizer, self.max_seq_len = real, real.config, real.tokenizer, 4096
-        self.pipe = SimpleNamespace(scheduler=SimpleNamespace(error=None, closed=False))
+        self.pipe = SimpleNamespace(scheduler=SimpleNamespace(error=None, closed=False, recoveries=[]))
 
     def score(self, prompts):
         if any(p[-1] == 77 for p in prompts):
@@ -137,7 +137,7 @@ def test_worker_isolates_a_refused_row_and_respects_the_fence(reference, tmp_pat
         (out / d).mkdir(parents=True)
     (out / "_RUN").write_text("run-1")
     w = BatchWorker.__new__(BatchWorker)  # no pipeline: a stand-in runner
-    w.task, w.run_id, w.lock, w.ready_at, w.sink = "score", "run-1", threading.Lock(), 0.0, None
+    w.task, w.run_id, w.lock, w.ready_at, w.sink, w.recoveries_reported = "score", "run-1", threading.Lock(), 0.0, None, 0
     w.fs, w.root = filesystem(str(out))
     w.pipe = _Refusing(reference[0])
     lines = [json.dumps({"input_ids": [1, 5, 6]}), json.dumps({"id": "bad", "input_ids": [1, 77]}), json.dumps({"prompt": "ok"})]
@@ -330,3 +330,44 @@ def test_killed_job_resumes_exactly_once_on_a_separate_cluster(ray_cluster, mode
     for f in files:
         for n, w in _expected(reference[0], "score", f).items():
             assert got[(str(f), n)]["token_logprobs"][1:] == pytest.approx(w["token_logprobs"][1:], abs=1e-4)
+
+
+def _stage_pids() -> set[int]:
+    """Processes running a pipeline stage (Ray titles an actor's process `ray::<class>[.<method>]`)."""
+    pids = set()
+    for d in Path("/proc").iterdir():
+        try:
+            if d.name.isdigit() and (d / "cmdline").read_bytes().startswith(b"ray::StageActor"):
+                pids.add(int(d.name))
+        except OSError:  # the process ended meanwhile
+            pass
+    return pids
+
+
+def test_job_survives_a_stage_failure(ray_cluster, models, reference, tmp_path):
+    """A stage process of the job's pipeline is SIGKILLed mid-run: Ray restarts it, the pipeline
+    replays its live requests, and the job completes with every row once, equal to the reference."""
+    lm, _ = models
+    path = _write_jsonl(tmp_path / "in.jsonl", [{"prompt": _text(i, 3 + i % 5), "max_new_tokens": 12} for i in range(40)])
+    out = tmp_path / "out"
+    before = _stage_pids()
+    result: dict = {}
+    job = threading.Thread(target=lambda: result.update(_job("generate", lm, [path], out, stages=2, batch_size=4,
+                                                              calls_per_actor=1)))
+    job.start()
+    try:
+        deadline = time.time() + 150
+        while not list((out / "data").glob("part-*")) and time.time() < deadline:
+            time.sleep(0.02)
+        stages = _stage_pids() - before
+        assert len(stages) == 2 and not result, "the job should be running, on one pipeline of two stages"
+        victim = max(stages)
+        os.kill(victim, signal.SIGKILL)
+    finally:
+        job.join(timeout=300)
+    assert result["complete"] and result["rows"] == 40 and result["rows_failed"] == 0
+    assert result["this_run"]["stage_recoveries"] == 1
+    _assert_once(out, 40)
+    got = {r["source_row"]: r for r in _data(out)}
+    for n, w in _expected(reference[0], "generate", path).items():
+        assert got[n]["output_ids"] == w["output_ids"], n
