@@ -156,6 +156,9 @@ class Pipeline:
     def generate(self, prompt: list[int], params: SamplingParams, deadline: float | None = None):
         return self.scheduler.generate(prompt, params, deadline)
 
+    def generate_chunks(self, prompt: list[int], params: SamplingParams, deadline: float | None = None):
+        return self.scheduler.generate_chunks(prompt, params, deadline)
+
     async def generate_full(self, prompt: list[int], params: SamplingParams) -> GenerationResult:
         async for ev in self.scheduler.generate(prompt, params):
             if isinstance(ev, FinishEvent):

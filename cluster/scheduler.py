@@ -147,6 +147,19 @@ class Scheduler:
                        deadline: float | None = None) -> AsyncIterator[TokenEvent | FinishEvent]:
         """Stream a generation. Closing the iterator early aborts it and frees its slot, and so
         does reaching `deadline` (a time.time() value), which raises DeadlineExceededError."""
+        chunks = self.generate_chunks(prompt, params, deadline)
+        try:
+            async for chunk in chunks:
+                for ev in chunk:
+                    yield ev
+        finally:
+            await chunks.aclose()  # an abandoned stream aborts its request now, not at garbage collection
+
+    async def generate_chunks(self, prompt: list[int], params: SamplingParams,
+                              deadline: float | None = None) -> AsyncIterator[list[TokenEvent | FinishEvent]]:
+        """`generate`, but every event that is ready is yielded at once, as one list: a consumer
+        that falls behind (a stream through a proxy under load) catches up in one step instead of
+        one step per token. A FinishEvent is always the last event of its list."""
         self._check_prompt(prompt, params.max_new_tokens)
         params.validate(self.vocab_size)
         state = SequenceState(list(prompt), params, self.eos_ids, self.tokenizer)
@@ -156,11 +169,15 @@ class Scheduler:
         self._enqueue(req)
         try:
             while True:
-                ev = await req.events.get()
-                if isinstance(ev, BaseException):
-                    raise ev
-                yield ev
-                if isinstance(ev, FinishEvent):
+                chunk = [await req.events.get()]
+                while not req.events.empty() and not isinstance(chunk[-1], (BaseException, FinishEvent)):
+                    chunk.append(req.events.get_nowait())
+                if isinstance(chunk[-1], BaseException):
+                    if len(chunk) > 1:
+                        yield chunk[:-1]
+                    raise chunk[-1]
+                yield chunk
+                if isinstance(chunk[-1], FinishEvent):
                     return
         finally:
             if not req.done:

@@ -34,7 +34,7 @@ from protos import jamba_pb2 as pb
 from stages.sampling import SamplingParams
 from stages.tokenizer import ChatTemplateError
 
-from .pipeline import FinishEvent, Pipeline, PipelineConfig
+from .pipeline import FinishEvent, Pipeline, PipelineConfig, TokenEvent
 from .scheduler import DeadlineExceededError, QueueFullError, SchedulerClosedError
 
 log = logging.getLogger("ray.serve")
@@ -282,36 +282,40 @@ class JambaService:
         raise RuntimeError("generation ended without a final event")
 
     async def GenerateStream(self, request: pb.GenerateStreamRequest, grpc_context: RayServegRPCContext):
+        t0 = time.perf_counter()
         try:
             ids = self._prompts([request.prompt] if request.HasField("prompt") else [], "prompt", single=True)[0]
             self._need(False, "GenerateStream")
             params = sampling_params(request.params, self.config.vocab_size)
             self._check_room([ids], params, "prompt")
-            stream = self.pipe.generate(ids, params, _deadline(grpc_context))
-            first = await stream.__anext__()  # admission errors (queue full) surface here, before any message
+            # Chunks: every token that is ready goes out in one message, so a stream that falls
+            # behind (many streams, a busy proxy) catches up instead of lagging one message per token.
+            stream = self.pipe.generate_chunks(ids, params, _deadline(grpc_context))
+            chunk = await stream.__anext__()  # admission errors (queue full) surface here, before any message
         except (RequestError, QueueFullError, SchedulerClosedError, DeadlineExceededError, ValueError) as e:
             self._fail("GenerateStream", grpc_context, e)
         self.metrics.tokens_in.inc(len(ids))
-        t0 = last = time.perf_counter()
-        first_token = True
+        last = None
         try:
-            ev = first
             while True:
                 now = time.perf_counter()
-                if isinstance(ev, FinishEvent):
-                    self.metrics.tokens_out.inc(len(ev.output_ids))
+                tokens = [ev for ev in chunk if isinstance(ev, TokenEvent)]
+                if tokens:
+                    if last is None:
+                        self.metrics.ttft.observe(now - t0)
+                    else:
+                        for _ in tokens:  # the tokens of one message share the wait
+                            self.metrics.itl.observe((now - last) / len(tokens))
+                    last = now
+                    yield pb.GenerateStreamResponse(delta=pb.TokenDelta(
+                        token_ids=[ev.token_id for ev in tokens], text="".join(ev.text for ev in tokens),
+                        logprobs=[ev.logprob for ev in tokens if ev.logprob is not None]))
+                if isinstance(chunk[-1], FinishEvent):
+                    self.metrics.tokens_out.inc(len(chunk[-1].output_ids))
                     self.metrics.requests.inc(tags={"method": "GenerateStream", "code": "OK"})
-                    yield pb.GenerateStreamResponse(final=completion(ev))
+                    yield pb.GenerateStreamResponse(final=completion(chunk[-1]))
                     return
-                if first_token:
-                    self.metrics.ttft.observe(now - t0)
-                    first_token = False
-                else:
-                    self.metrics.itl.observe(now - last)
-                last = now
-                lp = [ev.logprob] if ev.logprob is not None else []
-                yield pb.GenerateStreamResponse(delta=pb.TokenDelta(token_ids=[ev.token_id], text=ev.text, logprobs=lp))
-                ev = await stream.__anext__()
+                chunk = await stream.__anext__()
         except (DeadlineExceededError, SchedulerClosedError) as e:  # mid-stream: the deadline, or the pipeline gave up
             self._fail("GenerateStream", grpc_context, e)
         finally:
