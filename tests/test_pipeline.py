@@ -15,8 +15,6 @@ from stages.sampling import SamplingParams
 from stages.tokenizer import Tokenizer
 
 
-
-
 @pytest.fixture(scope="module")
 def reference(models):
     lm, cls = models
@@ -137,10 +135,22 @@ def test_streaming_slots_queue_and_abort(ray_cluster, models, reference):
             await asyncio.sleep(0.05)
         await asyncio.sleep(0.2)
 
+    async def slow_chunks(n):
+        chunks = []
+        async for chunk in pipe.pipe.generate_chunks(prompt, SamplingParams(max_new_tokens=n, ignore_eos=True)):
+            chunks.append(chunk)
+            await asyncio.sleep(0.2)  # a consumer that falls behind
+        return chunks
+
     try:
         deltas, final = pipe._call(stream(12))
         assert len(deltas) == 12 and [d.token_id for d in deltas] == final.output_ids
         assert "".join(d.text for d in deltas) == final.text
+        # A slow consumer gets the tokens that piled up in one chunk each time, not one per step.
+        chunks = pipe._call(slow_chunks(12))
+        events = [ev for c in chunks for ev in c]
+        assert len(chunks) < len(events) and isinstance(events[-1], FinishEvent)
+        assert [ev.token_id for ev in events[:-1]] == final.output_ids and events[-1].text == final.text
         stats = pipe._call(exhaust())
         assert stats["slots_in_use"] == 0 and stats["waiting"] == 0 and stats["active"] == 0
         pipe._call(many_aborts(30))
