@@ -1,9 +1,10 @@
 """Recovery after a stage is killed: detection, reload, replay, on the bench config.
 
-    .venv/bin/python bench/recovery.py [--streams 16] [--stage 1]
+    .venv/bin/python bench/recovery.py [--streams 16] [--stage 1] [--remove-node]
 
-Runs 16 greedy streams through a 2-stage pipeline, SIGKILLs one stage's process mid-stream,
-and reports: detection (kill -> the scheduler notices), reload (Ray restarts the actor, which
+Runs 16 greedy streams through a 2-stage pipeline, SIGKILLs one stage's process mid-stream (or,
+with --remove-node, removes the node holding it from a simulated 3-node cluster, stages placed
+STRICT_SPREAD, with Ray's default node health checks), and reports: detection (kill -> the scheduler notices), reload (Ray restarts the actor, which
 reloads its layers), replay (the live requests' caches rebuilt, until every stream has its next
 token), the longest pause any stream saw, requests lost, slots leaked, and whether every stream
 is token-identical to an undisturbed run.
@@ -19,6 +20,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private local cluster, torn down at exit
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP; see cluster/pipeline.py
@@ -26,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import ray  # noqa: E402
 import torch  # noqa: E402
+from ray.cluster_utils import Cluster  # noqa: E402
 
 from bench.pipeline import write_bench_model  # noqa: E402
 from cluster.pipeline import Pipeline, PipelineConfig  # noqa: E402
@@ -33,9 +36,11 @@ from cluster.scheduler import FinishEvent  # noqa: E402
 from stages.sampling import SamplingParams  # noqa: E402
 
 
-async def run(model: Path, streams: int, victim: int, new_tokens: int, kill: bool) -> dict:
+async def run(model: Path, streams: int, new_tokens: int, fault: Callable[[Pipeline], None] | None,
+              placement: str = "PACK") -> dict:
+    kill = fault is not None
     pipe = await Pipeline.start(PipelineConfig(str(model), num_stages=2, layer_split="4,4", cpus_per_stage=1,
-                                               num_slots=streams, max_seq_len=256))
+                                               num_slots=streams, max_seq_len=256, placement_strategy=placement))
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, 8000, (24,), generator=g).tolist() for _ in range(streams)]
     arrivals: list[list[float]] = [[] for _ in prompts]
@@ -52,7 +57,7 @@ async def run(model: Path, streams: int, victim: int, new_tokens: int, kill: boo
             while min(map(len, arrivals)) < new_tokens // 3:
                 await asyncio.sleep(0.005)
             killed_at = time.time()
-            os.kill(pipe.stage_info[victim]["pid"], signal.SIGKILL)
+            await asyncio.to_thread(fault, pipe)
         await asyncio.gather(*tasks)
         for _ in range(100):  # the last frees ride on one more (empty) microbatch
             if not pipe.scheduler.in_flight and not pipe.scheduler.to_free:
@@ -79,17 +84,37 @@ def main() -> None:
     ap.add_argument("--streams", type=int, default=16)
     ap.add_argument("--stage", type=int, default=1, help="which stage to kill")
     ap.add_argument("--new-tokens", type=int, default=48)
+    ap.add_argument("--remove-node", action="store_true", help="remove the stage's node instead of killing its process")
     args = ap.parse_args()
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    cluster = None
+    if args.remove_node:  # the head runs the driver; three 1-CPU nodes, one stage each at most
+        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+        for _ in range(3):
+            cluster.add_node(num_cpus=1, object_store_memory=200 * 1024 * 1024)
+        cluster.wait_for_nodes()
+        ray.init(address=cluster.address, log_to_driver=False)
+
+        def fault(pipe: Pipeline) -> None:
+            node_id = pipe.stage_info[args.stage]["node_id"]
+            cluster.remove_node(next(n for n in cluster.worker_nodes if n.node_id == node_id), allow_graceful=False)
+    else:
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+
+        def fault(pipe: Pipeline) -> None:
+            os.kill(pipe.stage_info[args.stage]["pid"], signal.SIGKILL)
+    placement = "STRICT_SPREAD" if args.remove_node else "PACK"
     try:
         with tempfile.TemporaryDirectory() as tmp:
             model = write_bench_model(Path(tmp))
-            calm = asyncio.run(run(model, args.streams, args.stage, args.new_tokens, kill=False))
-            hit = asyncio.run(run(model, args.streams, args.stage, args.new_tokens, kill=True))
+            calm = asyncio.run(run(model, args.streams, args.new_tokens, None, placement))
+            hit = asyncio.run(run(model, args.streams, args.new_tokens, fault, placement))
     finally:
         ray.shutdown()
+        if cluster is not None:
+            cluster.shutdown()
     same = hit["outputs"] == calm["outputs"]
-    print(f"\nRecovery after SIGKILL of stage {args.stage} of 2, bench config (~78M parameters), "
+    what = "removal of the node holding" if args.remove_node else "SIGKILL of"
+    print(f"\nRecovery after {what} stage {args.stage} of 2, bench config (~78M parameters), "
           f"{args.streams} live greedy streams of {args.new_tokens} tokens\n")
     print("| detection | reload | replay | total (kill to every stream's next token) | longest pause in a stream | "
           "replayed tokens | requests lost | slots leaked | streams identical to undisturbed run |")
