@@ -280,3 +280,44 @@ def test_deadline_drops_the_request_and_frees_its_slot(ray_cluster, models, refe
         assert sched.stats()["slots_in_use"] == 0 and sched.stats()["active"] == 0
     finally:
         pipe.close()
+
+
+def test_a_huge_prompt_does_not_stall_running_decodes(ray_cluster, models, reference):
+    """A 1,500-token prompt arriving while a stream decodes is fed in chunks under the token
+    budget, with the stream's decode row ahead of each chunk: the stream keeps getting tokens all
+    through the long prefill instead of waiting for it (counted in events, not timed)."""
+    lm, _ = models
+    ref_lm, _, tok = reference
+    pipe = _pipe(lm, num_stages=2, layer_split="4,4", max_batch_tokens=32)
+    huge = [1] + [5 + i % 400 for i in range(1499)]
+    chunks = -(-len(huge) // 32)
+
+    async def run():
+        order = []  # ("short", i) per streamed token of the running stream; "huge" at the long prompt's first token
+
+        async def short():
+            async for ev in pipe.pipe.generate(tok.encode("keep talking"), SamplingParams(max_new_tokens=120, ignore_eos=True)):
+                if not isinstance(ev, FinishEvent):
+                    order.append("short")
+
+        async def long():
+            async for ev in pipe.pipe.generate(huge, SamplingParams(max_new_tokens=2, ignore_eos=True)):
+                order.append("huge")
+                return ev
+
+        task = asyncio.ensure_future(short())
+        while len(order) < 5:  # decoding
+            await asyncio.sleep(0.01)
+        start = len(order)
+        first = await long()
+        await task
+        return order, start, first
+
+    try:
+        order, start, first = pipe._call(run())
+    finally:
+        pipe.close()
+    during = order[start:order.index("huge")].count("short")
+    assert during >= chunks - 3, (during, chunks)  # one decode token per prompt chunk
+    assert order.count("short") == 120
+    assert first.token_id == ref_lm.generate([huge], [SamplingParams(max_new_tokens=1)])[0].output_ids[0]
