@@ -18,12 +18,20 @@ def add_serve_parser(sub) -> None:
     s.add_argument("--layer-split", help="layers per stage, e.g. '4,4' (default: balanced)")
     s.add_argument("--replicas", type=int, default=1, help="replicas (pipelines) per application")
     s.add_argument("--grpc-port", type=int, default=9000)
+    s.add_argument("--http-port", type=int, default=8000, help="Serve's HTTP proxy, on 127.0.0.1 (health, routes)")
     s.add_argument("--num-slots", type=int, default=32)
     s.add_argument("--max-batch-tokens", type=int, default=512)
     s.add_argument("--max-queue", type=int, default=1024)
     s.add_argument("--threads-per-stage", type=int, default=1)
     s.add_argument("--cpus-per-stage", type=float, default=None, help="Ray CPUs reserved per stage (default: threads)")
     s.add_argument("--gpus-per-stage", type=float, default=0)
+    g = s.add_argument_group("failures")
+    g.add_argument("--max-restarts", type=int, default=3,
+                   help="how often Ray restarts a dead stage actor before the replica gives up (default 3)")
+    g.add_argument("--recover-timeout", type=float, default=120.0, metavar="SECONDS",
+                   help="how long a failed stage may take to come back before requests fail UNAVAILABLE (default 120)")
+    g.add_argument("--health-check-period", type=float, default=10.0, metavar="SECONDS",
+                   help="how often Serve checks each replica; a replica whose pipeline is down is replaced (default 10)")
     s.add_argument("--address", help="Ray cluster to join (default: start a local one)")
     s.set_defaults(func=run_serve)
 
@@ -58,13 +66,14 @@ def run_serve(args) -> int:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
-        serve.start(grpc_options=grpc_options(args.grpc_port), http_options={"host": "127.0.0.1"})
+        serve.start(grpc_options=grpc_options(args.grpc_port), http_options={"host": "127.0.0.1", "port": args.http_port})
         for name, path in apps:
             serve.run(build_app({
                 "model": path, "name": name, "stages": args.stages, "layer_split": args.layer_split,
                 "replicas": args.replicas, "num_slots": args.num_slots, "max_batch_tokens": args.max_batch_tokens,
                 "max_queue": args.max_queue, "threads_per_stage": args.threads_per_stage,
-                "gpus_per_stage": args.gpus_per_stage,
+                "gpus_per_stage": args.gpus_per_stage, "max_restarts": args.max_restarts,
+                "recover_timeout_s": args.recover_timeout, "health_check_period_s": args.health_check_period,
                 "cpus_per_stage": args.cpus_per_stage if args.cpus_per_stage is not None else args.threads_per_stage,
             }), name=name, route_prefix=f"/{name}")
             log.info("application %r: %s, %d stage(s) x %d replica(s)", name, path, args.stages, args.replicas)

@@ -1,0 +1,55 @@
+"""`jamba serve` as a user runs it: its own process and Ray cluster, serving until SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from client import JambaClient
+from stages.loading import load_stage
+from stages.runner import LocalRunner
+from stages.sampling import SamplingParams
+from stages.tokenizer import Tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_jamba_serve_answers_and_stops_on_sigterm(models, tmp_path):
+    lm, _ = models
+    port = _free_port()
+    cmd = [sys.executable, "-m", "cluster.cli", "serve", "--model", f"tiny={lm}", "--stages", "2", "--layer-split", "3,5",
+           "--cpus-per-stage", "0.5", "--grpc-port", str(port), "--http-port", str(_free_port()),
+           "--max-restarts", "1", "--recover-timeout", "30", "--health-check-period", "2"]
+    log = open(tmp_path / "serve.log", "w+")
+    p = subprocess.Popen(cmd, cwd=ROOT, env=dict(os.environ, RAY_AUTH_MODE="disabled"), stdout=log,
+                         stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.time() + 180
+        while "jamba: serving tiny on gRPC port" not in (tmp_path / "serve.log").read_text():
+            assert p.poll() is None and time.time() < deadline, (tmp_path / "serve.log").read_text()[-3000:]
+            time.sleep(0.5)
+        tok = Tokenizer.from_dir(lm)
+        want = LocalRunner(load_stage(lm)[0], tok).generate([tok.encode("Served by the CLI")],
+                                                            [SamplingParams(max_new_tokens=6)])[0]
+        with JambaClient(f"127.0.0.1:{port}", application="tiny", timeout=60) as c:
+            assert c.generate(["Served by the CLI"], max_new_tokens=6)[0].output_ids == want.output_ids
+            info = c.model_info()
+        assert [(s.start_layer, s.end_layer) for s in info.stages] == [(0, 3), (3, 8)]
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(timeout=120) == 0, (tmp_path / "serve.log").read_text()[-3000:]
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+        log.close()
