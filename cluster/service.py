@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
+import ray
 from ray import serve
 from ray.serve.grpc_util import RayServegRPCContext
 from ray.util import metrics
@@ -141,6 +142,8 @@ class Metrics:
     queue_depth: metrics.Gauge
     slots_in_use: metrics.Gauge
     stage_busy: metrics.Gauge
+    pipeline_up: metrics.Gauge
+    recoveries: metrics.Gauge
 
     @classmethod
     def create(cls) -> "Metrics":
@@ -154,6 +157,8 @@ class Metrics:
             metrics.Gauge("jamba_queue_depth", "requests waiting for a slot"),
             metrics.Gauge("jamba_slots_in_use", "sequence slots in use"),
             metrics.Gauge("jamba_stage_busy_seconds", "seconds each stage spent computing", tag_keys=("stage",)),
+            metrics.Gauge("jamba_pipeline_up", "1 while the replica's pipeline serves (or is recovering), 0 once it failed"),
+            metrics.Gauge("jamba_stage_recoveries", "stage failures this replica's pipeline recovered from"),
         )
 
 
@@ -183,6 +188,8 @@ class JambaService:
             s = self.pipe.scheduler.stats()
             self.metrics.queue_depth.set(s["waiting"])
             self.metrics.slots_in_use.set(s["slots_in_use"])
+            self.metrics.recoveries.set(s["recoveries"])
+            self.metrics.pipeline_up.set(0 if self.pipe.scheduler.error else 1)
             try:
                 for i, info in enumerate(await self.pipe.stage_stats()):
                     self.metrics.stage_busy.set(info["busy_seconds"], tags={"stage": str(i)})
@@ -191,10 +198,19 @@ class JambaService:
             await asyncio.sleep(5)
 
     async def check_health(self) -> None:
-        """Serve calls this; raising marks the replica unhealthy so Serve replaces it."""
-        if self.pipe.scheduler.error is not None:
-            raise RuntimeError(f"pipeline failed: {self.pipe.scheduler.error}")
-        await asyncio.wait_for(self.pipe.stage_stats(), timeout=30)
+        """Serve calls this; raising marks the replica unhealthy so Serve replaces it. A pipeline
+        that is bringing a stage back is healthy (reloading a large stage can outlast Serve's
+        health-check timeout; the scheduler's recover timeout bounds it), one that gave up is not."""
+        sched = self.pipe.scheduler
+        if sched.error is not None:
+            self.metrics.pipeline_up.set(0)
+            raise RuntimeError(f"pipeline failed: {sched.error}")
+        if sched.recovering:
+            return
+        try:
+            await asyncio.wait_for(self.pipe.stage_stats(), timeout=20)
+        except ray.exceptions.ActorUnavailableError:
+            pass  # a stage that died while idle is restarting; the next microbatch waits for it
 
     async def stats(self) -> dict:
         """Scheduler and stage counters (through a Serve handle; not part of the gRPC API)."""

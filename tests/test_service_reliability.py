@@ -13,6 +13,7 @@ import signal
 import socket
 import threading
 import time
+import urllib.request
 
 import pytest
 import ray
@@ -41,7 +42,8 @@ def service(models):
     lm, _ = models
     port = _free_port()
     limit_message_size()
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
+             _system_config={"metrics_report_interval_ms": 500})  # metrics show up in the test's time
     try:
         serve.start(grpc_options=grpc_options(port), http_options={"host": "127.0.0.1", "port": _free_port()})
         serve.run(build_app({"model": str(lm), "name": "tiny", "stages": 2, "layer_split": "4,4",
@@ -104,6 +106,31 @@ def test_full_queue_gives_resource_exhausted_with_a_retry_hint(service, referenc
     assert patient and patient[0].output_ids == want
     s = _until(lambda: (st := _stats())["scheduler"]["slots_in_use"] == 0 and st, what="the slot to be freed")
     assert s["scheduler"]["waiting"] == 0 and [st["used_slots"] for st in s["stages"]] == [0, 0]
+
+
+def _metrics() -> list[str]:
+    """The Prometheus samples Ray exports on this node (ray.util.metrics are prefixed `ray_`)."""
+    [node] = ray.nodes()
+    body = urllib.request.urlopen(f"http://127.0.0.1:{node['MetricsExportPort']}/metrics", timeout=10).read()
+    return [line for line in body.decode().splitlines() if line.startswith("ray_jamba_")]
+
+
+def test_metrics_count_requests_by_status(service):
+    """Runs after the queue-full test: its refusals, its streams and the pipeline's health are
+    on Ray's Prometheus endpoint."""
+    def sample(name: str, *labels: str) -> float | None:
+        for line in _metrics():
+            if line.startswith(name + "{") and all(label in line for label in labels):
+                return float(line.rsplit(" ", 1)[1])
+        return None
+
+    assert _until(lambda: (sample("ray_jamba_requests_total", 'code="RESOURCE_EXHAUSTED"', 'method="Generate"') or 0) >= 1,
+                  what="the refusal to be counted")
+    assert _until(lambda: (sample("ray_jamba_requests_total", 'code="OK"', 'method="GenerateStream"') or 0) >= 1,
+                  what="a finished stream to be counted")
+    assert _until(lambda: (sample("ray_jamba_time_to_first_token_seconds_count") or 0) >= 1, what="TTFT samples")
+    assert _until(lambda: sample("ray_jamba_pipeline_up") == 1.0, what="the pipeline_up gauge")
+    assert sample("ray_jamba_stage_recoveries") == 0.0
 
 
 def test_tls_through_a_terminating_proxy(service, reference, pki):
