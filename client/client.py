@@ -16,8 +16,8 @@ Both clients take the same options and have the same methods; every failed RPC r
   gRPC commits a call once response headers arrive, and Ray Serve's proxy sends headers before
   any status it reports itself, so errors from the service are never retried by gRPC.
 - backpressure: a full server answers RESOURCE_EXHAUSTED with a retry hint
-  (`JambaError.retry_after`); `wait_when_busy=S` makes unary calls wait out such refusals for
-  up to S seconds, pausing as hinted.
+  (`JambaError.retry_after`); `wait_when_busy=S` makes calls and streams wait out such refusals
+  for up to S seconds, pausing as hinted.
 - deadlines: `timeout` seconds per call (client default, overridable per call). For a stream the
   deadline covers the whole stream.
 - routing: `application` is sent as the `application` metadata key, which Ray Serve uses to pick
@@ -189,10 +189,12 @@ class GenerateStream:
     client.generate_stream(...)` drops it). Errors raise JambaError from the iteration.
     """
 
-    def __init__(self, call, logprobs: bool) -> None:
-        self._call = call
+    def __init__(self, start, logprobs: bool, settings: "_Settings") -> None:
+        self._start, self._settings = start, settings  # start() begins (or restarts) the RPC
+        self._give_up = time.monotonic() + settings.wait_when_busy
+        self._call = start()
         self._logprobs = logprobs
-        self._finished = False
+        self._finished = self._received = False
         self.completion: Completion | None = None
 
     def __iter__(self) -> Iterator[Delta]:
@@ -214,13 +216,22 @@ class GenerateStream:
         return delta_from_pb(msg.delta, self._logprobs)
 
     def _read(self) -> pb.GenerateStreamResponse | None:
-        try:
-            return next(self._call)
-        except StopIteration:
-            return None
-        except grpc.RpcError as e:
-            self._finished = True
-            raise JambaError.from_rpc_error(e) from e
+        while True:
+            try:
+                msg = next(self._call)
+                self._received = True
+                return msg
+            except StopIteration:
+                return None
+            except grpc.RpcError as e:
+                error = JambaError.from_rpc_error(e)
+                # A busy server refuses a stream before its first message: then it can start over.
+                pause = None if self._received else self._settings.busy_pause(error, self._give_up)
+                if pause is None:
+                    self._finished = True
+                    raise error from e
+            time.sleep(pause)
+            self._call = self._start()
 
     def result(self) -> Completion:
         """Read the rest of the stream and return the final Completion."""
@@ -255,10 +266,12 @@ class AsyncGenerateStream:
     """The grpc.aio counterpart of GenerateStream: `async for delta in stream`, then
     `stream.completion`. Stop early with `async with`, `close()` or `cancel()`."""
 
-    def __init__(self, call, logprobs: bool) -> None:
-        self._call = call
+    def __init__(self, start, logprobs: bool, settings: "_Settings") -> None:
+        self._start, self._settings = start, settings
+        self._give_up = time.monotonic() + settings.wait_when_busy
+        self._call = start()
         self._logprobs = logprobs
-        self._finished = False
+        self._finished = self._received = False
         self.completion: Completion | None = None
 
     def __aiter__(self) -> AsyncIterator[Delta]:
@@ -280,12 +293,19 @@ class AsyncGenerateStream:
         return delta_from_pb(msg.delta, self._logprobs)
 
     async def _read(self) -> pb.GenerateStreamResponse | None:
-        try:
-            msg = await self._call.read()
-        except grpc.RpcError as e:
-            self._finished = True
-            raise JambaError.from_rpc_error(e) from e
-        return None if msg is grpc.aio.EOF else msg
+        while True:
+            try:
+                msg = await self._call.read()
+                self._received = True
+                return None if msg is grpc.aio.EOF else msg
+            except grpc.RpcError as e:
+                error = JambaError.from_rpc_error(e)
+                pause = None if self._received else self._settings.busy_pause(error, self._give_up)
+                if pause is None:
+                    self._finished = True
+                    raise error from e
+            await asyncio.sleep(pause)
+            self._call = self._start()
 
     async def result(self) -> Completion:
         async for _ in self:
@@ -321,9 +341,10 @@ class JambaClient:
         certificate_chain (mutual TLS) are PEM bytes or file paths. tls_server_name overrides
         the name the server's certificate is checked against.
     retry: RetryPolicy for the channel, or None for no retries.
-    wait_when_busy: seconds a unary call may spend waiting out a busy server: a call refused with
-        RESOURCE_EXHAUSTED and a retry hint is sent again after the hinted pause, until this
-        budget is spent (default 0: raise at once). Each attempt has its own deadline.
+    wait_when_busy: seconds a call may spend waiting out a busy server: a call (or a stream,
+        before its first message) refused with RESOURCE_EXHAUSTED and a retry hint is sent again
+        after the hinted pause, until this budget is spent (default 0: raise at once). Each
+        attempt has its own deadline.
     max_message_bytes: largest message sent or received.
     """
 
@@ -366,9 +387,9 @@ class JambaClient:
         """Start streaming one completion: iterate the returned stream for Deltas, then read
         `stream.completion`. Closing the stream early cancels the RPC."""
         p = sampling_params(**params)
-        call = self._stub.GenerateStream(generate_stream_request(prompt, p),
-                                         **self._settings.call_kwargs(timeout, metadata))
-        return GenerateStream(call, p.logprobs)
+        request = generate_stream_request(prompt, p)
+        return GenerateStream(lambda: self._stub.GenerateStream(request, **self._settings.call_kwargs(timeout, metadata)),
+                              p.logprobs, self._settings)
 
     def chat(self, messages: Sequence[Mapping[str, str]], *, timeout: float | None = None,
              metadata: Metadata | None = None, **params) -> Completion:
@@ -436,9 +457,10 @@ class AsyncJambaClient:
                         **params) -> AsyncGenerateStream:
         """See JambaClient.generate_stream; iterate with `async for`."""
         p = sampling_params(**params)
-        call = self._stub.GenerateStream(generate_stream_request(prompt, p),
-                                         **self._settings.call_kwargs(timeout, metadata))
-        return AsyncGenerateStream(call, p.logprobs)
+        request = generate_stream_request(prompt, p)
+        return AsyncGenerateStream(
+            lambda: self._stub.GenerateStream(request, **self._settings.call_kwargs(timeout, metadata)),
+            p.logprobs, self._settings)
 
     async def chat(self, messages: Sequence[Mapping[str, str]], *, timeout: float | None = None,
                    metadata: Metadata | None = None, **params) -> Completion:

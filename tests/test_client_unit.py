@@ -175,6 +175,7 @@ class CannedService(pb_grpc.JambaServiceServicer):
         self.skip_final = False  # GenerateStream ends without its final message
         self.attempts = 0
         self.busy_first = 0  # Generate answers RESOURCE_EXHAUSTED (queue full, with a retry hint) this often
+        self.stream_attempts = 0  # GenerateStream calls (it is refused as busy the same way)
         self.attempt_times: list[float] = []
         self.batches: list[int] = []  # prompts per Generate call that got an answer
         self.metadata: list[dict[str, str]] = []
@@ -214,7 +215,11 @@ class CannedService(pb_grpc.JambaServiceServicer):
                              usage=pb.Usage(prompt_tokens=len(prompt.token_ids.ids) or 3, completion_tokens=n))
 
     def GenerateStream(self, request, context):
+        self.stream_attempts += 1
         self.metadata.append(dict(context.invocation_metadata()))
+        if self.busy_first > 0:
+            self.busy_first -= 1
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "queue bound 4); retry after 50 ms")
 
         def ended():  # grpc calls this when the call terminates, however it ends
             self.stream_was_cancelled = not self._finished
@@ -341,9 +346,27 @@ def test_async_client_waits_out_a_busy_server(service, address):
 
     async def run():
         async with AsyncJambaClient(address, wait_when_busy=5) as c:
-            return await c.generate(["a"])
+            outs = await c.generate(["a"])
+            service.busy_first = 2
+            stream = c.generate_stream("x", max_new_tokens=3)
+            ids = [t async for d in stream for t in d.token_ids]
+            return outs, ids, stream.completion
 
-    assert len(asyncio.run(run())) == 1 and service.attempts == 2
+    outs, ids, final = asyncio.run(run())
+    assert len(outs) == 1 and ids == final.output_ids == [10, 11, 12]
+    assert service.attempts == 2 and service.stream_attempts == 3
+
+
+def test_stream_waits_out_a_busy_server_before_its_first_message(service, address):
+    service.busy_first = 2
+    with JambaClient(address, wait_when_busy=5) as c:
+        stream = c.generate_stream("x", max_new_tokens=3)
+        assert [t for d in stream for t in d.token_ids] == [10, 11, 12] == stream.completion.output_ids
+    assert service.stream_attempts == 3
+    service.busy_first = 1
+    with JambaClient(address) as c, pytest.raises(JambaError, match="RESOURCE_EXHAUSTED") as e:
+        list(c.generate_stream("x"))
+    assert e.value.retry_after == 0.05
 
 
 def test_deadlines(service, address):

@@ -93,17 +93,25 @@ def test_full_queue_gives_resource_exhausted_with_a_retry_hint(service, referenc
         with pytest.raises(JambaError, match="RESOURCE_EXHAUSTED.*retry after"):
             list(c.generate_stream("one too many", max_new_tokens=2))
 
-        # A patient client waits out the refusals as hinted and gets in once the line moves.
-        patient: list = []
+        # Patient clients (a call and a stream) wait out the refusals as hinted, and get in once
+        # the line moves.
+        patient: dict = {}
         with JambaClient(service, application="tiny", timeout=120, wait_when_busy=120) as p:
-            t = threading.Thread(target=lambda: patient.extend(p.generate([PROMPT], max_new_tokens=4, ignore_eos=True)))
-            t.start()
+            def stream():
+                patient["stream"] = [x for d in p.generate_stream(PROMPT, max_new_tokens=4, ignore_eos=True)
+                                     for x in d.token_ids]
+            threads = [threading.Thread(target=lambda: patient.update(
+                           call=p.generate([PROMPT], max_new_tokens=4, ignore_eos=True)[0].output_ids)),
+                       threading.Thread(target=stream)]
+            for t in threads:
+                t.start()
             time.sleep(1.5)  # refused at least once meanwhile
             assert not patient
-            holder.close()  # the holder leaves: the waiter, then the patient client get the slot
+            holder.close()  # the holder leaves: the waiter, then the patient clients get the slot
             assert [x for d in waiter for x in d.token_ids] == want
-            t.join(timeout=120)
-    assert patient and patient[0].output_ids == want
+            for t in threads:
+                t.join(timeout=120)
+    assert patient == {"call": want, "stream": want}
     s = _until(lambda: (st := _stats())["scheduler"]["slots_in_use"] == 0 and st, what="the slot to be freed")
     assert s["scheduler"]["waiting"] == 0 and [st["used_slots"] for st in s["stages"]] == [0, 0]
 
