@@ -146,9 +146,9 @@ def connect(args) -> JambaClient:
     if (args.client_cert is None) != (args.client_key is None):
         raise ValueError("--client-cert and --client-key go together")
     return JambaClient(args.address, application=args.application, timeout=args.timeout,
-                       wait_when_busy=args.wait_when_busy, tls=args.tls or any(c is not None for c in certs), root_certificates=args.ca_cert,
-                       certificate_chain=args.client_cert, private_key=args.client_key,
-                       tls_server_name=args.tls_server_name)
+                       wait_when_busy=args.wait_when_busy, tls=args.tls or any(c is not None for c in certs),
+                       root_certificates=args.ca_cert, certificate_chain=args.client_cert,
+                       private_key=args.client_key, tls_server_name=args.tls_server_name)
 
 
 def _fatal(e: JambaError) -> int:

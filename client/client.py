@@ -388,8 +388,9 @@ class JambaClient:
         `stream.completion`. Closing the stream early cancels the RPC."""
         p = sampling_params(**params)
         request = generate_stream_request(prompt, p)
-        return GenerateStream(lambda: self._stub.GenerateStream(request, **self._settings.call_kwargs(timeout, metadata)),
-                              p.logprobs, self._settings)
+        return GenerateStream(
+            lambda: self._stub.GenerateStream(request, **self._settings.call_kwargs(timeout, metadata)),
+            p.logprobs, self._settings)
 
     def chat(self, messages: Sequence[Mapping[str, str]], *, timeout: float | None = None,
              metadata: Metadata | None = None, **params) -> Completion:
