@@ -77,6 +77,36 @@ async def through_grpc(address: str, n: int, new_tokens: int) -> tuple[list[floa
     return [r[0] for r in res], [x for r in res for x in r[1]]
 
 
+ROLES = (("ray::StageActor", "stages"), ("ray::ServeReplica", "Serve replica"), ("ray::ProxyActor", "Serve proxy"),
+         ("ray::", "other Ray workers"))
+
+
+def cpu_seconds_by_role() -> dict[str, float]:
+    """CPU seconds (user + system) used so far by this process ("client / driver") and by Ray's
+    worker processes, by role (Ray titles a worker `ray::<actor class>`)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out: dict[str, float] = {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            cmd = (d / "cmdline").read_bytes()
+            fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(d.name) == os.getpid():
+            role = "client / driver"
+        else:
+            role = next((r for prefix, r in ROLES if cmd.startswith(prefix.encode())), None)
+        if role:
+            out[role] = out.get(role, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
+def _delta(after: dict[str, float], before: dict[str, float]) -> dict[str, float]:
+    return {k: v - before.get(k, 0.0) for k, v in after.items()}
+
+
 def _lengths(n: int) -> list[int]:
     return [8 + (i * 7) % 33 for i in range(n)]  # 8..40 tokens, mixed
 
@@ -132,14 +162,18 @@ def main() -> None:
             try:
                 await in_process(pipe, 4, 4)  # warm-up
                 lat = {n: await in_process(pipe, n, new_tokens) for n in (1, 8, 32)}
-                return lat, await throughput_in_process(pipe, 64)
+                cpu0 = cpu_seconds_by_role()
+                tp = await throughput_in_process(pipe, 64)
+                return lat, (*tp, _delta(cpu_seconds_by_role(), cpu0))
             finally:
                 await pipe.close()
 
         async def grpc_runs():
             await through_grpc(address, 4, 4)
             lat = {n: await through_grpc(address, n, new_tokens) for n in (1, 8, 32)}
-            return lat, await throughput_grpc(address, 64)
+            cpu0 = cpu_seconds_by_role()
+            tp = await throughput_grpc(address, 64)
+            return lat, (*tp, _delta(cpu_seconds_by_role(), cpu0))
 
         # Alternate the two, so that neither gets the quieter moments of the machine.
         local, local_tp = asyncio.run(local_runs())
@@ -172,9 +206,16 @@ def main() -> None:
     print("\nThroughput under 64 concurrent streams of 8-40 tokens (mixed), same pipeline\n")
     print("| path | tokens | seconds | tokens/s | errors |")
     print("|---|---:|---:|---:|---:|")
-    for name, (tok, dt, err) in (("in-process", local_tp), ("gRPC", remote_tp)):
+    for name, (tok, dt, err, _) in (("in-process", local_tp), ("gRPC", remote_tp)):
         print(f"| {name} | {tok} | {dt:.2f} | {tok / dt:.0f} | {err} |")
     print(f"\n- gRPC / in-process throughput: {remote_tp[0] / remote_tp[1] / (local_tp[0] / local_tp[1]):.2f}x")
+    roles = ["stages", "client / driver", "Serve proxy", "Serve replica", "other Ray workers"]
+    print("\nCPU seconds used during the 64-stream runs, by process role (2 cores: at most 2 s per second)\n")
+    print("| path | " + " | ".join(roles) + " | total |")
+    print("|---|" + "---:|" * (len(roles) + 1))
+    for name, tp in (("in-process", local_tp), ("gRPC", remote_tp)):
+        cpu = tp[3]
+        print(f"| {name} | " + " | ".join(f"{cpu.get(r, 0.0):.2f}" for r in roles) + f" | {sum(cpu.values()):.2f} |")
 
 
 if __name__ == "__main__":
