@@ -140,6 +140,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--stages", type=int, default=2)
+    ap.add_argument("--stream-interval-ms", type=float, default=0.0, help="the service's stream_interval_ms")
     args = ap.parse_args()
     new_tokens = 16 if args.quick else 32
     model = str(ensure_demo_model("lm"))
@@ -153,7 +154,8 @@ def main() -> None:
         cfg = dict(stages=args.stages, cpus_per_stage=0.5, num_slots=64, max_batch_tokens=512)
         serve.start(grpc_options=grpc_options(port), http_options={"host": "127.0.0.1", "port": 0},
                     logging_config={"log_level": "WARNING"})
-        serve.run(build_app({"model": model, "name": "lm", **cfg}), name="lm", route_prefix="/lm")
+        serve.run(build_app({"model": model, "name": "lm", "stream_interval_ms": args.stream_interval_ms, **cfg}),
+                  name="lm", route_prefix="/lm")
         address = f"127.0.0.1:{port}"
 
         async def local_runs():
@@ -188,7 +190,8 @@ def main() -> None:
         ray.shutdown()
 
     ms = lambda x: f"{x * 1e3:.1f}"  # noqa: E731
-    print(f"\nStreaming latency, demo model, {args.stages}-stage pipeline, {new_tokens} tokens per stream\n")
+    print(f"\nStreaming latency, demo model, {args.stages}-stage pipeline, {new_tokens} tokens per stream, "
+          f"stream_interval_ms {args.stream_interval_ms:g}\n")
     print("| streams | TTFT p50 in-process | TTFT p50 gRPC | added | TTFT p99 in-process | TTFT p99 gRPC | "
           "ITL p50 in-process | ITL p50 gRPC | added | ITL p99 in-process | ITL p99 gRPC |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")

@@ -29,7 +29,7 @@ import grpc
 import ray
 from ray import serve
 from ray.serve.grpc_util import RayServegRPCContext
-from ray.util import metrics
+from ray.serve import metrics  # ray.util.metrics, tagged with the application, deployment and replica
 
 from protos import jamba_pb2 as pb
 from stages.sampling import SamplingParams
@@ -169,7 +169,7 @@ class JambaService:
                        max_batch_tokens: int = 512, max_queue: int = 1024, threads_per_stage: int = 1,
                        gpus_per_stage: float = 0, cpus_per_stage: float | None = None, max_seq_len: int | None = None,
                        name: str | None = None, own_placement_group: bool = False, max_restarts: int = 3,
-                       recover_timeout_s: float = 120.0) -> None:
+                       recover_timeout_s: float = 120.0, stream_interval_ms: float = 0.0) -> None:
         cfg = PipelineConfig(
             model, num_stages=stages, layer_split=layer_split, num_slots=num_slots, max_batch_tokens=max_batch_tokens,
             max_queue=max_queue, threads_per_stage=threads_per_stage, gpus_per_stage=gpus_per_stage,
@@ -179,6 +179,10 @@ class JambaService:
         self.pipe = await Pipeline.start(cfg)
         self.config, self.tokenizer = self.pipe.config, self.pipe.tokenizer
         self.name = name or model.rstrip("/").split("/")[-1]
+        # At most one stream message per interval: tokens produced meanwhile go out together.
+        # Each message costs the Serve proxy and replica CPU, so with many streams on few cores a
+        # few tens of ms trade smoother streams for throughput; 0 sends every token at once.
+        self.stream_interval = max(0.0, stream_interval_ms) / 1000
         self.metrics = Metrics.create()
         self._stats_task = asyncio.get_running_loop().create_task(self._report_stats())
         log.info("JambaService %s ready: %d stage(s) %s", self.name, stages, self.pipe.splits)
@@ -331,6 +335,8 @@ class JambaService:
                     self.metrics.requests.inc(tags={"method": "GenerateStream", "code": "OK"})
                     yield pb.GenerateStreamResponse(final=completion(chunk[-1]))
                     return
+                if self.stream_interval and last is not None:
+                    await asyncio.sleep(max(0.0, last + self.stream_interval - time.perf_counter()))
                 chunk = await stream.__anext__()
         except (DeadlineExceededError, SchedulerClosedError) as e:  # mid-stream: the deadline, or the pipeline gave up
             self._fail("GenerateStream", grpc_context, e)
@@ -376,7 +382,8 @@ def build_app(args: dict[str, Any]):
     """Serve application builder (`import_path: cluster.service:build_app` in a Serve config).
 
     args: model (required), stages, layer_split, num_slots, max_batch_tokens, max_queue,
-    threads_per_stage, gpus_per_stage, max_seq_len, name, max_restarts (of each stage actor),
+    threads_per_stage, gpus_per_stage, max_seq_len, name, stream_interval_ms (the least time
+    between two messages of a stream; default 0), max_restarts (of each stage actor),
     recover_timeout_s, replicas, placement_strategy, autoscaling_config (a Serve autoscaling
     config; replaces replicas), health_check_period_s and health_check_timeout_s (how soon Serve
     notices a replica whose pipeline is down, and replaces it; Serve's defaults 10 s and 30 s).

@@ -50,6 +50,8 @@ def service(models):
                              "cpus_per_stage": 0.25, "num_slots": 1, "max_queue": 1, "max_restarts": 0,
                              "health_check_period_s": 1, "health_check_timeout_s": 10}),
                   name="tiny", route_prefix="/tiny")
+        serve.run(build_app({"model": str(lm), "name": "paced", "stages": 1, "cpus_per_stage": 0.25,
+                             "stream_interval_ms": 1000}), name="paced", route_prefix="/paced")
         yield f"127.0.0.1:{port}"
     finally:
         serve.shutdown()
@@ -127,8 +129,8 @@ def test_metrics_count_requests_by_status(service):
     """Runs after the queue-full test: its refusals, its streams and the pipeline's health are
     on Ray's Prometheus endpoint."""
     def sample(name: str, *labels: str) -> float | None:
-        for line in _metrics():
-            if line.startswith(name + "{") and all(label in line for label in labels):
+        for line in _metrics():  # Serve tags every sample with its application
+            if line.startswith(name + "{") and all(label in line for label in labels + ('application="tiny"',)):
                 return float(line.rsplit(" ", 1)[1])
         return None
 
@@ -139,6 +141,19 @@ def test_metrics_count_requests_by_status(service):
     assert _until(lambda: (sample("ray_jamba_time_to_first_token_seconds_count") or 0) >= 1, what="TTFT samples")
     assert _until(lambda: sample("ray_jamba_pipeline_up") == 1.0, what="the pipeline_up gauge")
     assert sample("ray_jamba_stage_recoveries") == 0.0
+
+
+def test_stream_interval_groups_tokens_into_fewer_messages(service, reference):
+    """stream_interval_ms 1000: the first token goes out at once, the ones produced in the next
+    second go out together; the stream's tokens and text are unchanged."""
+    ref, tok = reference
+    want = ref.generate([tok.encode(PROMPT)], [SamplingParams(max_new_tokens=12, ignore_eos=True)])[0]
+    with JambaClient(service, application="paced", timeout=120) as c:
+        stream = c.generate_stream(PROMPT, max_new_tokens=12, ignore_eos=True)
+        deltas = list(stream)
+    assert [t for d in deltas for t in d.token_ids] == want.output_ids == stream.completion.output_ids
+    assert "".join(d.text for d in deltas) == want.text
+    assert len(deltas[0].token_ids) == 1 and len(deltas) < 12, [len(d.token_ids) for d in deltas]
 
 
 def test_tls_through_a_terminating_proxy(service, reference, pki):
