@@ -141,6 +141,9 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--stages", type=int, default=2)
     ap.add_argument("--stream-interval-ms", type=float, default=0.0, help="the service's stream_interval_ms")
+    ap.add_argument("--direct-ingress", action="store_true",
+                    help="Serve's experimental direct ingress: the client calls the replica's own gRPC server, "
+                         "with no proxy in between")
     args = ap.parse_args()
     new_tokens = 16 if args.quick else 32
     model = str(ensure_demo_model("lm"))
@@ -148,6 +151,13 @@ def main() -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     # Logical CPUs: the idle Serve pipeline and the in-process one exist side by side; only one runs at a time.
+    if args.direct_ingress:  # read by Serve's processes, which inherit this environment
+        os.environ["RAY_SERVE_ENABLE_DIRECT_INGRESS"] = "1"
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            direct_port = s.getsockname()[1]
+        os.environ["RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT"] = str(direct_port)  # the one replica gets it
+        os.environ["RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT"] = str(direct_port + 10)
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     rows = []
     try:
@@ -156,7 +166,7 @@ def main() -> None:
                     logging_config={"log_level": "WARNING"})
         serve.run(build_app({"model": model, "name": "lm", "stream_interval_ms": args.stream_interval_ms, **cfg}),
                   name="lm", route_prefix="/lm")
-        address = f"127.0.0.1:{port}"
+        address = f"127.0.0.1:{direct_port if args.direct_ingress else port}"
 
         async def local_runs():
             pipe = await Pipeline.start(PipelineConfig(model, num_stages=args.stages, cpus_per_stage=0.5, num_slots=64,
@@ -191,7 +201,7 @@ def main() -> None:
 
     ms = lambda x: f"{x * 1e3:.1f}"  # noqa: E731
     print(f"\nStreaming latency, demo model, {args.stages}-stage pipeline, {new_tokens} tokens per stream, "
-          f"stream_interval_ms {args.stream_interval_ms:g}\n")
+          f"stream_interval_ms {args.stream_interval_ms:g}{', direct ingress' if args.direct_ingress else ''}\n")
     print("| streams | TTFT p50 in-process | TTFT p50 gRPC | added | TTFT p99 in-process | TTFT p99 gRPC | "
           "ITL p50 in-process | ITL p50 gRPC | added | ITL p99 in-process | ITL p99 gRPC |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")

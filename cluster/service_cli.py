@@ -35,6 +35,9 @@ def add_serve_parser(sub) -> None:
                    help="how long a failed stage may take to come back before requests fail UNAVAILABLE (default 120)")
     g.add_argument("--health-check-period", type=float, default=10.0, metavar="SECONDS",
                    help="how often Serve checks each replica; a replica whose pipeline is down is replaced (default 10)")
+    s.add_argument("--direct-ingress-port", type=int, metavar="PORT",
+                   help="also let each replica serve gRPC itself, on ports from PORT up (Ray Serve's experimental "
+                        "direct ingress: no proxy hop, about twice the streaming throughput here; local cluster only)")
     s.add_argument("--address", help="Ray cluster to join (default: start a local one)")
     s.set_defaults(func=run_serve)
 
@@ -62,6 +65,16 @@ def run_serve(args) -> int:
     if len({n for n, _ in apps}) != len(apps):
         raise ValueError("two --model entries have the same application name; name them NAME=DIR")
     limit_message_size()
+    if args.direct_ingress_port:
+        if args.address:
+            raise ValueError("--direct-ingress-port needs a local cluster; on a running cluster, start its nodes with "
+                             "RAY_SERVE_ENABLE_DIRECT_INGRESS=1 instead")
+        import os
+
+        # Serve's processes, started by ray.init below, read these.
+        os.environ["RAY_SERVE_ENABLE_DIRECT_INGRESS"] = "1"
+        os.environ["RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT"] = str(args.direct_ingress_port)
+        os.environ["RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT"] = str(args.direct_ingress_port + 100)
     if args.address:
         ray.init(address=args.address)
     else:
@@ -83,6 +96,9 @@ def run_serve(args) -> int:
             log.info("application %r: %s, %d stage(s) x %d replica(s)", name, path, args.stages, args.replicas)
         print(f"jamba: serving {', '.join(n for n, _ in apps)} on gRPC port {args.grpc_port} "
               "(application metadata picks one); Ctrl-C stops", flush=True)
+        if args.direct_ingress_port:
+            print(f"jamba: each replica also serves gRPC directly, on ports from {args.direct_ingress_port} up "
+                  "(one per replica, in start order)", flush=True)
         try:
             while not stop.wait(1):
                 pass
