@@ -180,8 +180,9 @@ class JambaService:
         self.config, self.tokenizer = self.pipe.config, self.pipe.tokenizer
         self.name = name or model.rstrip("/").split("/")[-1]
         # At most one stream message per interval: tokens produced meanwhile go out together.
-        # Each message costs the Serve proxy and replica CPU, so with many streams on few cores a
-        # few tens of ms trade smoother streams for throughput; 0 sends every token at once.
+        # Each message costs Serve's proxy and replica CPU, so with many streams on few cores an
+        # interval longer than a stream's time per token trades smoothness for throughput
+        # (BENCHMARKS.md: 250 ms); 0 sends every token at once.
         self.stream_interval = max(0.0, stream_interval_ms) / 1000
         self.metrics = Metrics.create()
         self._stats_task = asyncio.get_running_loop().create_task(self._report_stats())
