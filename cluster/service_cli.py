@@ -37,7 +37,7 @@ def add_serve_parser(sub) -> None:
                    help="how often Serve checks each replica; a replica whose pipeline is down is replaced (default 10)")
     s.add_argument("--direct-ingress-port", type=int, metavar="PORT",
                    help="also let each replica serve gRPC itself, on ports from PORT up (Ray Serve's experimental "
-                        "direct ingress: no proxy hop, about twice the streaming throughput here; local cluster only)")
+                        "direct ingress: no proxy hop, about 1.5x the streaming throughput here; local cluster only)")
     s.add_argument("--address", help="Ray cluster to join (default: start a local one)")
     s.set_defaults(func=run_serve)
 

@@ -1,5 +1,5 @@
 """The service under Ray Serve's direct ingress (RAY_SERVE_ENABLE_DIRECT_INGRESS=1): the replica
-serves gRPC on its own port, with no proxy hop (about twice the streaming throughput on this
+serves gRPC on its own port, with no proxy hop (about 1.5x the streaming throughput on this
 machine, see BENCHMARKS.md). The same answers, status codes and cancellation as through the proxy."""
 
 from __future__ import annotations
