@@ -94,9 +94,14 @@ def main() -> None:
         cluster.wait_for_nodes()
         ray.init(address=cluster.address, log_to_driver=False)
 
-        def fault(pipe: Pipeline) -> None:
-            node_id = pipe.stage_info[args.stage]["node_id"]
-            cluster.remove_node(next(n for n in cluster.worker_nodes if n.node_id == node_id), allow_graceful=False)
+        def fault(pipe: Pipeline) -> None:  # the machine goes down: Ray's daemons and the stage's process
+            stage = pipe.stage_info[args.stage]
+            cluster.remove_node(next(n for n in cluster.worker_nodes if n.node_id == stage["node_id"]),
+                                allow_graceful=False)
+            try:
+                os.kill(stage["pid"], signal.SIGKILL)  # cluster_utils leaves worker processes behind for a while
+            except ProcessLookupError:
+                pass
     else:
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
 

@@ -10,6 +10,9 @@ GCS health checks are tightened so a dead node is noticed in about 2 s instead o
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import signal
 
 import pytest
 import ray
@@ -59,9 +62,14 @@ def _config(model, **kw) -> PipelineConfig:
                           cpus_per_stage=0.5, max_batch_tokens=64, **kw)
 
 
-def _remove_node_of(cluster: Cluster, node_id: str) -> None:
-    [node] = [n for n in cluster.worker_nodes if n.node_id == node_id]
+def _lose_node_of(cluster: Cluster, stage: dict) -> None:
+    """The machine holding `stage` goes down: its raylet and object store, and its processes.
+    (cluster_utils stops a node's Ray daemons, but a worker process can outlive its raylet for a
+    while and keep answering its caller directly; a real machine takes it down with it.)"""
+    [node] = [n for n in cluster.worker_nodes if n.node_id == stage["node_id"]]
     cluster.remove_node(node, allow_graceful=False)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(stage["pid"], signal.SIGKILL)
 
 
 def test_removed_node_with_a_spare_recovers_identically(cluster, model):
@@ -75,7 +83,7 @@ def test_removed_node_with_a_spare_recovers_identically(cluster, model):
         try:
             before = [i["node_id"] for i in pipe.stage_info]
             tokens, finals = await streams_through_a_fault(
-                pipe, prompts, params, lambda: _remove_node_of(cluster, before[1]), tokens_before=16 * 8)
+                pipe, prompts, params, lambda: _lose_node_of(cluster, pipe.stage_info[1]), tokens_before=16 * 8)
             await settle(pipe)
             after = [w["node_id"] for w in await asyncio.gather(*[a.where.remote() for a in pipe.actors])]
             return tokens, finals, pipe.scheduler.stats(), before, after
@@ -101,8 +109,8 @@ def test_removed_node_without_a_spare_fails_every_request_clearly(cluster, model
     async def run():
         pipe = await Pipeline.start(_config(model, recover_timeout_s=15))
         try:
-            node = pipe.stage_info[0]["node_id"]
-            _, outcomes = await streams_through_a_fault(pipe, prompts, params, lambda: _remove_node_of(cluster, node),
+            _, outcomes = await streams_through_a_fault(pipe, prompts, params,
+                                                        lambda: _lose_node_of(cluster, pipe.stage_info[0]),
                                                         tokens_before=8, timeout=120)
             with pytest.raises(SchedulerClosedError, match="not running"):
                 await pipe.score(prompts[0])  # and new requests are refused at once
