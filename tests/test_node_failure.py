@@ -1,5 +1,6 @@
 """Losing a whole node, on a simulated multi-node cluster (several raylets, each with its own
-object store): the node that holds a stage is removed while 16 streams are live. With a spare
+object store): the machine that holds a stage goes down (its Ray daemons and its processes)
+while 16 streams are live. With a spare
 node, Ray places the stage's bundle again, the actor restarts there and reloads its layers, the
 scheduler replays, and every stream ends token-identical to an undisturbed run. Without one,
 recovery is impossible: every request fails with a clear error once the recover timeout passes.
