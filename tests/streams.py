@@ -12,6 +12,14 @@ from cluster.scheduler import FinishEvent
 from stages.sampling import SamplingParams
 
 
+def stream_params(i: int) -> SamplingParams:
+    """Stream i's parameters: odd streams greedy, even ones seeded sampling (which must also come
+    out identical after a recovery); 40 tokens, never cut short by EOS."""
+    if i % 2:
+        return SamplingParams(max_new_tokens=40, ignore_eos=True)
+    return SamplingParams(max_new_tokens=40, temperature=0.8, top_p=0.9, seed=100 + i, ignore_eos=True)
+
+
 async def streams_through_a_fault(pipe: Pipeline, prompts: list[list[int]], params: list[SamplingParams],
                                   fault: Callable[[], None], tokens_before: int, timeout: float = 180):
     """Returns (tokens, outcomes): the token ids each stream received, and per stream its

@@ -4,55 +4,31 @@ machine, see BENCHMARKS.md). The same answers, status codes and cancellation as 
 
 from __future__ import annotations
 
-import os
-import socket
-import time
-
 import pytest
-import ray
 from ray import serve
 
 from client import JambaClient, JambaError
-from cluster.service import build_app, grpc_options, limit_message_size
 from stages.loading import load_stage
 from stages.runner import LocalRunner
 from stages.sampling import SamplingParams
 from stages.tokenizer import Tokenizer
 
+from .harness import free_port, serve_apps, until
+
 PROMPTS = ["The weather today is", "Trains leave at noon and"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def replica_address(models):
     """Yields "127.0.0.1:PORT" of the one replica's own gRPC server."""
-    lm, _ = models
-    port = _free_port()
-    env = {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",  # read by Serve's processes, started below
+    port = free_port()
+    env = {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",  # read by Serve's processes
            "RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT": str(port), "RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT": str(port + 10),
            "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1"}  # a quick shutdown
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    limit_message_size()
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
-    try:
-        serve.start(grpc_options=grpc_options(_free_port()), http_options={"host": "127.0.0.1", "port": _free_port()})
-        serve.run(build_app({"model": str(lm), "name": "lm", "stages": 2, "layer_split": "4,4", "cpus_per_stage": 0.25,
-                             "num_slots": 2, "max_queue": 1}), name="lm", route_prefix="/lm")
+    apps = {"lm": {"model": str(models[0]), "stages": 2, "layer_split": "4,4", "cpus_per_stage": 0.25,
+                   "num_slots": 2, "max_queue": 1}}
+    with serve_apps(apps, env=env):
         yield f"127.0.0.1:{port}"
-    finally:
-        serve.shutdown()
-        ray.shutdown()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 @pytest.fixture(scope="module")
@@ -93,16 +69,12 @@ def test_status_codes(replica_address):
         for h in held:
             next(iter(h))
         waiting = c.generate_stream("wait", max_new_tokens=2, ignore_eos=True)
-        deadline = time.time() + 60
-        while _stats()["scheduler"]["waiting"] < 1 and time.time() < deadline:
-            time.sleep(0.1)
+        until(lambda: _stats()["scheduler"]["waiting"] == 1, what="the third request to queue")
         with pytest.raises(JambaError) as e:
             c.generate(["refused"], max_new_tokens=2)
         assert e.value.code_name == "RESOURCE_EXHAUSTED" and e.value.retry_after is not None
         for h in held + [waiting]:
             h.close()  # cancelled: their slots are freed
-    deadline = time.time() + 60
-    while (s := _stats())["scheduler"]["slots_in_use"] and time.time() < deadline:
-        time.sleep(0.1)
-    assert s["scheduler"]["slots_in_use"] == 0 and s["scheduler"]["waiting"] == 0
+    s = until(lambda: (st := _stats())["scheduler"]["slots_in_use"] == 0 and st, what="the slots to be freed")
+    assert s["scheduler"]["waiting"] == 0
     assert [st["used_slots"] for st in s["stages"]] == [0, 0]

@@ -16,18 +16,17 @@ import os
 import signal
 
 import pytest
-import ray
 from ray.cluster_utils import Cluster
 
 from cluster.pipeline import Pipeline, PipelineConfig
 from cluster.scheduler import SchedulerClosedError
-from stages.demo import make_demo_model
 from stages.loading import load_stage
 from stages.runner import LocalRunner
 from stages.sampling import SamplingParams
 from stages.tokenizer import Tokenizer
 
-from .streams import settle, streams_through_a_fault
+from .harness import simulated_cluster
+from .streams import settle, stream_params, streams_through_a_fault
 
 FAST_NODE_DEATH = {"health_check_period_ms": 500, "health_check_timeout_ms": 500,
                    "health_check_failure_threshold": 3, "health_check_initial_delay_ms": 0}
@@ -35,27 +34,13 @@ FAST_NODE_DEATH = {"health_check_period_ms": 500, "health_check_timeout_ms": 500
 
 @pytest.fixture(scope="module")
 def cluster():
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "_system_config": FAST_NODE_DEATH})
-    try:
-        for _ in range(3):
-            c.add_node(num_cpus=1, object_store_memory=80 * 1024 * 1024)
-        c.wait_for_nodes()
-        ray.init(address=c.address, log_to_driver=False)
+    with simulated_cluster(3, FAST_NODE_DEATH) as c:
         yield c
-    finally:
-        ray.shutdown()
-        c.shutdown()
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    return make_demo_model(tmp_path_factory.mktemp("m") / "lm")
-
-
-def _params(i: int) -> SamplingParams:
-    if i % 2:
-        return SamplingParams(max_new_tokens=40, ignore_eos=True)
-    return SamplingParams(max_new_tokens=40, temperature=0.8, top_p=0.9, seed=100 + i, ignore_eos=True)
+def model(models):
+    return models[0]
 
 
 def _config(model, **kw) -> PipelineConfig:
@@ -76,7 +61,7 @@ def _lose_node_of(cluster: Cluster, stage: dict) -> None:
 def test_removed_node_with_a_spare_recovers_identically(cluster, model):
     tok = Tokenizer.from_dir(model)
     prompts = [tok.encode(f"Node loss stream {i}") for i in range(16)]
-    params = [_params(i) for i in range(16)]
+    params = [stream_params(i) for i in range(16)]
     want = LocalRunner(load_stage(model)[0], tok).generate(prompts, params)
 
     async def run():

@@ -9,8 +9,6 @@ import subprocess
 import sys
 
 import pytest
-import ray
-from ray.cluster_utils import Cluster
 
 from cluster.pipeline import PipelineConfig, SyncPipeline
 from stages.demo import make_demo_model
@@ -19,19 +17,13 @@ from stages.runner import LocalRunner
 from stages.sampling import SamplingParams
 from stages.tokenizer import Tokenizer
 
+from .harness import simulated_cluster
+
 
 @pytest.fixture(scope="module")
 def cluster():
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
-    try:
-        for _ in range(3):
-            c.add_node(num_cpus=1, object_store_memory=80 * 1024 * 1024)
-        c.wait_for_nodes()
-        ray.init(address=c.address, log_to_driver=False)
+    with simulated_cluster(3) as c:
         yield c
-    finally:
-        ray.shutdown()
-        c.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -10,31 +10,23 @@ import signal
 import pytest
 
 from cluster.pipeline import Pipeline, PipelineConfig
-from stages.demo import make_demo_model
 from stages.loading import load_stage
 from stages.runner import LocalRunner
-from stages.sampling import SamplingParams
 from stages.tokenizer import Tokenizer
 
-from .streams import settle, streams_through_a_fault
+from .streams import settle, stream_params, streams_through_a_fault
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    return make_demo_model(tmp_path_factory.mktemp("m") / "lm")
-
-
-def _params(i: int) -> SamplingParams:
-    if i % 2:
-        return SamplingParams(max_new_tokens=40, ignore_eos=True)
-    return SamplingParams(max_new_tokens=40, temperature=0.8, top_p=0.9, seed=100 + i, ignore_eos=True)
+def model(models):
+    return models[0]
 
 
 @pytest.mark.parametrize("victim", [0, 1])
 def test_killed_stage_recovers_with_identical_streams(ray_cluster, model, victim):
     tok = Tokenizer.from_dir(model)
     prompts = [tok.encode(f"Stream number {i} says") for i in range(16)]
-    want = LocalRunner(load_stage(model)[0], tok).generate(prompts, [_params(i) for i in range(16)])
+    want = LocalRunner(load_stage(model)[0], tok).generate(prompts, [stream_params(i) for i in range(16)])
 
     async def run():
         pipe = await Pipeline.start(PipelineConfig(str(model), num_stages=2, layer_split="4,4", cpus_per_stage=0.25,
@@ -42,7 +34,7 @@ def test_killed_stage_recovers_with_identical_streams(ray_cluster, model, victim
         try:
             pid = pipe.stage_info[victim]["pid"]
             tokens, finals = await streams_through_a_fault(
-                pipe, prompts, [_params(i) for i in range(16)], lambda: os.kill(pid, signal.SIGKILL),
+                pipe, prompts, [stream_params(i) for i in range(16)], lambda: os.kill(pid, signal.SIGKILL),
                 tokens_before=16 * 8)  # every stream is live and well on its way
             await settle(pipe)
             return tokens, finals, pipe.scheduler.stats(), await pipe.stage_stats(), pid

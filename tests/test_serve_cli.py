@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,21 +15,17 @@ from stages.runner import LocalRunner
 from stages.sampling import SamplingParams
 from stages.tokenizer import Tokenizer
 
+from .harness import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_jamba_serve_answers_and_stops_on_sigterm(models, tmp_path):
     """Through Serve's proxy and, with --direct-ingress-port, straight from the replica."""
     lm, _ = models
-    port, direct = _free_port(), _free_port()
+    port, direct = free_port(), free_port()
     cmd = [sys.executable, "-m", "cluster.cli", "serve", "--model", f"tiny={lm}", "--stages", "2", "--layer-split", "3,5",
-           "--cpus-per-stage", "0.5", "--grpc-port", str(port), "--http-port", str(_free_port()),
+           "--cpus-per-stage", "0.5", "--grpc-port", str(port), "--http-port", str(free_port()),
            "--max-restarts", "1", "--recover-timeout", "30", "--health-check-period", "2",
            "--direct-ingress-port", str(direct)]
     log = open(tmp_path / "serve.log", "w+")

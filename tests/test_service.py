@@ -3,48 +3,31 @@
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
-import threading
 import time
 
 import grpc
 import pytest
-import ray
 from ray import serve
 
 from client import AsyncJambaClient, JambaClient, JambaError
-from cluster.service import build_app, grpc_options, limit_message_size
 from stages.loading import load_stage
 from stages.runner import LocalRunner
 from stages.sampling import SamplingParams
 from stages.tokenizer import Tokenizer
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
+from .harness import serve_apps
 
 
 @pytest.fixture(scope="module")
 def service(models):
     lm, cls = models
-    port = _free_port()
-    limit_message_size()
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
-    try:
-        serve.start(grpc_options=grpc_options(port), http_options={"host": "127.0.0.1", "port": _free_port()})
-        serve.run(build_app({"model": str(lm), "name": "lm", "stages": 2, "layer_split": "3,5", "cpus_per_stage": 0.25,
-                             "num_slots": 40, "max_batch_tokens": 64}), name="lm", route_prefix="/lm")
-        serve.run(build_app({"model": str(cls), "name": "cls", "stages": 1, "cpus_per_stage": 0.25}),
-                  name="cls", route_prefix="/cls")
-        yield f"127.0.0.1:{port}"
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+    apps = {"lm": {"model": str(lm), "stages": 2, "layer_split": "3,5", "cpus_per_stage": 0.25, "num_slots": 40,
+                   "max_batch_tokens": 64},
+            "cls": {"model": str(cls), "stages": 1, "cpus_per_stage": 0.25}}
+    with serve_apps(apps) as address:
+        yield address
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import threading
 import time
 import urllib.request
@@ -20,42 +19,26 @@ import ray
 from ray import serve
 
 from client import JambaClient, JambaError
-from cluster.service import build_app, grpc_options, limit_message_size
 from stages.loading import load_stage
 from stages.runner import LocalRunner
 from stages.sampling import SamplingParams
 from stages.tokenizer import Tokenizer
 
+from .harness import serve_apps, until
 from .tls_terminator import tls_terminator
 
 PROMPT = "The weather today is"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def service(models):
-    lm, _ = models
-    port = _free_port()
-    limit_message_size()
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
-             _system_config={"metrics_report_interval_ms": 500})  # metrics show up in the test's time
-    try:
-        serve.start(grpc_options=grpc_options(port), http_options={"host": "127.0.0.1", "port": _free_port()})
-        serve.run(build_app({"model": str(lm), "name": "tiny", "stages": 2, "layer_split": "4,4",
-                             "cpus_per_stage": 0.25, "num_slots": 1, "max_queue": 1, "max_restarts": 0,
-                             "health_check_period_s": 1, "health_check_timeout_s": 10}),
-                  name="tiny", route_prefix="/tiny")
-        serve.run(build_app({"model": str(lm), "name": "paced", "stages": 1, "cpus_per_stage": 0.25,
-                             "stream_interval_ms": 1000}), name="paced", route_prefix="/paced")
-        yield f"127.0.0.1:{port}"
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+    lm = str(models[0])
+    apps = {"tiny": {"model": lm, "stages": 2, "layer_split": "4,4", "cpus_per_stage": 0.25, "num_slots": 1,
+                     "max_queue": 1, "max_restarts": 0, "health_check_period_s": 1, "health_check_timeout_s": 10},
+            "paced": {"model": lm, "stages": 1, "cpus_per_stage": 0.25, "stream_interval_ms": 1000}}
+    # metrics show up in the test's time
+    with serve_apps(apps, system_config={"metrics_report_interval_ms": 500}) as address:
+        yield address
 
 
 @pytest.fixture(scope="module")
@@ -69,16 +52,6 @@ def _stats() -> dict:
     return serve.get_app_handle("tiny").stats.remote().result()
 
 
-def _until(predicate, timeout: float = 60, what: str = "condition"):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def test_full_queue_gives_resource_exhausted_with_a_retry_hint(service, reference):
     ref, tok = reference
     want = ref.generate([tok.encode(PROMPT)], [SamplingParams(max_new_tokens=4, ignore_eos=True)])[0].output_ids
@@ -86,7 +59,7 @@ def test_full_queue_gives_resource_exhausted_with_a_retry_hint(service, referenc
         holder = c.generate_stream("hold the only slot", max_new_tokens=1500, ignore_eos=True)
         next(iter(holder))  # admitted: the one slot is taken
         waiter = c.generate_stream(PROMPT, max_new_tokens=4, ignore_eos=True)
-        _until(lambda: _stats()["scheduler"]["waiting"] == 1, what="the second request to queue")
+        until(lambda: _stats()["scheduler"]["waiting"] == 1, what="the second request to queue")
 
         with pytest.raises(JambaError) as e:
             c.generate(["one too many"], max_new_tokens=2)
@@ -114,7 +87,7 @@ def test_full_queue_gives_resource_exhausted_with_a_retry_hint(service, referenc
             for t in threads:
                 t.join(timeout=120)
     assert patient == {"call": want, "stream": want}
-    s = _until(lambda: (st := _stats())["scheduler"]["slots_in_use"] == 0 and st, what="the slot to be freed")
+    s = until(lambda: (st := _stats())["scheduler"]["slots_in_use"] == 0 and st, what="the slot to be freed")
     assert s["scheduler"]["waiting"] == 0 and [st["used_slots"] for st in s["stages"]] == [0, 0]
 
 
@@ -134,12 +107,12 @@ def test_metrics_count_requests_by_status(service):
                 return float(line.rsplit(" ", 1)[1])
         return None
 
-    assert _until(lambda: (sample("ray_jamba_requests_total", 'code="RESOURCE_EXHAUSTED"', 'method="Generate"') or 0) >= 1,
+    assert until(lambda: (sample("ray_jamba_requests_total", 'code="RESOURCE_EXHAUSTED"', 'method="Generate"') or 0) >= 1,
                   what="the refusal to be counted")
-    assert _until(lambda: (sample("ray_jamba_requests_total", 'code="OK"', 'method="GenerateStream"') or 0) >= 1,
+    assert until(lambda: (sample("ray_jamba_requests_total", 'code="OK"', 'method="GenerateStream"') or 0) >= 1,
                   what="a finished stream to be counted")
-    assert _until(lambda: (sample("ray_jamba_time_to_first_token_seconds_count") or 0) >= 1, what="TTFT samples")
-    assert _until(lambda: sample("ray_jamba_pipeline_up") == 1.0, what="the pipeline_up gauge")
+    assert until(lambda: (sample("ray_jamba_time_to_first_token_seconds_count") or 0) >= 1, what="TTFT samples")
+    assert until(lambda: sample("ray_jamba_pipeline_up") == 1.0, what="the pipeline_up gauge")
     assert sample("ray_jamba_stage_recoveries") == 0.0
 
 
@@ -204,7 +177,7 @@ def test_unrecoverable_stage_gives_unavailable_and_serve_replaces_the_replica(se
                 codes.add(err.code_name)
                 return None
 
-        assert _until(serving_again, timeout=180, what="a replacement replica") == want
+        assert until(serving_again, timeout=180, what="a replacement replica") == want
     assert codes <= {"UNAVAILABLE"}, codes
     new = _stats()
     assert {st["pid"] for st in new["stages"]}.isdisjoint(st["pid"] for st in old["stages"])

@@ -1,0 +1,79 @@
+"""What several test modules set up the same way: a free loopback port, Ray Serve with Jamba
+applications on a private cluster, a simulated multi-node cluster, and waiting for a condition."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import time
+from typing import Iterator
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serve_apps(apps: dict[str, dict], env: dict[str, str] | None = None,
+               system_config: dict | None = None) -> Iterator[str]:
+    """Start a private Ray cluster and Serve with each application of `apps` (name -> build_app
+    args); yields "127.0.0.1:PORT" of Serve's gRPC proxy. `env` is set for Ray's processes (they
+    inherit it) and restored afterwards."""
+    import ray
+    from ray import serve
+
+    from cluster.service import build_app, grpc_options, limit_message_size
+
+    saved = {k: os.environ.get(k) for k in env or {}}
+    os.environ.update(env or {})
+    port = free_port()
+    limit_message_size()
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
+             **({"_system_config": system_config} if system_config else {}))
+    try:
+        serve.start(grpc_options=grpc_options(port), http_options={"host": "127.0.0.1", "port": free_port()})
+        for name, args in apps.items():
+            serve.run(build_app({"name": name, **args}), name=name, route_prefix=f"/{name}")
+        yield f"127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@contextlib.contextmanager
+def simulated_cluster(nodes: int = 3, system_config: dict | None = None):
+    """A head that runs the driver only (no CPUs) and `nodes` 1-CPU raylets, each with its own
+    object store; the driver is connected for the duration. Yields the cluster_utils Cluster."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    head = {"num_cpus": 0, **({"_system_config": system_config} if system_config else {})}
+    c = Cluster(initialize_head=True, head_node_args=head)
+    try:
+        for _ in range(nodes):
+            c.add_node(num_cpus=1, object_store_memory=80 * 1024 * 1024)
+        c.wait_for_nodes()
+        ray.init(address=c.address, log_to_driver=False)
+        yield c
+    finally:
+        ray.shutdown()
+        c.shutdown()
+
+
+def until(predicate, timeout: float = 60, what: str = "condition"):
+    """Poll `predicate` until it returns something true, and return that."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
