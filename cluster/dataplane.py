@@ -92,6 +92,10 @@ class StageEndpoint:
         self.inbox = self.out = self.group = None
         self.transport = "zmq"
         self.sends: collections.deque = collections.deque()  # (work, tensor) of posted sends
+        # Where the loop's time goes (seconds): waiting for input, receiving and parsing it, the
+        # worker's step, sending the output. `stats()` reports them.
+        self.times = dict.fromkeys(("idle", "receive", "step", "send"), 0.0)
+        self.microbatches = 0
 
     def open(self, epoch: int, host: str) -> str:
         """Close the previous epoch's channels and bind a new inbox on `host`; returns its address."""
@@ -127,21 +131,36 @@ class StageEndpoint:
     def run(self, epoch: int) -> None:
         """The stage loop: receive, forward, send, until `stop`. Raises if a transfer fails."""
         self.stopped.clear()
+        times, clock = self.times, time.perf_counter
         try:
+            t0 = clock()
             while self.epoch == epoch:
                 if not self.inbox.poll(POLL_MS):
                     continue
+                t1 = clock()
                 frames = self.inbox.recv_multipart(copy=False)
                 header_bytes = frames[1].bytes
                 header = msgpack.unpackb(header_bytes)
                 x = self._input(frames, _tokens(header))
+                t2 = clock()
                 with self.step_lock:
                     if self.epoch != epoch:
                         break
                     out = self.worker.step(header, x)
+                t3 = clock()
                 self._output(frames[0].bytes, header_bytes, out)
+                t4 = clock()
+                times["idle"] += t1 - t0
+                times["receive"] += t2 - t1
+                times["step"] += t3 - t2
+                times["send"] += t4 - t3
+                self.microbatches += 1
+                t0 = t4
         finally:
             self.stopped.set()
+
+    def stats(self) -> dict:
+        return {"microbatches": self.microbatches, **{f"{k}_seconds": v for k, v in self.times.items()}}
 
     def _input(self, frames, n_tokens: int) -> torch.Tensor:
         w = self.worker

@@ -97,7 +97,7 @@ class StageActor:
         self.endpoint = StageEndpoint(self.worker, rank, num_stages)
 
     def info(self) -> dict:
-        return self.worker.info()
+        return dict(self.worker.info(), dataplane=self.endpoint.stats())
 
     def where(self) -> dict:
         ctx = ray.get_runtime_context()
