@@ -59,6 +59,9 @@ TRANSPORTS = ("auto", "zmq", "gloo", "nccl")
 MAX_PENDING_SENDS = 4  # torch.distributed sends a stage may have outstanding before it waits for one
 POLL_MS = 50  # how often an idle stage loop looks at its stop flag
 GROUP_TIMEOUT = datetime.timedelta(seconds=60)  # process-group rendezvous and a single transfer
+# Below this many bytes a payload is copied into the message: pyzmq's zero-copy send hands each
+# buffer back through a garbage-collector thread, a thread wake-up that costs more than the copy.
+ZERO_COPY_BYTES = 1 << 20
 
 
 def resolve_transport(transport: str, device: str) -> str:
@@ -179,11 +182,12 @@ class StageEndpoint:
 
     def _output(self, meta: bytes, header: bytes, out) -> None:
         if self.worker.is_last:  # the answer, msgpack bytes
-            self.out.send_multipart([meta, out], copy=False)
+            self.out.send_multipart([meta, out])
             return
         if self.group is None:
             payload = out.detach().contiguous().view(-1).view(torch.uint8).cpu().numpy() if out.numel() else b""
-            self.out.send_multipart([meta, header, payload], copy=False)  # zmq holds the array until sent
+            # Zero-copy: zmq holds the array until it is sent.
+            self.out.send_multipart([meta, header, payload], copy=len(payload) < ZERO_COPY_BYTES)
             return
         if out.numel():
             out = out.contiguous()
@@ -293,7 +297,7 @@ class DataPlane:
         fut = asyncio.get_running_loop().create_future()
         self.pending[seq] = fut
         meta = msgpack.packb([self.epoch, seq])
-        await self.to_first.send_multipart([meta, header, ids.to(torch.long).contiguous().numpy()], copy=False)
+        await self.to_first.send_multipart([meta, header, ids.to(torch.long).contiguous().numpy()])
         return await fut
 
     async def _read_answers(self) -> None:
