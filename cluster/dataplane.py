@@ -16,17 +16,21 @@ process lifecycle, restarts) and the microbatches take channels of their own:
   Ray placed it on; its upstream (the scheduler for stage 0) connects to it. The scheduler binds
   one answer socket, which the last stage connects to. ZeroMQ queues messages in its own I/O
   thread, so the next microbatch is already waiting when a stage finishes the current one.
-- A message is [meta, header, payload]: meta is msgpack [epoch, seq] (which incarnation of the
-  data plane, which microbatch), header is the scheduler's msgpack header, forwarded unchanged,
-  and payload is the token ids into stage 0 or, with the "zmq" transport, the activations. The
-  last stage answers [meta, answer].
+- A message is [key, meta, header, payload]: key is the epoch's secret (a message without it is
+  dropped: the sockets listen on the node's address, and Ray's authenticated calls are how the
+  key reaches the stages), meta is msgpack [epoch, seq] (which incarnation of the data plane,
+  which microbatch), header is the scheduler's msgpack header, forwarded unchanged, and payload
+  is the token ids into stage 0 or, with the "zmq" transport, the activations. The last stage
+  answers [key, meta, answer].
 - Activations between stages, by `transport`:
     "zmq"   inline in the message (CPU stages: zero-copy on send, one copy on receive);
-    "nccl"  torch.distributed point-to-point, device to device (GPU stages; chosen by "auto");
+    "nccl"  torch.distributed point-to-point, device to device (stages with a GPU each; "auto"
+            picks it then; stages sharing a GPU use "zmq", since NCCL needs one device a rank);
     "gloo"  the same torch.distributed code path on CPU, so that path (process-group rendezvous,
             eager sends, rebuilding after a failure) runs in CI without GPUs.
-  A stage posts its send and goes on with the next microbatch; it waits for a send only when
-  more than a few are outstanding.
+  The control message goes first, so the next stage posts its receive (NCCL creates a pair's
+  communicator on the first transfer, with both sides in it); then the stage posts its send and
+  goes on with the next microbatch, waiting for a send only when more than a few are outstanding.
 
 Failures: every stage's loop runs inside one long actor call (`run`), so the scheduler's side
 learns that a stage died as soon as Ray fails that call, and fails every microbatch in flight
@@ -43,8 +47,10 @@ from __future__ import annotations
 import asyncio
 import collections
 import datetime
+import hmac
 import itertools
 import logging
+import secrets
 import threading
 import time
 
@@ -64,13 +70,14 @@ GROUP_TIMEOUT = datetime.timedelta(seconds=60)  # process-group rendezvous and a
 ZERO_COPY_BYTES = 1 << 20
 
 
-def resolve_transport(transport: str, device: str) -> str:
+def resolve_transport(transport: str, gpus_per_stage: float) -> str:
     if transport not in TRANSPORTS:
         raise ValueError(f"unknown transport {transport!r}: expected one of {', '.join(TRANSPORTS)}")
     if transport == "auto":
-        return "nccl" if device == "cuda" else "zmq"
-    if transport == "nccl" and device != "cuda":
-        raise ValueError("the nccl transport needs GPU stages (gpus_per_stage > 0)")
+        return "nccl" if gpus_per_stage >= 1 else "zmq"
+    if transport == "nccl" and gpus_per_stage < 1:
+        raise ValueError("the nccl transport needs GPU stages with a GPU each (gpus_per_stage >= 1): "
+                         "NCCL cannot connect two ranks on one device")
     return transport
 
 
@@ -93,20 +100,22 @@ class StageEndpoint:
         self.stopped = threading.Event()
         self.stopped.set()
         self.inbox = self.out = self.group = None
-        self.transport = "zmq"
+        self.transport, self.key = "zmq", b""
+        self.rejected = 0  # messages dropped for a wrong key
         self.sends: collections.deque = collections.deque()  # (work, tensor) of posted sends
         # Where the loop's time goes (seconds): waiting for input, receiving and parsing it, the
         # worker's step, sending the output. `stats()` reports them.
         self.times = dict.fromkeys(("idle", "receive", "step", "send"), 0.0)
         self.microbatches = 0
 
-    def open(self, epoch: int, host: str) -> str:
+    def open(self, epoch: int, key: bytes, host: str) -> str:
         """Close the previous epoch's channels and bind a new inbox on `host`; returns its address."""
         self.stop(self.epoch)
         self._close_channels()
-        self.epoch = epoch
+        self.epoch, self.key = epoch, key
         self.inbox = self.ctx.socket(zmq.PULL)
         self.inbox.setsockopt(zmq.RCVHWM, 0)  # the scheduler bounds what is in flight
+        self.inbox.setsockopt(zmq.RCVTIMEO, POLL_MS)  # so the loop sees its stop flag
         port = self.inbox.bind_to_random_port(f"tcp://{host}")
         return f"tcp://{host}:{port}"
 
@@ -123,6 +132,17 @@ class StageEndpoint:
         self.transport = transport
         if transport in ("gloo", "nccl") and self.num_stages > 1:
             self.group = _process_group(transport, store, epoch, self.rank, self.num_stages, host)
+            self._exchange_with_neighbours()
+
+    def _exchange_with_neighbours(self) -> None:
+        """One small transfer along the chain before any microbatch, so a broken group fails here,
+        at setup, and NCCL's pair communicators exist before the first microbatch. Receiving from
+        the previous stage before sending to the next makes the chain resolve in order."""
+        w = self.worker
+        if self.rank > 0:
+            self.group.recv([torch.empty(1, dtype=w.dtype, device=w.device)], self.rank - 1, 0).wait()
+        if self.rank < self.num_stages - 1:
+            self.group.send([torch.zeros(1, dtype=w.dtype, device=w.device)], self.rank + 1, 0).wait()
 
     def stop(self, epoch: int, wait_s: float = 10.0) -> None:
         """End `epoch`'s loop; returns once it has left (or after `wait_s`: a loop stuck in a
@@ -138,10 +158,15 @@ class StageEndpoint:
         try:
             t0 = clock()
             while self.epoch == epoch:
-                if not self.inbox.poll(POLL_MS):
+                try:
+                    frames = self.inbox.recv_multipart(copy=False)
+                except zmq.Again:  # nothing within POLL_MS
                     continue
                 t1 = clock()
-                frames = self.inbox.recv_multipart(copy=False)
+                if not hmac.compare_digest(frames[0].bytes, self.key):
+                    self._reject(frames)
+                    continue
+                frames = frames[1:]
                 header_bytes = frames[1].bytes
                 header = msgpack.unpackb(header_bytes)
                 x = self._input(frames, _tokens(header))
@@ -162,8 +187,15 @@ class StageEndpoint:
         finally:
             self.stopped.set()
 
+    def _reject(self, frames) -> None:
+        self.rejected += 1
+        if self.rejected & (self.rejected - 1) == 0:  # 1st, 2nd, 4th, 8th, ...: a flood cannot flood the log
+            log.warning("stage %d dropped %d message(s) without the data plane's key (%d frame(s), %d bytes)",
+                        self.rank, self.rejected, len(frames), sum(len(f.bytes) for f in frames))
+
     def stats(self) -> dict:
-        return {"microbatches": self.microbatches, **{f"{k}_seconds": v for k, v in self.times.items()}}
+        return {"microbatches": self.microbatches, "rejected": self.rejected,
+                **{f"{k}_seconds": v for k, v in self.times.items()}}
 
     def _input(self, frames, n_tokens: int) -> torch.Tensor:
         w = self.worker
@@ -182,19 +214,19 @@ class StageEndpoint:
 
     def _output(self, meta: bytes, header: bytes, out) -> None:
         if self.worker.is_last:  # the answer, msgpack bytes
-            self.out.send_multipart([meta, out])
+            self.out.send_multipart([self.key, meta, out])
             return
         if self.group is None:
             payload = out.detach().contiguous().view(-1).view(torch.uint8).cpu().numpy() if out.numel() else b""
             # Zero-copy: zmq holds the array until it is sent.
-            self.out.send_multipart([meta, header, payload], copy=len(payload) < ZERO_COPY_BYTES)
+            self.out.send_multipart([self.key, meta, header, payload], copy=len(payload) < ZERO_COPY_BYTES)
             return
+        self.out.send_multipart([self.key, meta, header])  # first: see the module's docstring
         if out.numel():
             out = out.contiguous()
             self.sends.append((self.group.send([out], self.rank + 1, 0), out))
             while len(self.sends) > MAX_PENDING_SENDS:
                 self.sends.popleft()[0].wait()
-        self.out.send_multipart([meta, header])
 
     def _close_channels(self) -> None:
         for s in (self.inbox, self.out):
@@ -254,19 +286,21 @@ class DataPlane:
         self.answer_address = f"tcp://{host}:{self.answers.bind_to_random_port(f'tcp://{host}')}"
         self.to_first: zmq.asyncio.Socket | None = None
         self.store = None  # the process groups' rendezvous, hosted here for the pipeline's lifetime
-        self.epoch = 0
+        self.epoch, self.key = 0, b""
         self.seq = itertools.count()
         self.pending: dict[int, asyncio.Future] = {}
         self.broken: DataPlaneError | None = DataPlaneError("the data plane is not started")
         self.runs: list = []
+        self.inboxes: list[str] = []
         self._reader = asyncio.get_running_loop().create_task(self._read_answers())
         self._watcher: asyncio.Task | None = None
 
     async def start(self) -> None:
         t0 = time.perf_counter()
         self.epoch += 1
+        self.key = secrets.token_bytes(16)
         epoch, P = self.epoch, len(self.actors)
-        inboxes = await asyncio.gather(*[a.open_dataplane.remote(epoch) for a in self.actors])
+        inboxes = await asyncio.gather(*[a.open_dataplane.remote(epoch, self.key) for a in self.actors])
         store = None
         if self.transport in ("gloo", "nccl") and P > 1:
             if self.store is None:
@@ -274,7 +308,8 @@ class DataPlane:
 
                 self.store = dist.TCPStore(self.host, 0, None, True, GROUP_TIMEOUT, wait_for_workers=False)
             store = (self.host, self.store.port)
-        nexts = list(inboxes[1:]) + [self.answer_address]
+        self.inboxes = list(inboxes)
+        nexts = self.inboxes[1:] + [self.answer_address]
         await asyncio.gather(*[a.connect_dataplane.remote(epoch, nexts[k], self.transport, store)
                                for k, a in enumerate(self.actors)])
         if self.to_first is not None:
@@ -297,12 +332,15 @@ class DataPlane:
         fut = asyncio.get_running_loop().create_future()
         self.pending[seq] = fut
         meta = msgpack.packb([self.epoch, seq])
-        await self.to_first.send_multipart([meta, header, ids.to(torch.long).contiguous().numpy()])
+        await self.to_first.send_multipart([self.key, meta, header, ids.to(torch.long).contiguous().numpy()])
         return await fut
 
     async def _read_answers(self) -> None:
         while True:
-            meta, answer = await self.answers.recv_multipart()
+            frames = await self.answers.recv_multipart()
+            if len(frames) != 3 or not hmac.compare_digest(frames[0], self.key):
+                continue  # not from this epoch's last stage
+            _, meta, answer = frames
             epoch, seq = msgpack.unpackb(meta)
             fut = self.pending.pop(seq, None) if epoch == self.epoch else None
             if fut is not None and not fut.done():

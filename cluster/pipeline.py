@@ -103,8 +103,8 @@ class StageActor:
         ctx = ray.get_runtime_context()
         return {"node_id": ctx.get_node_id(), "node_ip": ray.util.get_node_ip_address(), "gpu_ids": ray.get_gpu_ids()}
 
-    def open_dataplane(self, epoch: int) -> str:
-        return self.endpoint.open(epoch, ray.util.get_node_ip_address())
+    def open_dataplane(self, epoch: int, key: bytes) -> str:
+        return self.endpoint.open(epoch, key, ray.util.get_node_ip_address())
 
     def connect_dataplane(self, epoch: int, next_address: str, transport: str, store) -> None:
         self.endpoint.connect(epoch, next_address, transport, store, ray.util.get_node_ip_address())
@@ -140,7 +140,7 @@ class Pipeline:
         if len(splits) != cfg.num_stages:
             raise ValueError(f"layer split has {len(splits)} stages, but num_stages is {cfg.num_stages}")
         device = "cuda" if cfg.gpus_per_stage else "cpu"
-        transport = resolve_transport(cfg.transport, device)
+        transport = resolve_transport(cfg.transport, cfg.gpus_per_stage)
         import_class(cfg.worker_cls)  # a bad path fails here, before anything is placed
         max_seq_len = cfg.max_seq_len or min(config.max_position_embeddings, 4096)
         cpus = cfg.threads_per_stage if cfg.cpus_per_stage is None else cfg.cpus_per_stage
