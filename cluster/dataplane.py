@@ -32,11 +32,13 @@ process lifecycle, restarts) and the microbatches take channels of their own:
   communicator on the first transfer, with both sides in it); then the stage posts its send and
   goes on with the next microbatch, waiting for a send only when more than a few are outstanding.
 
-Failures: every stage's loop runs inside one long actor call (`run`), so the scheduler's side
-learns that a stage died as soon as Ray fails that call, and fails every microbatch in flight
-(the scheduler replays their requests). `rebuild()` waits until Ray has restarted the stage, stops
-the survivors' loops and builds a new epoch: new sockets, a new process group. Answers of an
-older epoch are dropped.
+Failures: the scheduler's side pings every stage twice a second (a short actor call; Ray fails
+it once the stage's process is gone, and a stage whose loop died says why), and on a failure
+fails every microbatch in flight (the scheduler replays their requests). `rebuild()` waits until
+Ray has restarted the stage, stops the survivors' loops and builds a new epoch: new sockets, a new
+process group. Answers of an older epoch are dropped. (The loop is not itself a long actor call:
+a process that exits with calls of its own still running is aborted by Ray's core worker before
+it can clean up, which leaked a batch job's placement groups.)
 
 `StageEndpoint` is the stage's side (it knows nothing of Ray: the actor calls it);
 `DataPlane` is the scheduler's side and drives the stage actors.
@@ -64,6 +66,7 @@ log = logging.getLogger(__name__)
 TRANSPORTS = ("auto", "zmq", "gloo", "nccl")
 MAX_PENDING_SENDS = 4  # torch.distributed sends a stage may have outstanding before it waits for one
 POLL_MS = 50  # how often an idle stage loop looks at its stop flag
+WATCH_S = 0.5  # how often the scheduler's side pings the stages
 GROUP_TIMEOUT = datetime.timedelta(seconds=60)  # process-group rendezvous and a single transfer
 # Below this many bytes a payload is copied into the message: pyzmq's zero-copy send hands each
 # buffer back through a garbage-collector thread, a thread wake-up that costs more than the copy.
@@ -100,6 +103,8 @@ class StageEndpoint:
         self.stopped = threading.Event()
         self.stopped.set()
         self.inbox = self.out = self.group = None
+        self.thread: threading.Thread | None = None
+        self.failed: str | None = None
         self.transport, self.key = "zmq", b""
         self.rejected = 0  # messages dropped for a wrong key
         self.sends: collections.deque = collections.deque()  # (work, tensor) of posted sends
@@ -143,6 +148,29 @@ class StageEndpoint:
             self.group.recv([torch.empty(1, dtype=w.dtype, device=w.device)], self.rank - 1, 0).wait()
         if self.rank < self.num_stages - 1:
             self.group.send([torch.zeros(1, dtype=w.dtype, device=w.device)], self.rank + 1, 0).wait()
+
+    def start(self, epoch: int) -> None:
+        """Run `epoch`'s loop in a thread of its own; `failure` says if it ended."""
+        assert epoch == self.epoch, "start of an epoch that was not opened"
+        self.failed = None
+        self.stopped.clear()
+        self.thread = threading.Thread(target=self._run, args=(epoch,), name=f"dataplane-{epoch}", daemon=True)
+        self.thread.start()
+
+    def _run(self, epoch: int) -> None:
+        try:
+            self.run(epoch)
+        except Exception as e:
+            self.failed = f"{type(e).__name__}: {e}"
+            log.exception("stage %d: the data-plane loop of epoch %d failed", self.rank, epoch)
+
+    def failure(self, epoch: int) -> str | None:
+        """None while `epoch`'s loop runs; else why not."""
+        if self.failed:
+            return self.failed
+        if epoch != self.epoch or not self.thread.is_alive():
+            return f"its loop of epoch {epoch} is not running"
+        return None
 
     def stop(self, epoch: int, wait_s: float = 10.0) -> None:
         """End `epoch`'s loop; returns once it has left (or after `wait_s`: a loop stuck in a
@@ -234,7 +262,14 @@ class StageEndpoint:
                 s.close(linger=0)
         self.inbox = self.out = None
         self.sends.clear()
-        self.group = None  # a broken group's transfers fail on their own; nothing waits for them
+        if self.transport == "nccl" and self.group is not None:
+            # NCCL transfers from a dead peer never end by themselves (its watchdog would kill this
+            # process at the timeout): abort the old communicators before the new epoch's.
+            try:
+                self.group.abort()
+            except Exception as e:  # an older torch without abort(): the watchdog remains
+                log.warning("could not abort the previous NCCL group: %s", e)
+        self.group = None  # a broken gloo group's transfers fail on their own; nothing waits for them
 
     def close(self) -> None:
         self.stop(self.epoch, wait_s=1.0)
@@ -274,7 +309,7 @@ class DataPlaneError(RuntimeError):
 
 class DataPlane:
     """Drives the stage actors' endpoints (through the actor methods `open_dataplane`,
-    `connect_dataplane`, `run_dataplane`, `stop_dataplane`) and gives the scheduler
+    `connect_dataplane`, `start_dataplane`, `ping_dataplane`, `stop_dataplane`) and gives the scheduler
     `send(header, ids) -> answer`. Lives on the event loop of the scheduler's process."""
 
     def __init__(self, actors: list, transport: str, host: str, wait_for_stages) -> None:
@@ -290,7 +325,6 @@ class DataPlane:
         self.seq = itertools.count()
         self.pending: dict[int, asyncio.Future] = {}
         self.broken: DataPlaneError | None = DataPlaneError("the data plane is not started")
-        self.runs: list = []
         self.inboxes: list[str] = []
         self._reader = asyncio.get_running_loop().create_task(self._read_answers())
         self._watcher: asyncio.Task | None = None
@@ -318,9 +352,9 @@ class DataPlane:
         self.to_first.setsockopt(zmq.SNDHWM, 0)
         self.to_first.setsockopt(zmq.LINGER, 0)
         self.to_first.connect(inboxes[0])
-        self.runs = [a.run_dataplane.remote(epoch) for a in self.actors]
-        self._watcher = asyncio.get_running_loop().create_task(self._watch(epoch, self.runs))
+        await asyncio.gather(*[a.start_dataplane.remote(epoch) for a in self.actors])
         self.broken = None
+        self._watcher = asyncio.get_running_loop().create_task(self._watch(epoch))
         log.info("data plane epoch %d up in %.2fs: %d stage(s), activations over %s", epoch,
                  time.perf_counter() - t0, P, self.transport if P > 1 else "(single stage)")
 
@@ -346,19 +380,26 @@ class DataPlane:
             if fut is not None and not fut.done():
                 fut.set_result(answer)
 
-    async def _watch(self, epoch: int, runs: list) -> None:
-        """A stage loop only returns when it is told to stop: a run call that ends during its
-        epoch means the stage died (Ray fails the call) or its loop failed."""
-        futures = {asyncio.ensure_future(_awaitable(r)): k for k, r in enumerate(runs)}
-        done, _ = await asyncio.wait(futures, return_when=asyncio.FIRST_COMPLETED)
-        if epoch != self.epoch or self.broken is not None:
+    async def _watch(self, epoch: int) -> None:
+        """Ping every stage until this epoch ends; break the data plane when one is gone (Ray
+        fails the call) or its loop stopped."""
+        while epoch == self.epoch and self.broken is None:
+            await asyncio.sleep(WATCH_S)
+            try:
+                failures = await asyncio.gather(*[a.ping_dataplane.remote(epoch) for a in self.actors])
+            except Exception as e:  # a Ray actor error: the stage died or is restarting
+                cause = e
+            else:
+                bad = [(k, f) for k, f in enumerate(failures) if f]
+                if not bad:
+                    continue
+                cause = DataPlaneError(f"stage {bad[0][0]} of the data plane failed: {bad[0][1]}")
+            if epoch != self.epoch or self.broken is not None:
+                return
+            log.warning("the data plane broke (%s): %s", type(cause).__name__,
+                        str(cause).splitlines()[0] if str(cause) else "")
+            self._break(cause)
             return
-        task = next(iter(done))
-        k, err = futures[task], task.exception() if not task.cancelled() else None
-        cause = err if err is not None else RuntimeError("its loop stopped")
-        log.warning("stage %d of the data plane failed (%s): %s", k, type(cause).__name__,
-                    str(cause).splitlines()[0] if str(cause) else "")
-        self._break(cause)
 
     def _break(self, cause: BaseException) -> None:
         # The scheduler sees the cause itself (a Ray actor error when a stage died), as it would
@@ -386,15 +427,13 @@ class DataPlane:
             self._watcher.cancel()
 
     async def close(self) -> None:
+        """Local only (no call to the stages, which the pipeline kills next): this also runs where
+        Ray is tearing the process down, as when Ray Data drops a batch job's pool actor."""
+        self.epoch += 1
         if self.broken is None:
             self._break(DataPlaneError("the pipeline was shut down"))
-        try:
-            await asyncio.wait_for(self._stop_loops(), timeout=15)
-        except asyncio.TimeoutError:
-            pass
-        self._reader.cancel()
+        for task in (self._watcher, self._reader):
+            if task is not None:
+                task.cancel()
         self.ctx.destroy(linger=0)
 
-
-async def _awaitable(ref):
-    return await ref

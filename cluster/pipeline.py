@@ -89,8 +89,8 @@ def import_class(path: str):
 
 @ray.remote
 class StageActor:
-    """One stage: its worker and its end of the data plane. A threaded actor: the data-plane loop
-    holds one thread for its whole epoch while stats and setup calls take the others."""
+    """One stage: its worker and its end of the data plane. A threaded actor, so that stats, pings
+    and setup calls are answered while the data-plane loop (a thread of the endpoint's) runs."""
 
     def __init__(self, worker_cls: str, args: tuple, kwargs: dict, rank: int, num_stages: int) -> None:
         self.worker = import_class(worker_cls)(*args, **kwargs)
@@ -109,8 +109,11 @@ class StageActor:
     def connect_dataplane(self, epoch: int, next_address: str, transport: str, store) -> None:
         self.endpoint.connect(epoch, next_address, transport, store, ray.util.get_node_ip_address())
 
-    def run_dataplane(self, epoch: int) -> None:
-        self.endpoint.run(epoch)
+    def start_dataplane(self, epoch: int) -> None:
+        self.endpoint.start(epoch)
+
+    def ping_dataplane(self, epoch: int) -> str | None:
+        return self.endpoint.failure(epoch)
 
     def stop_dataplane(self, epoch: int) -> None:
         self.endpoint.stop(epoch)
@@ -226,12 +229,14 @@ class Pipeline:
         return await asyncio.gather(*[a.info.remote() for a in self.actors])
 
     async def close(self) -> None:
-        await self.scheduler.close()
-        await self.dataplane.close()
-        for a in self.actors:
-            ray.kill(a)
-        if self.pg is not None:
-            remove_placement_group(self.pg)
+        try:
+            await self.scheduler.close()
+            await self.dataplane.close()
+        finally:  # whatever happened above, the stages and their resources go
+            for a in self.actors:
+                ray.kill(a)
+            if self.pg is not None:
+                remove_placement_group(self.pg)
 
 
 async def _wait_for_stages(actors, gone_after: float = 5.0) -> None:
