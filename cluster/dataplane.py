@@ -16,23 +16,29 @@ process lifecycle, restarts) and the microbatches take channels of their own:
   Ray placed it on; its upstream (the scheduler for stage 0) connects to it. The scheduler binds
   one answer socket, which the last stage connects to. ZeroMQ queues messages in its own I/O
   thread, so the next microbatch is already waiting when a stage finishes the current one.
-- A message is [meta, header, payload]: meta is msgpack [epoch, seq] (which incarnation of the
-  data plane, which microbatch), header is the scheduler's msgpack header, forwarded unchanged,
-  and payload is the token ids into stage 0 or, with the "zmq" transport, the activations. The
-  last stage answers [meta, answer].
+- A message is [key, meta, header, payload]: key is the epoch's secret (a message without it is
+  dropped: the sockets listen on the node's address, and Ray's authenticated calls are how the
+  key reaches the stages), meta is msgpack [epoch, seq] (which incarnation of the data plane,
+  which microbatch), header is the scheduler's msgpack header, forwarded unchanged, and payload
+  is the token ids into stage 0 or, with the "zmq" transport, the activations. The last stage
+  answers [key, meta, answer].
 - Activations between stages, by `transport`:
     "zmq"   inline in the message (CPU stages: zero-copy on send, one copy on receive);
-    "nccl"  torch.distributed point-to-point, device to device (GPU stages; chosen by "auto");
+    "nccl"  torch.distributed point-to-point, device to device (stages with a GPU each; "auto"
+            picks it then; stages sharing a GPU use "zmq", since NCCL needs one device a rank);
     "gloo"  the same torch.distributed code path on CPU, so that path (process-group rendezvous,
             eager sends, rebuilding after a failure) runs in CI without GPUs.
-  A stage posts its send and goes on with the next microbatch; it waits for a send only when
-  more than a few are outstanding.
+  The control message goes first, so the next stage posts its receive (NCCL creates a pair's
+  communicator on the first transfer, with both sides in it); then the stage posts its send and
+  goes on with the next microbatch, waiting for a send only when more than a few are outstanding.
 
-Failures: every stage's loop runs inside one long actor call (`run`), so the scheduler's side
-learns that a stage died as soon as Ray fails that call, and fails every microbatch in flight
-(the scheduler replays their requests). `rebuild()` waits until Ray has restarted the stage, stops
-the survivors' loops and builds a new epoch: new sockets, a new process group. Answers of an
-older epoch are dropped.
+Failures: the scheduler's side pings every stage twice a second (a short actor call; Ray fails
+it once the stage's process is gone, and a stage whose loop died says why), and on a failure
+fails every microbatch in flight (the scheduler replays their requests). `rebuild()` waits until
+Ray has restarted the stage, stops the survivors' loops and builds a new epoch: new sockets, a new
+process group. Answers of an older epoch are dropped. (The loop is not itself a long actor call:
+a process that exits with calls of its own still running is aborted by Ray's core worker before
+it can clean up, which leaked a batch job's placement groups.)
 
 `StageEndpoint` is the stage's side (it knows nothing of Ray: the actor calls it);
 `DataPlane` is the scheduler's side and drives the stage actors.
@@ -43,8 +49,10 @@ from __future__ import annotations
 import asyncio
 import collections
 import datetime
+import hmac
 import itertools
 import logging
+import secrets
 import threading
 import time
 
@@ -58,19 +66,21 @@ log = logging.getLogger(__name__)
 TRANSPORTS = ("auto", "zmq", "gloo", "nccl")
 MAX_PENDING_SENDS = 4  # torch.distributed sends a stage may have outstanding before it waits for one
 POLL_MS = 50  # how often an idle stage loop looks at its stop flag
+WATCH_S = 0.5  # how often the scheduler's side pings the stages
 GROUP_TIMEOUT = datetime.timedelta(seconds=60)  # process-group rendezvous and a single transfer
 # Below this many bytes a payload is copied into the message: pyzmq's zero-copy send hands each
 # buffer back through a garbage-collector thread, a thread wake-up that costs more than the copy.
 ZERO_COPY_BYTES = 1 << 20
 
 
-def resolve_transport(transport: str, device: str) -> str:
+def resolve_transport(transport: str, gpus_per_stage: float) -> str:
     if transport not in TRANSPORTS:
         raise ValueError(f"unknown transport {transport!r}: expected one of {', '.join(TRANSPORTS)}")
     if transport == "auto":
-        return "nccl" if device == "cuda" else "zmq"
-    if transport == "nccl" and device != "cuda":
-        raise ValueError("the nccl transport needs GPU stages (gpus_per_stage > 0)")
+        return "nccl" if gpus_per_stage >= 1 else "zmq"
+    if transport == "nccl" and gpus_per_stage < 1:
+        raise ValueError("the nccl transport needs GPU stages with a GPU each (gpus_per_stage >= 1): "
+                         "NCCL cannot connect two ranks on one device")
     return transport
 
 
@@ -93,20 +103,24 @@ class StageEndpoint:
         self.stopped = threading.Event()
         self.stopped.set()
         self.inbox = self.out = self.group = None
-        self.transport = "zmq"
+        self.thread: threading.Thread | None = None
+        self.failed: str | None = None
+        self.transport, self.key = "zmq", b""
+        self.rejected = 0  # messages dropped for a wrong key
         self.sends: collections.deque = collections.deque()  # (work, tensor) of posted sends
         # Where the loop's time goes (seconds): waiting for input, receiving and parsing it, the
         # worker's step, sending the output. `stats()` reports them.
         self.times = dict.fromkeys(("idle", "receive", "step", "send"), 0.0)
         self.microbatches = 0
 
-    def open(self, epoch: int, host: str) -> str:
+    def open(self, epoch: int, key: bytes, host: str) -> str:
         """Close the previous epoch's channels and bind a new inbox on `host`; returns its address."""
         self.stop(self.epoch)
         self._close_channels()
-        self.epoch = epoch
+        self.epoch, self.key = epoch, key
         self.inbox = self.ctx.socket(zmq.PULL)
         self.inbox.setsockopt(zmq.RCVHWM, 0)  # the scheduler bounds what is in flight
+        self.inbox.setsockopt(zmq.RCVTIMEO, POLL_MS)  # so the loop sees its stop flag
         port = self.inbox.bind_to_random_port(f"tcp://{host}")
         return f"tcp://{host}:{port}"
 
@@ -123,6 +137,40 @@ class StageEndpoint:
         self.transport = transport
         if transport in ("gloo", "nccl") and self.num_stages > 1:
             self.group = _process_group(transport, store, epoch, self.rank, self.num_stages, host)
+            self._exchange_with_neighbours()
+
+    def _exchange_with_neighbours(self) -> None:
+        """One small transfer along the chain before any microbatch, so a broken group fails here,
+        at setup, and NCCL's pair communicators exist before the first microbatch. Receiving from
+        the previous stage before sending to the next makes the chain resolve in order."""
+        w = self.worker
+        if self.rank > 0:
+            self.group.recv([torch.empty(1, dtype=w.dtype, device=w.device)], self.rank - 1, 0).wait()
+        if self.rank < self.num_stages - 1:
+            self.group.send([torch.zeros(1, dtype=w.dtype, device=w.device)], self.rank + 1, 0).wait()
+
+    def start(self, epoch: int) -> None:
+        """Run `epoch`'s loop in a thread of its own; `failure` says if it ended."""
+        assert epoch == self.epoch, "start of an epoch that was not opened"
+        self.failed = None
+        self.stopped.clear()
+        self.thread = threading.Thread(target=self._run, args=(epoch,), name=f"dataplane-{epoch}", daemon=True)
+        self.thread.start()
+
+    def _run(self, epoch: int) -> None:
+        try:
+            self.run(epoch)
+        except Exception as e:
+            self.failed = f"{type(e).__name__}: {e}"
+            log.exception("stage %d: the data-plane loop of epoch %d failed", self.rank, epoch)
+
+    def failure(self, epoch: int) -> str | None:
+        """None while `epoch`'s loop runs; else why not."""
+        if self.failed:
+            return self.failed
+        if epoch != self.epoch or not self.thread.is_alive():
+            return f"its loop of epoch {epoch} is not running"
+        return None
 
     def stop(self, epoch: int, wait_s: float = 10.0) -> None:
         """End `epoch`'s loop; returns once it has left (or after `wait_s`: a loop stuck in a
@@ -138,10 +186,15 @@ class StageEndpoint:
         try:
             t0 = clock()
             while self.epoch == epoch:
-                if not self.inbox.poll(POLL_MS):
+                try:
+                    frames = self.inbox.recv_multipart(copy=False)
+                except zmq.Again:  # nothing within POLL_MS
                     continue
                 t1 = clock()
-                frames = self.inbox.recv_multipart(copy=False)
+                if not hmac.compare_digest(frames[0].bytes, self.key):
+                    self._reject(frames)
+                    continue
+                frames = frames[1:]
                 header_bytes = frames[1].bytes
                 header = msgpack.unpackb(header_bytes)
                 x = self._input(frames, _tokens(header))
@@ -162,8 +215,15 @@ class StageEndpoint:
         finally:
             self.stopped.set()
 
+    def _reject(self, frames) -> None:
+        self.rejected += 1
+        if self.rejected & (self.rejected - 1) == 0:  # 1st, 2nd, 4th, 8th, ...: a flood cannot flood the log
+            log.warning("stage %d dropped %d message(s) without the data plane's key (%d frame(s), %d bytes)",
+                        self.rank, self.rejected, len(frames), sum(len(f.bytes) for f in frames))
+
     def stats(self) -> dict:
-        return {"microbatches": self.microbatches, **{f"{k}_seconds": v for k, v in self.times.items()}}
+        return {"microbatches": self.microbatches, "rejected": self.rejected,
+                **{f"{k}_seconds": v for k, v in self.times.items()}}
 
     def _input(self, frames, n_tokens: int) -> torch.Tensor:
         w = self.worker
@@ -182,19 +242,19 @@ class StageEndpoint:
 
     def _output(self, meta: bytes, header: bytes, out) -> None:
         if self.worker.is_last:  # the answer, msgpack bytes
-            self.out.send_multipart([meta, out])
+            self.out.send_multipart([self.key, meta, out])
             return
         if self.group is None:
             payload = out.detach().contiguous().view(-1).view(torch.uint8).cpu().numpy() if out.numel() else b""
             # Zero-copy: zmq holds the array until it is sent.
-            self.out.send_multipart([meta, header, payload], copy=len(payload) < ZERO_COPY_BYTES)
+            self.out.send_multipart([self.key, meta, header, payload], copy=len(payload) < ZERO_COPY_BYTES)
             return
+        self.out.send_multipart([self.key, meta, header])  # first: see the module's docstring
         if out.numel():
             out = out.contiguous()
             self.sends.append((self.group.send([out], self.rank + 1, 0), out))
             while len(self.sends) > MAX_PENDING_SENDS:
                 self.sends.popleft()[0].wait()
-        self.out.send_multipart([meta, header])
 
     def _close_channels(self) -> None:
         for s in (self.inbox, self.out):
@@ -202,7 +262,14 @@ class StageEndpoint:
                 s.close(linger=0)
         self.inbox = self.out = None
         self.sends.clear()
-        self.group = None  # a broken group's transfers fail on their own; nothing waits for them
+        if self.transport == "nccl" and self.group is not None:
+            # NCCL transfers from a dead peer never end by themselves (its watchdog would kill this
+            # process at the timeout): abort the old communicators before the new epoch's.
+            try:
+                self.group.abort()
+            except Exception as e:  # an older torch without abort(): the watchdog remains
+                log.warning("could not abort the previous NCCL group: %s", e)
+        self.group = None  # a broken gloo group's transfers fail on their own; nothing waits for them
 
     def close(self) -> None:
         self.stop(self.epoch, wait_s=1.0)
@@ -242,7 +309,7 @@ class DataPlaneError(RuntimeError):
 
 class DataPlane:
     """Drives the stage actors' endpoints (through the actor methods `open_dataplane`,
-    `connect_dataplane`, `run_dataplane`, `stop_dataplane`) and gives the scheduler
+    `connect_dataplane`, `start_dataplane`, `ping_dataplane`, `stop_dataplane`) and gives the scheduler
     `send(header, ids) -> answer`. Lives on the event loop of the scheduler's process."""
 
     def __init__(self, actors: list, transport: str, host: str, wait_for_stages) -> None:
@@ -254,19 +321,20 @@ class DataPlane:
         self.answer_address = f"tcp://{host}:{self.answers.bind_to_random_port(f'tcp://{host}')}"
         self.to_first: zmq.asyncio.Socket | None = None
         self.store = None  # the process groups' rendezvous, hosted here for the pipeline's lifetime
-        self.epoch = 0
+        self.epoch, self.key = 0, b""
         self.seq = itertools.count()
         self.pending: dict[int, asyncio.Future] = {}
         self.broken: DataPlaneError | None = DataPlaneError("the data plane is not started")
-        self.runs: list = []
+        self.inboxes: list[str] = []
         self._reader = asyncio.get_running_loop().create_task(self._read_answers())
         self._watcher: asyncio.Task | None = None
 
     async def start(self) -> None:
         t0 = time.perf_counter()
         self.epoch += 1
+        self.key = secrets.token_bytes(16)
         epoch, P = self.epoch, len(self.actors)
-        inboxes = await asyncio.gather(*[a.open_dataplane.remote(epoch) for a in self.actors])
+        inboxes = await asyncio.gather(*[a.open_dataplane.remote(epoch, self.key) for a in self.actors])
         store = None
         if self.transport in ("gloo", "nccl") and P > 1:
             if self.store is None:
@@ -274,7 +342,8 @@ class DataPlane:
 
                 self.store = dist.TCPStore(self.host, 0, None, True, GROUP_TIMEOUT, wait_for_workers=False)
             store = (self.host, self.store.port)
-        nexts = list(inboxes[1:]) + [self.answer_address]
+        self.inboxes = list(inboxes)
+        nexts = self.inboxes[1:] + [self.answer_address]
         await asyncio.gather(*[a.connect_dataplane.remote(epoch, nexts[k], self.transport, store)
                                for k, a in enumerate(self.actors)])
         if self.to_first is not None:
@@ -283,9 +352,9 @@ class DataPlane:
         self.to_first.setsockopt(zmq.SNDHWM, 0)
         self.to_first.setsockopt(zmq.LINGER, 0)
         self.to_first.connect(inboxes[0])
-        self.runs = [a.run_dataplane.remote(epoch) for a in self.actors]
-        self._watcher = asyncio.get_running_loop().create_task(self._watch(epoch, self.runs))
+        await asyncio.gather(*[a.start_dataplane.remote(epoch) for a in self.actors])
         self.broken = None
+        self._watcher = asyncio.get_running_loop().create_task(self._watch(epoch))
         log.info("data plane epoch %d up in %.2fs: %d stage(s), activations over %s", epoch,
                  time.perf_counter() - t0, P, self.transport if P > 1 else "(single stage)")
 
@@ -297,30 +366,40 @@ class DataPlane:
         fut = asyncio.get_running_loop().create_future()
         self.pending[seq] = fut
         meta = msgpack.packb([self.epoch, seq])
-        await self.to_first.send_multipart([meta, header, ids.to(torch.long).contiguous().numpy()])
+        await self.to_first.send_multipart([self.key, meta, header, ids.to(torch.long).contiguous().numpy()])
         return await fut
 
     async def _read_answers(self) -> None:
         while True:
-            meta, answer = await self.answers.recv_multipart()
+            frames = await self.answers.recv_multipart()
+            if len(frames) != 3 or not hmac.compare_digest(frames[0], self.key):
+                continue  # not from this epoch's last stage
+            _, meta, answer = frames
             epoch, seq = msgpack.unpackb(meta)
             fut = self.pending.pop(seq, None) if epoch == self.epoch else None
             if fut is not None and not fut.done():
                 fut.set_result(answer)
 
-    async def _watch(self, epoch: int, runs: list) -> None:
-        """A stage loop only returns when it is told to stop: a run call that ends during its
-        epoch means the stage died (Ray fails the call) or its loop failed."""
-        futures = {asyncio.ensure_future(_awaitable(r)): k for k, r in enumerate(runs)}
-        done, _ = await asyncio.wait(futures, return_when=asyncio.FIRST_COMPLETED)
-        if epoch != self.epoch or self.broken is not None:
+    async def _watch(self, epoch: int) -> None:
+        """Ping every stage until this epoch ends; break the data plane when one is gone (Ray
+        fails the call) or its loop stopped."""
+        while epoch == self.epoch and self.broken is None:
+            await asyncio.sleep(WATCH_S)
+            try:
+                failures = await asyncio.gather(*[a.ping_dataplane.remote(epoch) for a in self.actors])
+            except Exception as e:  # a Ray actor error: the stage died or is restarting
+                cause = e
+            else:
+                bad = [(k, f) for k, f in enumerate(failures) if f]
+                if not bad:
+                    continue
+                cause = DataPlaneError(f"stage {bad[0][0]} of the data plane failed: {bad[0][1]}")
+            if epoch != self.epoch or self.broken is not None:
+                return
+            log.warning("the data plane broke (%s): %s", type(cause).__name__,
+                        str(cause).splitlines()[0] if str(cause) else "")
+            self._break(cause)
             return
-        task = next(iter(done))
-        k, err = futures[task], task.exception() if not task.cancelled() else None
-        cause = err if err is not None else RuntimeError("its loop stopped")
-        log.warning("stage %d of the data plane failed (%s): %s", k, type(cause).__name__,
-                    str(cause).splitlines()[0] if str(cause) else "")
-        self._break(cause)
 
     def _break(self, cause: BaseException) -> None:
         # The scheduler sees the cause itself (a Ray actor error when a stage died), as it would
@@ -348,15 +427,13 @@ class DataPlane:
             self._watcher.cancel()
 
     async def close(self) -> None:
+        """Local only (no call to the stages, which the pipeline kills next): this also runs where
+        Ray is tearing the process down, as when Ray Data drops a batch job's pool actor."""
+        self.epoch += 1
         if self.broken is None:
             self._break(DataPlaneError("the pipeline was shut down"))
-        try:
-            await asyncio.wait_for(self._stop_loops(), timeout=15)
-        except asyncio.TimeoutError:
-            pass
-        self._reader.cancel()
+        for task in (self._watcher, self._reader):
+            if task is not None:
+                task.cancel()
         self.ctx.destroy(linger=0)
 
-
-async def _awaitable(ref):
-    return await ref

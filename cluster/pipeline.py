@@ -89,8 +89,8 @@ def import_class(path: str):
 
 @ray.remote
 class StageActor:
-    """One stage: its worker and its end of the data plane. A threaded actor: the data-plane loop
-    holds one thread for its whole epoch while stats and setup calls take the others."""
+    """One stage: its worker and its end of the data plane. A threaded actor, so that stats, pings
+    and setup calls are answered while the data-plane loop (a thread of the endpoint's) runs."""
 
     def __init__(self, worker_cls: str, args: tuple, kwargs: dict, rank: int, num_stages: int) -> None:
         self.worker = import_class(worker_cls)(*args, **kwargs)
@@ -103,14 +103,17 @@ class StageActor:
         ctx = ray.get_runtime_context()
         return {"node_id": ctx.get_node_id(), "node_ip": ray.util.get_node_ip_address(), "gpu_ids": ray.get_gpu_ids()}
 
-    def open_dataplane(self, epoch: int) -> str:
-        return self.endpoint.open(epoch, ray.util.get_node_ip_address())
+    def open_dataplane(self, epoch: int, key: bytes) -> str:
+        return self.endpoint.open(epoch, key, ray.util.get_node_ip_address())
 
     def connect_dataplane(self, epoch: int, next_address: str, transport: str, store) -> None:
         self.endpoint.connect(epoch, next_address, transport, store, ray.util.get_node_ip_address())
 
-    def run_dataplane(self, epoch: int) -> None:
-        self.endpoint.run(epoch)
+    def start_dataplane(self, epoch: int) -> None:
+        self.endpoint.start(epoch)
+
+    def ping_dataplane(self, epoch: int) -> str | None:
+        return self.endpoint.failure(epoch)
 
     def stop_dataplane(self, epoch: int) -> None:
         self.endpoint.stop(epoch)
@@ -140,7 +143,7 @@ class Pipeline:
         if len(splits) != cfg.num_stages:
             raise ValueError(f"layer split has {len(splits)} stages, but num_stages is {cfg.num_stages}")
         device = "cuda" if cfg.gpus_per_stage else "cpu"
-        transport = resolve_transport(cfg.transport, device)
+        transport = resolve_transport(cfg.transport, cfg.gpus_per_stage)
         import_class(cfg.worker_cls)  # a bad path fails here, before anything is placed
         max_seq_len = cfg.max_seq_len or min(config.max_position_embeddings, 4096)
         cpus = cfg.threads_per_stage if cfg.cpus_per_stage is None else cfg.cpus_per_stage
@@ -226,12 +229,14 @@ class Pipeline:
         return await asyncio.gather(*[a.info.remote() for a in self.actors])
 
     async def close(self) -> None:
-        await self.scheduler.close()
-        await self.dataplane.close()
-        for a in self.actors:
-            ray.kill(a)
-        if self.pg is not None:
-            remove_placement_group(self.pg)
+        try:
+            await self.scheduler.close()
+            await self.dataplane.close()
+        finally:  # whatever happened above, the stages and their resources go
+            for a in self.actors:
+                ray.kill(a)
+            if self.pg is not None:
+                remove_placement_group(self.pg)
 
 
 async def _wait_for_stages(actors, gone_after: float = 5.0) -> None:

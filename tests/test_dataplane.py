@@ -125,6 +125,36 @@ def test_gpu_like_stages_run_from_a_config_only_folder(ray_cluster, tmp_path):
     assert infos[0]["busy_seconds"] >= (sum(3 + i for i in range(6)) * 0.5 + 4) / 4 / 1000
 
 
+def test_messages_without_the_key_are_dropped(ray_cluster, models, reference):
+    """The stages' sockets listen on the node's address: whatever reaches them without the
+    epoch's key (garbage, a replayed frame, a forged microbatch) is dropped and counted, and the
+    pipeline's answers are unchanged."""
+    import msgpack
+    import zmq
+
+    lm, _ = models
+    ref_lm, _, tok = reference
+    prompts = [tok.encode(t) for t in PROMPTS]
+    params = [SamplingParams(max_new_tokens=6, ignore_eos=True) for _ in prompts]
+    pipe = SyncPipeline(PipelineConfig(str(lm), num_stages=2, cpus_per_stage=0.25))
+    ctx = zmq.Context()
+    try:
+        forged = msgpack.packb({"free": [0, 1], "alloc": [], "rows": [[0, 1, "none", None]]})
+        for address in pipe.pipe.dataplane.inboxes:
+            sock = ctx.socket(zmq.PUSH)
+            sock.connect(address)
+            sock.send_multipart([b"not the key", msgpack.packb([1, 0]), forged, bytes(8)])
+            sock.send(b"garbage")
+            sock.close(linger=1000)
+        got = pipe.generate(prompts, params)
+        rejected = [s["dataplane"]["rejected"] for s in pipe._call(pipe.pipe.stage_stats())]
+    finally:
+        pipe.close()
+        ctx.destroy(linger=0)
+    assert rejected == [2, 2]
+    assert [g.output_ids for g in got] == [w.output_ids for w in ref_lm.generate(prompts, params)]
+
+
 @pytest.mark.parametrize("option, message", [
     ({"worker_cls": "bench.synthetic:NoSuchStage"}, "cannot import worker class 'bench.synthetic:NoSuchStage'"),
     ({"transport": "carrier-pigeon"}, "unknown transport 'carrier-pigeon'"),
