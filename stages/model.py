@@ -20,7 +20,7 @@ from torch import nn
 
 from .cache import ForwardBatch, HybridCache
 from .config import JambaConfig
-from .scan import causal_conv1d_varlen, selective_scan_varlen
+from .kernels import causal_conv1d_varlen, selective_scan_varlen
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
