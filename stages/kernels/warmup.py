@@ -88,21 +88,24 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
 
     ap = argparse.ArgumentParser(description="Compile the Mamba kernels into $JAMBA_KERNEL_CACHE ahead of time.")
-    ap.add_argument("--model", help="checkpoint directory (default: the demo model)")
+    ap.add_argument("--model", help="checkpoint directory (default: the demo model, written to a temporary directory)")
     ap.add_argument("--dtype", action="append", help="dtype(s) to warm (default: as stored); repeatable")
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     use_kernel_cache()  # before anything imports the numba kernels
 
-    from stages.demo import ensure_demo_model
+    import tempfile
+
+    from stages.demo import make_demo_model
     from stages.loading import load_stage
 
-    model = args.model or ensure_demo_model("lm")
-    for dtype in args.dtype or [None]:
-        stage, _ = load_stage(model, dtype=dtype, device=args.device)
-        print(f"warmed {model} ({dtype or 'as stored'}, {args.device}) in {warm_up(stage):.1f}s; "
-              f"cache: {os.environ.get('JAMBA_KERNEL_CACHE') or 'the tools defaults'}")
+    with tempfile.TemporaryDirectory() as tmp:
+        model = args.model or make_demo_model(Path(tmp) / "demo-lm")
+        for dtype in args.dtype or [None]:
+            stage, _ = load_stage(model, dtype=dtype, device=args.device)
+            print(f"warmed {model} ({dtype or 'as stored'}, {args.device}) in {warm_up(stage):.1f}s; "
+                  f"cache: {os.environ.get('JAMBA_KERNEL_CACHE') or 'the tools defaults'}")
     return 0
 
 
