@@ -108,6 +108,7 @@ def run_rows(args) -> int:
     import torch
 
     from stages.demo import ensure_demo_model
+    from stages.kernels.warmup import warm_up
     from stages.loading import load_stage
     from stages.runner import LocalRunner
     from stages.tokenizer import Tokenizer
@@ -125,6 +126,7 @@ def run_rows(args) -> int:
         return _run_rows_on_pipeline(args, str(model_dir), name)
     stage, stats = load_stage(model_dir, dtype=args.dtype)
     _check_head(args.task, stage.config, model_dir)
+    warm_up(stage)  # compile the kernels now, not inside the first rows
     try:
         tokenizer = Tokenizer.from_dir(model_dir)
     except FileNotFoundError:

@@ -20,7 +20,7 @@ from torch import nn
 
 from .cache import ForwardBatch, HybridCache
 from .config import JambaConfig
-from .scan import causal_conv1d_varlen, selective_scan_varlen
+from .kernels import causal_conv1d_varlen, selective_scan_varlen
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -269,6 +269,10 @@ class JambaStage(nn.Module):
         Returns (T, hidden) activations, or on the last stage the head's output for the packed
         token positions `output_index` (default: each row's last token): (K, vocab) or (K, labels).
         """
+        device = self.model.layers[str(self.start)].input_layernorm.weight.device
+        x = x.to(device)  # token ids / activations arrive on the CPU from the runner or the previous stage
+        if output_index is not None:
+            output_index = output_index.to(device)
         T = sum(seq_lens)
         if x.shape[0] != T:
             raise ValueError(f"input has {x.shape[0]} tokens but seq_lens add up to {T}")

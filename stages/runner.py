@@ -195,7 +195,7 @@ class LocalRunner:
         outs = self._prefill(prompts, lambda i, start, n: list(range(n)))
         result = []
         for ids, logits in zip(prompts, outs):
-            lp = torch.log_softmax(torch.stack(logits).float(), dim=-1)  # (L, V)
+            lp = torch.log_softmax(torch.stack(logits).float(), dim=-1).cpu()  # (L, V)
             nxt = torch.tensor(ids[1:], dtype=torch.long)
             result.append([None] + lp[:-1].gather(-1, nxt[:, None])[:, 0].tolist())
         return result

@@ -86,7 +86,7 @@ def sample(
         if p.temperature == 0:
             tokens.append(greedy[row])
             continue
-        x = logits[row] / p.temperature
+        x = logits[row].cpu() / p.temperature  # the generators are CPU generators (reproducible anywhere)
         if 0 < p.top_k < x.shape[-1]:
             kth = torch.topk(x, p.top_k).values[-1]
             x = x.masked_fill(x < kth, float("-inf"))
@@ -99,5 +99,5 @@ def sample(
             x = x.masked_fill(drop.scatter(0, order, drop), float("-inf"))
         probs = torch.softmax(x, dim=-1)
         tokens.append(int(torch.multinomial(probs, 1, generator=generators[row])))
-    chosen = logprobs[torch.arange(len(tokens)), torch.tensor(tokens)].tolist()
+    chosen = logprobs[torch.arange(len(tokens), device=logprobs.device), torch.tensor(tokens, device=logprobs.device)].tolist()
     return tokens, chosen

@@ -34,6 +34,7 @@ import time
 import msgpack
 import torch
 
+from .kernels.warmup import warm_up
 from .loading import load_stage
 from .sampling import SamplingParams, sample, token_generator
 
@@ -73,6 +74,7 @@ class StageWorker:
         }
         self.busy_seconds = 0.0
         self.steps = 0
+        self.load_info["warmup_seconds"] = warm_up(self.stage)  # compile kernels before reporting ready
 
     def info(self) -> dict:
         return dict(self.load_info, busy_seconds=self.busy_seconds, steps=self.steps,

@@ -5,6 +5,9 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see cluster/pipeline.py: spinning OpenMP pools starve each other
+# CI has no GPU: JAMBA_KERNELS=triton runs the Triton kernels in Triton's interpreter on CPU tensors.
+# (Read when the kernels are defined, so it must be set before stages.kernels.triton_gpu is imported.)
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 import pytest  # noqa: E402

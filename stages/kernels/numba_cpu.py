@@ -1,160 +1,26 @@
-"""Mamba-1 mixer kernels for Jamba: causal depthwise conv1d and the selective scan.
+"""numba kernels for the CPU: causal conv1d and the selective scan over packed rows.
 
-Both kernels work on *packed variable-length rows*, the layout vLLM calls
-"varlen".  One forward call processes B rows (sequences) whose tokens are
-concatenated along the first axis into T tokens::
-
-    x          (T, D)       row b owns tokens cu_seqlens[b] : cu_seqlens[b+1]
-    cu_seqlens (B+1,) int64 cumulative row lengths, cu_seqlens[0] = 0, cu_seqlens[B] = T
-    slots      (B,)   int64 row b's recurrent state lives at index slots[b] of a state pool
-
-A row may be one token (decode) or many (a prefill chunk), and rows of
-different lengths mix freely in one call.  The recurrent states sit in fixed
-pools of S slots and are updated in place, so a sequence can be fed in chunks
-over several calls (chunked prefill, then decode) and every call is exactly
-equivalent to processing each row alone, in one pass, from its stored state.
-Slots must be distinct within a call (two rows writing the same state would
-be a scheduling bug).
-
-The state pools::
-
-    conv_states (S, D, K-1)  the last K-1 conv *inputs* of the sequence so far,
-                             oldest first, same dtype as x (zeros when fresh)
-    ssm_states  (S, D, N)    the SSM hidden state h, float32
-
-The file reads top to bottom:
-
-1. reference implementations in plain torch (Python loops over rows and
-   time); they define the semantics and are what the tests trust;
-2. numba kernels for the CPU (parallel over channel blocks);
-3. the public dispatchers ``causal_conv1d_varlen`` / ``selective_scan_varlen``
-   which pick numba on CPU, the mamba_ssm / causal_conv1d CUDA kernels for
-   the decode case on GPU when those packages are importable, and the
-   reference otherwise.  ``JAMBA_KERNELS=ref`` forces the reference.
-
-All arithmetic is float32 whatever the input dtype (bf16/fp16 inputs are
-upcast); outputs come back in the input's dtype.
-
-numba compiles each kernel on its first call (seconds) and caches the machine
-code in stages/__pycache__; call ``warmup()`` at worker start.  The kernels use
-min(torch.get_num_threads(), NUMBA_NUM_THREADS) threads.  numba's OpenMP pool
-and torch's are separate runtimes: if both spin on a small machine, setting
-OMP_WAIT_POLICY=PASSIVE for the worker process avoids them starving each other.
+Same arguments and results as stages/kernels/reference.py, to float32 rounding.
+numba compiles each kernel on its first call (seconds); with ``cache=True`` the machine code is
+kept on disk (``NUMBA_CACHE_DIR``, which stages/kernels/warmup.py points at the kernel cache
+before this module is imported), so later processes only load it. The kernels use
+min(torch.get_num_threads(), NUMBA_NUM_THREADS) threads. numba's OpenMP pool and torch's are
+separate runtimes: if both spin on a small machine, setting OMP_WAIT_POLICY=PASSIVE for the
+worker process avoids them starving each other.
 """
 
 from __future__ import annotations
 
-import logging
 import math
-import os
 
+import numba
 import numpy as np
 import torch
-import torch.nn.functional as F
-
-try:  # a declared dependency; importing it compiles nothing.  Without it we use the reference.
-    import numba
-    from numba import prange
-except ImportError:  # pragma: no cover - exercised only on broken installs
-    numba = None
-    prange = range
-
-logger = logging.getLogger(__name__)
-
-__all__ = [
-    "causal_conv1d_varlen",
-    "causal_conv1d_varlen_ref",
-    "causal_conv1d_varlen_cpu",
-    "selective_scan_varlen",
-    "selective_scan_varlen_ref",
-    "selective_scan_varlen_cpu",
-    "warmup",
-]
-
+from numba import prange
+from numba.extending import intrinsic
 
 # ---------------------------------------------------------------------------
-# 1. Reference implementations (plain torch, obviously correct, slow)
-# ---------------------------------------------------------------------------
-
-
-def causal_conv1d_varlen_ref(
-    x: torch.Tensor,  # (T, D)
-    weight: torch.Tensor,  # (D, K)
-    bias: torch.Tensor | None,  # (D,)
-    conv_states: torch.Tensor,  # (S, D, K-1), updated in place
-    cu_seqlens: torch.Tensor,  # (B+1,) int64
-    slots: torch.Tensor,  # (B,) int64
-) -> torch.Tensor:  # (T, D), x's dtype
-    """Causal depthwise conv of width K followed by SiLU, per row, from the stored state.
-
-    For row b the conv input is concat(conv_states[slots[b]], x[row]) along
-    time, and y[t] = silu(bias + sum_k weight[:, k] * input[t + k]) for every
-    new token t -- i.e. ``F.conv1d(input, weight.unsqueeze(1), bias, groups=D)``
-    with no padding.  The state becomes the last K-1 entries of that input.
-    """
-    T, D = x.shape
-    K = weight.shape[1]
-    assert K >= 2, "conv width must be at least 2"
-    w = weight.float().unsqueeze(1)  # (D, 1, K): depthwise filters for F.conv1d
-    b_ = None if bias is None else bias.float()
-    y = torch.empty_like(x)
-    cu = cu_seqlens.tolist()
-    for b, slot in enumerate(slots.tolist()):
-        start, end = cu[b], cu[b + 1]
-        if end == start:  # an empty row leaves its state alone
-            continue
-        inp = torch.cat([conv_states[slot].float(), x[start:end].float().t()], dim=1)  # (D, K-1+L)
-        out = F.conv1d(inp.unsqueeze(0), w, b_, groups=D)[0]  # (D, L)
-        y[start:end] = F.silu(out).t().to(x.dtype)
-        conv_states[slot] = inp[:, -(K - 1):].to(conv_states.dtype)
-    return y
-
-
-def selective_scan_varlen_ref(
-    u: torch.Tensor,  # (T, D) conv output
-    delta: torch.Tensor,  # (T, D) final time step (softplus + bias already applied)
-    A: torch.Tensor,  # (D, N) negative
-    B: torch.Tensor,  # (T, N)
-    C: torch.Tensor,  # (T, N)
-    D: torch.Tensor | None,  # (D,) skip
-    z: torch.Tensor | None,  # (T, D) gate
-    ssm_states: torch.Tensor,  # (S, D, N) float32, updated in place
-    cu_seqlens: torch.Tensor,  # (B+1,) int64
-    slots: torch.Tensor,  # (B,) int64
-) -> torch.Tensor:  # (T, D), u's dtype
-    """Mamba-1 selective scan, token by token, from the stored state.
-
-    Same arithmetic as transformers' ``mamba_selective_scan`` recurrent path
-    (Jamba slow path), plus an initial state and varlen rows::
-
-        h      = exp(delta[t] * A) * h + (delta[t] * B[t]) * u[t]     # (D, N)
-        y[t]   = h @ C[t] + D * u[t]
-        y[t]  *= silu(z[t])
-    """
-    A = A.float()
-    Dv = None if D is None else D.float()
-    y = torch.empty_like(u)
-    cu = cu_seqlens.tolist()
-    for b, slot in enumerate(slots.tolist()):
-        h = ssm_states[slot].float().clone()  # (D, N)
-        for t in range(cu[b], cu[b + 1]):
-            dt = delta[t].float()  # (D,)
-            ut = u[t].float()  # (D,)
-            dA = torch.exp(dt[:, None] * A)  # (D, N) discretized A
-            dBu = (dt[:, None] * B[t].float()[None, :]) * ut[:, None]  # (D, N) discretized B times input
-            h = dA * h + dBu
-            yt = h @ C[t].float()  # (D,)
-            if Dv is not None:
-                yt = yt + ut * Dv
-            if z is not None:
-                yt = yt * F.silu(z[t].float())
-            y[t] = yt.to(u.dtype)
-        ssm_states[slot] = h.to(ssm_states.dtype)
-    return y
-
-
-# ---------------------------------------------------------------------------
-# 2. numba CPU kernels
+# Kernels
 #
 # Both kernels parallelise over blocks of channels (prange) and loop over the
 # rows and tokens inside a block.  Every block does the same work for every
@@ -175,36 +41,23 @@ def selective_scan_varlen_ref(
 # ---------------------------------------------------------------------------
 
 
-def _njit(**kwargs):
-    """numba.njit if numba is installed, else identity (the dispatcher then uses the reference)."""
-    if numba is None:  # pragma: no cover
-        return lambda f: f
-    return numba.njit(**kwargs)
-
-
 # error_model="numpy": float division without Python's ZeroDivisionError checks,
 # which would otherwise stop the loops from vectorising.
 _INLINE_OPTS = dict(inline="always", fastmath=False, cache=True, error_model="numpy")
 _KERNEL_OPTS = dict(parallel=True, fastmath=False, cache=True, nogil=True, error_model="numpy")
+_njit = numba.njit
 
-if numba is not None:
-    from numba.extending import intrinsic as _intrinsic
 
-    @_intrinsic
-    def _fma(typingctx, a, b, c):
-        """a * b + c with a single rounding (llvm.fma; one vfmadd instruction)."""
-        if not (a == b == c and isinstance(a, numba.types.Float)):
-            return None
+@intrinsic
+def _fma(typingctx, a, b, c):
+    """a * b + c with a single rounding (llvm.fma; one vfmadd instruction)."""
+    if not (a == b == c and isinstance(a, numba.types.Float)):
+        return None
 
-        def codegen(context, builder, sig, args):
-            return builder.fma(*args)
+    def codegen(context, builder, sig, args):
+        return builder.fma(*args)
 
-        return a(a, b, c), codegen
-
-else:  # pragma: no cover
-
-    def _fma(a, b, c):
-        return a * b + c
+    return a(a, b, c), codegen
 
 
 # Constants are np.float32 so numba keeps the arithmetic in float32 (a Python
@@ -402,7 +255,7 @@ def _scan_varlen_kernel(u, delta, A, B, C, Dskip, z, gate, states, cu, slots, y,
 
 
 # ---------------------------------------------------------------------------
-# 3. CPU wrappers and dispatchers
+# Wrappers: torch tensors in and out
 # ---------------------------------------------------------------------------
 
 
@@ -514,146 +367,12 @@ def selective_scan_varlen_cpu(u, delta, A, B, C, D, z, ssm_states, cu_seqlens, s
     return y if u.dtype == torch.float32 else y.to(u.dtype)
 
 
-# --- CUDA: optional mamba_ssm / causal_conv1d kernels, imported lazily --------
 
-_cuda_ops: dict | None = None
+def warm_up() -> None:
+    """Compile (or load from the on-disk cache) both kernels for float32 inputs.
 
-
-def _load_cuda_ops() -> dict:
-    """Import the optional CUDA kernels once; missing ones are simply absent."""
-    global _cuda_ops
-    if _cuda_ops is None:
-        ops = {}
-        try:
-            from causal_conv1d import causal_conv1d_update
-
-            ops["causal_conv1d_update"] = causal_conv1d_update
-        except Exception as e:  # ImportError, or a broken CUDA extension
-            logger.info("causal_conv1d unavailable (%s); using the torch reference on CUDA", e)
-        try:
-            from mamba_ssm.ops.triton.selective_state_update import selective_state_update
-
-            ops["selective_state_update"] = selective_state_update
-        except Exception as e:
-            logger.info("mamba_ssm unavailable (%s); using the torch reference on CUDA", e)
-        _cuda_ops = ops
-    return _cuda_ops
-
-
-def _all_rows_single_token(cu_seqlens: torch.Tensor, T: int) -> bool:
-    B = cu_seqlens.shape[0] - 1
-    if T != B:
-        return False
-    # T == B still allows a 0-length row next to a 2-token one, so check exactly.
-    return bool(torch.equal(cu_seqlens.to("cpu", torch.int64), torch.arange(B + 1, dtype=torch.int64)))
-
-
-def _call_cuda_op(name: str, *args, **kwargs):
-    """Run an optional CUDA kernel; None if it is missing or rejects the call.
-
-    A rejection (e.g. an older causal_conv1d that wants a width-K conv_state) is logged
-    once and the op is dropped, so later calls go straight to the reference.  Callers
-    pass copies of the states, so a failed call leaves the pools untouched.
+    Every dtype reaches the kernels as float32 numpy arrays, so one signature covers all.
     """
-    fn = _load_cuda_ops().get(name)
-    if fn is None:
-        return None
-    try:
-        return fn(*args, **kwargs)
-    except (RuntimeError, TypeError, ValueError, AssertionError) as e:
-        logger.warning("%s failed (%s); falling back to the torch reference on CUDA", name, e)
-        _load_cuda_ops().pop(name, None)
-        return None
-
-
-def _conv_cuda(x, weight, bias, conv_states, cu_seqlens, slots) -> torch.Tensor:
-    # Only the pure decode step goes to causal_conv1d_update: x (B, D), conv_state
-    # (B, D, state_len >= K-1) shifted in place.  We gather our rows' states into a copy,
-    # let it update the copy and scatter back.  The CUDA kernel wants a single dtype.
-    one_dtype = weight.dtype == x.dtype == conv_states.dtype and (bias is None or bias.dtype == x.dtype)
-    usable = "causal_conv1d_update" in _load_cuda_ops() and one_dtype
-    if usable and _all_rows_single_token(cu_seqlens, x.shape[0]):
-        idx = slots.to(conv_states.device, torch.int64)
-        st = conv_states.index_select(0, idx)  # (B, D, K-1) copy
-        y = _call_cuda_op("causal_conv1d_update", x.contiguous(), st, weight.contiguous(), bias,
-                          activation="silu")
-        if y is not None:
-            conv_states.index_copy_(0, idx, st)
-            return y
-    return causal_conv1d_varlen_ref(x, weight, bias, conv_states, cu_seqlens, slots)
-
-
-def _scan_cuda(u, delta, A, B, C, D, z, ssm_states, cu_seqlens, slots) -> torch.Tensor:
-    # Only the pure decode step goes to selective_state_update (state (B, D, N) updated in
-    # place, delta used as given: dt_bias=None, dt_softplus=False).  Prefill falls back to
-    # the reference: selective_scan_fn cannot start from a stored state.
-    if "selective_state_update" in _load_cuda_ops() and _all_rows_single_token(cu_seqlens, u.shape[0]):
-        idx = slots.to(ssm_states.device, torch.int64)
-        st = ssm_states.index_select(0, idx)  # (B, D, N) copy
-        y = _call_cuda_op("selective_state_update", st, u, delta, A, B, C, D=D, z=z,
-                          dt_bias=None, dt_softplus=False)
-        if y is not None:
-            ssm_states.index_copy_(0, idx, st)
-            return y
-    return selective_scan_varlen_ref(u, delta, A, B, C, D, z, ssm_states, cu_seqlens, slots)
-
-
-# --- public dispatchers ------------------------------------------------------
-
-
-def _force_ref() -> bool:
-    # Read on every call so tests / debugging sessions can flip it at runtime.
-    return os.environ.get("JAMBA_KERNELS", "").strip().lower() == "ref"
-
-
-def causal_conv1d_varlen(
-    x: torch.Tensor,  # (T, D)
-    weight: torch.Tensor,  # (D, K)
-    bias: torch.Tensor | None,  # (D,)
-    conv_states: torch.Tensor,  # (S, D, K-1), updated in place
-    cu_seqlens: torch.Tensor,  # (B+1,) int64
-    slots: torch.Tensor,  # (B,) int64
-) -> torch.Tensor:  # (T, D)
-    """Causal depthwise conv1d + SiLU over packed rows (see module docstring)."""
-    if _force_ref():
-        return causal_conv1d_varlen_ref(x, weight, bias, conv_states, cu_seqlens, slots)
-    if x.is_cuda:
-        return _conv_cuda(x, weight, bias, conv_states, cu_seqlens, slots)
-    if numba is None or x.device.type != "cpu":
-        return causal_conv1d_varlen_ref(x, weight, bias, conv_states, cu_seqlens, slots)
-    return causal_conv1d_varlen_cpu(x, weight, bias, conv_states, cu_seqlens, slots)
-
-
-def selective_scan_varlen(
-    u: torch.Tensor,  # (T, D)
-    delta: torch.Tensor,  # (T, D)
-    A: torch.Tensor,  # (D, N)
-    B: torch.Tensor,  # (T, N)
-    C: torch.Tensor,  # (T, N)
-    D: torch.Tensor | None,  # (D,)
-    z: torch.Tensor | None,  # (T, D)
-    ssm_states: torch.Tensor,  # (S, D, N) float32, updated in place
-    cu_seqlens: torch.Tensor,  # (B+1,) int64
-    slots: torch.Tensor,  # (B,) int64
-) -> torch.Tensor:  # (T, D)
-    """Mamba-1 selective scan over packed rows (see module docstring)."""
-    if _force_ref():
-        return selective_scan_varlen_ref(u, delta, A, B, C, D, z, ssm_states, cu_seqlens, slots)
-    if u.is_cuda:
-        return _scan_cuda(u, delta, A, B, C, D, z, ssm_states, cu_seqlens, slots)
-    if numba is None or u.device.type != "cpu":
-        return selective_scan_varlen_ref(u, delta, A, B, C, D, z, ssm_states, cu_seqlens, slots)
-    return selective_scan_varlen_cpu(u, delta, A, B, C, D, z, ssm_states, cu_seqlens, slots)
-
-
-def warmup() -> None:
-    """Compile (or load from numba's on-disk cache) the CPU kernels for float32.
-
-    The first call of a numba kernel compiles it, which takes seconds; call this at
-    worker start so the first request doesn't pay for it.
-    """
-    if numba is None:
-        return
     T, D, N, K, S = 6, 16, 4, 4, 3
     g = torch.Generator().manual_seed(0)
     cu = torch.tensor([0, 1, T], dtype=torch.int64)

@@ -1,0 +1,383 @@
+"""One-shot GPU check: kernel parity on CUDA, prefill / decode speed, decode HBM bandwidth, and a
+2-stage pipeline sharing the GPU. Meant to finish in under 8 minutes on one H100 / H200.
+
+    python bench/gpu_check.py [--quick] [--skip-pipeline] [--peak-gbs 4800]
+    python bench/gpu_check.py --smoke     # the same code path on CPU, tiny sizes, Triton interpreted
+
+Needs a CUDA build of torch (which brings triton) and the project (`pip install -e .`); nothing
+else. Prints progress on stderr and a Markdown summary on stdout, ready for BENCHMARKS.md.
+
+1. Parity: the Triton kernels (stages/kernels/triton_gpu.py) against the torch references on
+   CUDA, at Jamba-Mini widths (d_inner 8192, d_state 16, conv 4), on one call mixing fresh
+   prompts, chunks on top of cached state, decode rows and empty rows, fp32 and bf16; and a
+   sequence fed as chunks then decode steps against one reference pass.
+2. A random ~1.5B-parameter Jamba in bf16 (hidden 2048, 16 layers: 2 attention, 14 Mamba with
+   d_inner 4096; 4 experts top-2 on every other layer): prefill tokens/s at 2K and 32K tokens (one
+   sequence), against the reference loop (JAMBA_KERNELS=torch, measured at 2K tokens: the loop
+   costs the same per token at any length, so its tokens/s stands for 32K too); decode tokens/s at
+   batch 1, 32 and 128 after 128-token prompts.
+3. Decode's achieved HBM bandwidth: bytes of weights one step reads (every non-expert weight but
+   the embedding table, plus the experts the step's tokens were routed to, counted with hooks) /
+   step time, as a fraction of the card's peak (by name, or --peak-gbs) and of a measured
+   device-to-device copy.
+4. A 2-stage Ray pipeline of the same model on the one GPU (0.5 GPU per stage) against the
+   single-process runner on the same requests.
+
+Targets (issue 12): decode at batch 1 >= 60% of peak HBM bandwidth; 32K-token prefill >= 50x the
+reference loop. Any section that fails prints its error and the script goes on.
+
+--smoke runs every section on the CPU (TRITON_INTERPRET=1, a tiny model, short lengths) so the
+script itself can be checked without a GPU; its figures mean nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from stages.config import JambaConfig  # noqa: E402
+from stages.kernels import reference  # noqa: E402
+from stages.model import JambaStage, SparseMoE  # noqa: E402
+from stages.runner import LocalRunner  # noqa: E402
+from stages.sampling import SamplingParams  # noqa: E402
+
+DEV = "cuda"  # "cpu" with --smoke
+MODEL = dict(
+    vocab_size=32000, hidden_size=2048, intermediate_size=4096, num_hidden_layers=16, num_attention_heads=16,
+    num_key_value_heads=4, num_experts=4, num_experts_per_tok=2, expert_layer_period=2, expert_layer_offset=1,
+    attn_layer_period=8, attn_layer_offset=4, mamba_d_state=16, mamba_d_conv=4, mamba_expand=2,
+    max_position_embeddings=40000, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+)
+SMOKE_MODEL = dict(MODEL, vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=8,
+                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
+# Sizes of each section: on a GPU / with --smoke.
+SIZES = {"cuda": dict(d_inner=8192, long_row=2048, prefill=(2048, 32768), prompt=128, batches=(1, 32, 128)),
+         "cpu": dict(d_inner=256, long_row=64, prefill=(64, 256), prompt=16, batches=(1, 4, 8))}
+PEAK_GBS = {"H200": 4800, "H100 SXM": 3350, "H100 80GB HBM3": 3350, "H100 PCIe": 2000, "H100 NVL": 3900,
+            "A100-SXM4-80GB": 2039, "A100-SXM4-40GB": 1555, "A100 80GB PCIe": 1935}
+summary: list[str] = []
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def sync() -> None:
+    if DEV == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, reps: int = 3) -> float:
+    """Best wall time of `reps` calls, with the GPU synchronised around each."""
+    best = float("inf")
+    for _ in range(reps):
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def section(name: str):
+    def wrap(fn):
+        def run(*a, **k):
+            log(f"== {name}")
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            except Exception as e:  # report and go on: one broken part must not hide the others
+                traceback.print_exc()
+                summary.append(f"- **{name}: FAILED** ({type(e).__name__}: {e})")
+            finally:
+                log(f"   ({time.perf_counter() - t0:.0f}s)")
+        return run
+    return wrap
+
+
+# ---- 1. parity ----------------------------------------------------------------------------------
+def _inputs(T, D, N, K, S, dtype, g):
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    x, w, b, cst = r(T, D).to(dtype), r(D, K) * 0.5, r(D), r(S, D, K - 1).to(dtype)
+    u, z = r(T, D).to(dtype), r(T, D).to(dtype)
+    dt = F.softplus(r(T, D) - 1.0)
+    A = -torch.exp(r(D, N) * 0.5)
+    B, C, Dv, hst = r(T, N).to(dtype), r(T, N).to(dtype), r(D), r(S, D, N)
+    return [t.to(DEV) for t in (x, w, b, cst, u, dt, A, B, C, Dv, z, hst)]
+
+
+@section("parity: Triton kernels vs the torch references")
+def check_parity():
+    from stages.kernels import triton_gpu as tg
+
+    D, N, K, S = SIZES[DEV]["d_inner"], 16, 4, 12
+    lens = [9, 1, 0, 2, 1, 30, 3, 0, 1, SIZES[DEV]["long_row"]]  # fresh / cached prompts, decode rows, empty rows
+    cu = torch.zeros(len(lens) + 1, dtype=torch.int64)
+    cu[1:] = torch.cumsum(torch.tensor(lens), 0)
+    g = torch.Generator().manual_seed(0)
+    slots = torch.randperm(S, generator=g)[: len(lens)]
+    cu, slots = cu.to(DEV), slots.to(DEV)
+    T = int(cu[-1])
+    ok = True
+    for dtype, (atol, rtol) in ((torch.float32, (1e-4, 1e-4)), (torch.bfloat16, (2e-2, 1.6e-2))):
+        x, w, b, cst, u, dt, A, B, C, Dv, z, hst = _inputs(T, D, N, K, S, dtype, g)
+        cst[slots[0]] = 0  # a fresh prompt
+        hst[slots[0]] = 0
+        c_ref, c_tri, h_ref, h_tri = cst.clone(), cst.clone(), hst.clone(), hst.clone()
+        yc_ref = reference.causal_conv1d_varlen_ref(x, w, b, c_ref, cu, slots)
+        yc_tri = tg.causal_conv1d_varlen_triton(x, w, b, c_tri, cu, slots)
+        ys_ref = reference.selective_scan_varlen_ref(u, dt, A, B, C, Dv, z, h_ref, cu, slots)
+        ys_tri = tg.selective_scan_varlen_triton(u, dt, A, B, C, Dv, z, h_tri, cu, slots)
+        sync()
+        for what, got, want, exact in (("conv y", yc_tri, yc_ref, False), ("conv state", c_tri, c_ref, True),
+                                       ("scan y", ys_tri, ys_ref, False), ("scan state", h_tri, h_ref, False)):
+            err = (got.float() - want.float()).abs()
+            tol = atol + rtol * want.float().abs()
+            good = bool(torch.equal(got, want)) if exact else bool((err <= tol).all())
+            ok &= good
+            log(f"   {str(dtype)[6:]:8s} {what:10s} max abs err {err.max().item():.2e} {'ok' if good else 'FAIL'}")
+    # chunks then decode steps == one pass (fp32), through the dispatcher
+    os.environ["JAMBA_KERNELS"] = "triton"
+    from stages import kernels
+
+    x, w, b, cst, u, dt, A, B, C, Dv, z, hst = _inputs(40, D, N, K, 2, torch.float32, g)
+    one, s0 = torch.tensor([0, 40], device=DEV), torch.tensor([1], device=DEV)
+    c_ref, h_ref = cst.clone(), hst.clone()
+    yc_ref = reference.causal_conv1d_varlen_ref(x, w, b, c_ref, one, s0)
+    ys_ref = reference.selective_scan_varlen_ref(u, dt, A, B, C, Dv, z, h_ref, one, s0)
+    yc, ys = [], []
+    for lo, hi in ((0, 17), (17, 32)) + tuple((t, t + 1) for t in range(32, 40)):
+        cu1 = torch.tensor([0, hi - lo], device=DEV)
+        yc.append(kernels.causal_conv1d_varlen(x[lo:hi], w, b, cst, cu1, s0))
+        if hi - lo == 1:
+            ys.append(kernels.selective_state_update(hst, s0, u[lo:hi], dt[lo:hi], A, B[lo:hi], C[lo:hi], Dv, z[lo:hi]))
+        else:
+            ys.append(kernels.selective_scan_varlen(u[lo:hi], dt[lo:hi], A, B[lo:hi], C[lo:hi], Dv, z[lo:hi], hst, cu1, s0))
+    e1 = (torch.cat(yc) - yc_ref).abs().max().item()
+    e2 = (torch.cat(ys) - ys_ref).abs().max().item()
+    e3 = (hst[1] - h_ref[1]).abs().max().item()
+    good = e1 < 1e-4 and e2 < 1e-3 and e3 < 1e-3
+    ok &= good
+    log(f"   chunks + decode vs one pass: conv {e1:.2e}, scan {e2:.2e}, state {e3:.2e} {'ok' if good else 'FAIL'}")
+    summary.append(f"- parity on {DEV} (d_inner {D}, mixed rows, fp32 and bf16; chunks + decode vs one pass): "
+                   f"**{'pass' if ok else 'FAIL'}**")
+
+
+# ---- 2./3. the model ----------------------------------------------------------------------------
+def build_model() -> JambaStage:
+    cfg = JambaConfig(**(MODEL if DEV == "cuda" else SMOKE_MODEL))
+    torch.manual_seed(0)
+    with torch.device(DEV):
+        stage = JambaStage(cfg)
+    with torch.no_grad():
+        for n, p in stage.named_parameters():
+            if n.endswith("A_log"):
+                p.copy_(torch.log(torch.arange(1, p.shape[1] + 1, dtype=torch.float32, device=DEV)).repeat(p.shape[0], 1))
+            elif n.endswith(".D") or "norm" in n:
+                p.fill_(1.0)
+            elif n.endswith("bias"):
+                p.zero_()
+            else:
+                p.normal_(0.0, 0.02)
+    return stage.to(torch.bfloat16).eval()
+
+
+def prefill_seconds(stage, L: int, reps: int) -> float:
+    ids = torch.randint(3, stage.config.vocab_size, (L,), device=DEV)
+
+    def run():
+        cache = stage.make_cache(1, L)
+        stage(ids, cache, [cache.allocate()], [L])
+
+    run()  # compile / warm
+    return timed(run, reps)
+
+
+@section("prefill: one sequence, bf16")
+def check_prefill(stage, quick: bool):
+    reps = 1 if quick else 2
+    short, long = SIZES[DEV]["prefill"]
+    rows = {}
+    for L in (short, long):
+        s = prefill_seconds(stage, L, reps)
+        rows[L] = L / s
+        log(f"   L={L}: {s:.3f}s, {L / s:,.0f} tok/s")
+    os.environ["JAMBA_KERNELS"] = "torch"
+    try:
+        s_ref = prefill_seconds(stage, short, 1)
+    finally:
+        os.environ["JAMBA_KERNELS"] = "triton"
+    ref = short / s_ref
+    log(f"   reference loop (JAMBA_KERNELS=torch) L={short}: {s_ref:.2f}s, {ref:,.0f} tok/s")
+    ratio = rows[long] / ref
+    summary.append(f"- prefill tok/s: L={short} **{rows[short]:,.0f}**, L={long} **{rows[long]:,.0f}**; reference "
+                   f"loop {ref:,.0f} tok/s (at L={short}); L={long} vs the loop **{ratio:.0f}x** (target >= 50x: "
+                   f"{'met' if ratio >= 50 else 'NOT met'})")
+
+
+def step_weight_bytes(stage, hits: dict[int, set]) -> int:
+    """Bytes of weights one decode step reads: everything but the embedding table and the experts,
+    plus the experts the step's tokens were routed to."""
+    total = 0
+    for n, p in stage.named_parameters():
+        if "embed_tokens" in n or ".experts." in n:
+            continue
+        total += p.numel() * p.element_size()
+    for m in stage.modules():
+        if isinstance(m, SparseMoE):
+            per_expert = (m.experts.gate_up_proj[0].numel() + m.experts.down_proj[0].numel()) * m.experts.down_proj.element_size()
+            total += per_expert * len(hits.get(id(m), ()))
+    return total
+
+
+@section("decode: batched steps after 128-token prompts, bf16")
+def check_decode(stage, peak_gbs: float, copy_gbs: float, quick: bool):
+    steps = 2 if DEV == "cpu" else 16 if quick else 32
+    V, P = stage.config.vocab_size, SIZES[DEV]["prompt"]
+    for B in SIZES[DEV]["batches"]:
+        cache = stage.make_cache(B, P + 2 * steps + 8)
+        slots = [cache.allocate() for _ in range(B)]
+        stage(torch.randint(3, V, (B * P,), device=DEV), cache, slots, [P] * B)
+        ids = torch.randint(3, V, (B,), device=DEV)
+        # Experts hit by one step, counted by hooks on the MoE layers (the router, recomputed).
+        hits: dict[int, set] = {}
+
+        def hook(m, args):
+            probs = F.softmax(F.linear(args[0], m.router.weight), dim=-1, dtype=torch.float32)
+            hits[id(m)] = set(torch.topk(probs, m.top_k, dim=-1).indices.flatten().tolist())
+
+        handles = [m.register_forward_pre_hook(hook) for m in stage.modules() if isinstance(m, SparseMoE)]
+        stage(ids, cache, slots, [1] * B)
+        for h in handles:
+            h.remove()
+        nbytes = step_weight_bytes(stage, hits)
+        stage(ids, cache, slots, [1] * B)  # warm
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            stage(ids, cache, slots, [1] * B)
+        sync()
+        step = (time.perf_counter() - t0) / steps
+        gbs = nbytes / step / 1e9
+        log(f"   batch {B}: {step * 1e3:.2f} ms/step, {B / step:,.0f} tok/s, {nbytes / 1e9:.2f} GB of weights/step, "
+            f"{gbs:,.0f} GB/s = {100 * gbs / peak_gbs:.0f}% of peak {peak_gbs:,.0f} GB/s "
+            f"({100 * gbs / copy_gbs:.0f}% of measured copy)")
+        line = (f"- decode batch {B}: **{B / step:,.0f} tok/s** ({step * 1e3:.2f} ms/step); weights read "
+                f"{gbs:,.0f} GB/s = **{100 * gbs / peak_gbs:.0f}%** of peak HBM")
+        if B == 1:
+            line += f" (target >= 60%: {'met' if gbs >= 0.6 * peak_gbs else 'NOT met'})"
+        summary.append(line)
+        del cache
+
+
+def measured_copy_gbs() -> float:
+    n = 2 << 30 if DEV == "cuda" else 64 << 20
+    a = torch.empty(n, dtype=torch.uint8, device=DEV)
+    b = torch.empty_like(a)
+    s = timed(lambda: b.copy_(a), 5)
+    del a, b
+    return 2 * n / s / 1e9  # read + write
+
+
+# ---- 4. pipeline ------------------------------------------------------------------------------
+@section("2-stage Ray pipeline sharing the GPU vs one process")
+def check_pipeline(stage, quick: bool):
+    import ray
+
+    from cluster.pipeline import PipelineConfig, SyncPipeline
+    from stages.loading import save_checkpoint
+
+    n_req, new = (8, 16) if quick or DEV == "cpu" else (32, 32)
+    g = torch.Generator().manual_seed(1)
+    P = SIZES[DEV]["prompt"]
+    prompts = [torch.randint(3, stage.config.vocab_size, (P,), generator=g).tolist() for _ in range(n_req)]
+    params = lambda: [SamplingParams(max_new_tokens=new, ignore_eos=True) for _ in prompts]  # noqa: E731
+
+    runner = LocalRunner(stage, num_slots=n_req, max_batch_tokens=2048)
+    runner.generate(prompts[:2], params()[:2])  # warm
+    t0 = time.perf_counter()
+    local = runner.generate(prompts, params())
+    t_local = time.perf_counter() - t0
+
+    with tempfile.TemporaryDirectory() as tmp:
+        state = {n: p.detach().cpu() for n, p in stage.named_parameters()}
+        save_checkpoint(state, stage.config, tmp)
+        del state
+        gpus = 1 if DEV == "cuda" else 0
+        ray.init(address="local", num_gpus=gpus, num_cpus=4, include_dashboard=False, log_to_driver=False)
+        pipe = None
+        try:
+            t0 = time.perf_counter()
+            pipe = SyncPipeline(PipelineConfig(tmp, num_stages=2, gpus_per_stage=0.5 * gpus, dtype="bfloat16",
+                                               num_slots=n_req, max_batch_tokens=2048, max_seq_len=512))
+            log(f"   pipeline up in {time.perf_counter() - t0:.0f}s")
+            pipe.generate(prompts[:2], params()[:2])  # warm
+            t0 = time.perf_counter()
+            piped = pipe.generate(prompts, params())
+            t_pipe = time.perf_counter() - t0
+        finally:
+            if pipe is not None:
+                pipe.close()
+            ray.shutdown()
+    same = sum(a.output_ids == b.output_ids for a, b in zip(local, piped))
+    tok = n_req * new
+    log(f"   one process: {tok / t_local:,.0f} tok/s; 2-stage pipeline: {tok / t_pipe:,.0f} tok/s; "
+        f"{same}/{n_req} identical greedy outputs")
+    summary.append(f"- {n_req} requests x {new} tokens: one process **{tok / t_local:,.0f} tok/s**, 2-stage pipeline on "
+                   f"the same GPU **{tok / t_pipe:,.0f} tok/s**; greedy outputs identical for {same}/{n_req}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="fewer repetitions and steps")
+    ap.add_argument("--skip-pipeline", action="store_true")
+    ap.add_argument("--peak-gbs", type=float, help="the card's peak HBM bandwidth in GB/s (default: by name)")
+    ap.add_argument("--smoke", action="store_true", help="check the script on CPU (Triton interpreted, tiny sizes)")
+    args = ap.parse_args()
+    global DEV
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    if args.smoke:
+        DEV = "cpu"
+        os.environ["TRITON_INTERPRET"] = "1"  # before the Triton kernels are imported
+    elif not torch.cuda.is_available():
+        sys.exit("gpu_check.py needs a CUDA GPU (or --smoke)")
+    else:
+        os.environ.pop("TRITON_INTERPRET", None)
+    name = torch.cuda.get_device_name() if DEV == "cuda" else "CPU smoke run"
+    peak = args.peak_gbs or next((v for k, v in PEAK_GBS.items() if k in name), None)
+    t_start = time.perf_counter()
+    copy_gbs = measured_copy_gbs()
+    log(f"{name}: device-to-device copy {copy_gbs:,.0f} GB/s; peak {peak or '?'} GB/s")
+    peak = peak or copy_gbs
+
+    check_parity()
+    os.environ["JAMBA_KERNELS"] = "triton"
+    log("== building the random bf16 model")
+    stage = build_model()
+    n_params = sum(p.numel() for p in stage.parameters())
+    from stages.kernels.warmup import warm_up
+
+    log(f"   {n_params / 1e9:.2f}B parameters; kernels warmed up in {warm_up(stage):.1f}s")
+    check_prefill(stage, args.quick)
+    check_decode(stage, peak, copy_gbs, args.quick)
+    if not args.skip_pipeline:
+        check_pipeline(stage, args.quick)
+
+    print(f"\n### GPU check: {name}, torch {torch.__version__}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n")
+    print(f"Random Jamba, {n_params / 1e9:.2f}B parameters, bf16 (bench/gpu_check.py). Peak HBM {peak:,.0f} GB/s, "
+          f"measured device-to-device copy {copy_gbs:,.0f} GB/s. Whole run {time.perf_counter() - t_start:.0f}s.\n")
+    print("\n".join(summary))
+
+
+if __name__ == "__main__":
+    main()
