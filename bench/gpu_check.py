@@ -22,6 +22,13 @@ else. Prints progress on stderr and a Markdown summary on stdout, ready for BENC
    device-to-device copy.
 4. A 2-stage Ray pipeline of the same model on the one GPU (0.5 GPU per stage) against the
    single-process runner on the same requests.
+5. The pipeline's data plane between GPU stages (issue 11), when the machine has 2 or more GPUs
+   (NCCL cannot put two ranks on one device): per-hop cost of a decode microbatch (32 tokens of
+   the model's hidden size, bf16) through identity stages, activations over NCCL (GPU to GPU) and
+   over zmq (through host memory); and a 2-stage pipeline of the model with a GPU per stage over
+   NCCL, against the single-process runner. Run with NCCL_DEBUG=INFO to see which NCCL transport
+   the stages' pairs use (P2P/NVLink, or SHM when they cannot see each other's device). With
+   --smoke, gloo on CPU stands in for NCCL.
 
 Targets (issue 12): decode at batch 1 >= 60% of peak HBM bandwidth; 32K-token prefill >= 50x the
 reference loop. Any section that fails prints its error and the script goes on.
@@ -337,6 +344,76 @@ def check_pipeline(stage, quick: bool):
                    f"the same GPU **{tok / t_pipe:,.0f} tok/s**; greedy outputs identical for {same}/{n_req}")
 
 
+@section("the data plane between GPU stages: NCCL and zmq")
+def check_dataplane(stage, quick: bool):
+    import asyncio
+
+    import msgpack
+    import ray
+
+    from bench.synthetic import write_config_only
+    from cluster.pipeline import Pipeline, PipelineConfig, SyncPipeline
+    from stages.loading import save_checkpoint
+
+    gpus = torch.cuda.device_count() if DEV == "cuda" else 0
+    if DEV == "cuda" and gpus < 2:
+        log("   skipped: the data plane between GPU stages needs 2 GPUs")
+        summary.append("- data plane between GPU stages: not run (one GPU; NCCL needs a device per stage)")
+        return
+    nccl = "nccl" if DEV == "cuda" else "gloo"
+    chain, reps, tokens = min(4, max(gpus, 2)), 50 if quick else 200, 32
+    H = stage.config.hidden_size
+
+    async def hop_ms(folder, transport):
+        times = {}
+        for n in (1, chain):  # one after the other: the GPUs may not hold both chains
+            pipe = await Pipeline.start(PipelineConfig(folder, num_stages=n, gpus_per_stage=1 if gpus else 0,
+                                                       cpus_per_stage=0.1, transport=transport, dtype="bfloat16",
+                                                       worker_cls="bench.synthetic:GpuLikeStage",
+                                                       worker_kwargs={"fixed_ms": 0.0, "per_token_ms": 0.0}))
+            try:
+                header = msgpack.packb({"free": [], "alloc": [], "rows": [[k, 1, "none", None] for k in range(tokens)]})
+                ids = torch.full((tokens,), 5)
+                for _ in range(20):
+                    await pipe.dataplane.send(header, ids)
+                t0 = time.perf_counter()
+                for _ in range(reps):
+                    await pipe.dataplane.send(header, ids)
+                times[n] = (time.perf_counter() - t0) / reps
+            finally:
+                await pipe.close()
+        return (times[chain] - times[1]) / (chain - 1) * 1000
+
+    ray.init(address="local", num_gpus=gpus, num_cpus=8, include_dashboard=False, log_to_driver=False,
+             _node_ip_address="127.0.0.1")
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = write_config_only(stage.config, Path(tmp) / "config-only")
+            hops = {t: asyncio.run(hop_ms(folder, t)) for t in (nccl, "zmq")}
+            log(f"   decode microbatch ({tokens} x {H} bf16) per hop: " + ", ".join(f"{t} {v:.3f} ms" for t, v in hops.items()))
+            state = {n: p.detach().cpu() for n, p in stage.named_parameters()}
+            save_checkpoint(state, stage.config, Path(tmp) / "model")
+            del state
+            g = torch.Generator().manual_seed(2)
+            prompts = [torch.randint(3, stage.config.vocab_size, (32,), generator=g).tolist() for _ in range(8)]
+            params = [SamplingParams(max_new_tokens=8, ignore_eos=True) for _ in prompts]
+            local = LocalRunner(stage, num_slots=8).generate(prompts, params)
+            pipe = SyncPipeline(PipelineConfig(str(Path(tmp) / "model"), num_stages=2, gpus_per_stage=1 if gpus else 0,
+                                               cpus_per_stage=0.5, transport=nccl, dtype="bfloat16", num_slots=8,
+                                               max_seq_len=512))
+            try:
+                piped = pipe.generate(prompts, params)
+            finally:
+                pipe.close()
+    finally:
+        ray.shutdown()
+    same = sum(a.output_ids == b.output_ids for a, b in zip(local, piped))
+    log(f"   2-stage pipeline over {nccl}: {same}/8 greedy outputs identical to one process")
+    summary.append(f"- data plane, decode microbatch ({tokens} x {H} bf16) per hop: " +
+                   ", ".join(f"{t} **{v:.3f} ms**" for t, v in hops.items()) +
+                   f"; 2-stage pipeline over {nccl}: greedy outputs identical for {same}/8")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer repetitions and steps")
@@ -372,6 +449,7 @@ def main() -> None:
     check_decode(stage, peak, copy_gbs, args.quick)
     if not args.skip_pipeline:
         check_pipeline(stage, args.quick)
+        check_dataplane(stage, args.quick)
 
     print(f"\n### GPU check: {name}, torch {torch.__version__}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n")
     print(f"Random Jamba, {n_params / 1e9:.2f}B parameters, bf16 (bench/gpu_check.py). Peak HBM {peak:,.0f} GB/s, "

@@ -48,6 +48,16 @@ GPU_LIKE = {"fixed_ms": 32.0, "per_token_ms": 0.1}  # whole-model cost of one mi
 SYNTHETIC = "bench.synthetic:GpuLikeStage"
 
 
+async def generate_all(pipe: Pipeline, prompts: list[list[int]], new_tokens: int):
+    """`new_tokens` for every prompt at once: (results, wall seconds, stage stats before, after)."""
+    before = await pipe.stage_stats()
+    t0 = time.perf_counter()
+    res = await asyncio.gather(*[pipe.generate_full(p, SamplingParams(max_new_tokens=new_tokens, ignore_eos=True))
+                                 for p in prompts])
+    wall = time.perf_counter() - t0
+    return res, wall, before, await pipe.stage_stats()
+
+
 # ---- 1. the runtime alone: GPU-like stages ------------------------------------------------------
 async def gpu_like_run(folder: str, stages: int, requests: int, new_tokens: int, transport: str) -> dict:
     cfg = PipelineConfig(folder, num_stages=stages, cpus_per_stage=0.1, num_slots=requests, transport=transport,
@@ -67,12 +77,7 @@ async def gpu_like_run(folder: str, stages: int, requests: int, new_tokens: int,
         prompts = [[5 + i] * 16 for i in range(requests)]
         await asyncio.gather(*[pipe.generate_full(p, SamplingParams(max_new_tokens=4, ignore_eos=True)) for p in prompts])
         latencies.clear()
-        before = await pipe.stage_stats()
-        t0 = time.perf_counter()
-        res = await asyncio.gather(*[pipe.generate_full(p, SamplingParams(max_new_tokens=new_tokens, ignore_eos=True))
-                                     for p in prompts])
-        wall = time.perf_counter() - t0
-        after = await pipe.stage_stats()
+        res, wall, before, after = await generate_all(pipe, prompts, new_tokens)
     finally:
         await pipe.close()
     busy = [(a["busy_seconds"] - b["busy_seconds"]) / wall for a, b in zip(after, before)]
@@ -129,12 +134,7 @@ async def decode_run(model: Path, stages: int, concurrency: list[int], new_token
         await asyncio.gather(*[pipe.generate_full(p, SamplingParams(max_new_tokens=8, ignore_eos=True)) for p in warm])
         for n in concurrency:
             prompts = [torch.randint(3, 8000, (16,), generator=g).tolist() for _ in range(n)]
-            before = await pipe.stage_stats()
-            t0 = time.perf_counter()
-            res = await asyncio.gather(*[pipe.generate_full(p, SamplingParams(max_new_tokens=new_tokens, ignore_eos=True))
-                                         for p in prompts])
-            wall = time.perf_counter() - t0
-            after = await pipe.stage_stats()
+            res, wall, before, after = await generate_all(pipe, prompts, new_tokens)
             busy = [(a["busy_seconds"] - b["busy_seconds"]) / wall for a, b in zip(after, before)]
             tokens = sum(len(r.output_ids) for r in res)
             out.append({"stages": stages, "concurrency": n, "tokens_per_s": tokens / wall, "busy": busy})

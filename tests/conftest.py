@@ -36,6 +36,19 @@ def models(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def reference(models):
+    """Single-process runners of the demo LM and classifier, and the tokenizer: what the pipeline
+    and the service must reproduce."""
+    from stages.loading import load_stage
+    from stages.runner import LocalRunner
+    from stages.tokenizer import Tokenizer
+
+    lm, cls = models
+    tok = Tokenizer.from_dir(lm)
+    return LocalRunner(load_stage(lm)[0], tok), LocalRunner(load_stage(cls)[0], tok), tok
+
+
+@pytest.fixture(scope="module")
 def pki():
     """A CA, a server certificate for 127.0.0.1/localhost and a client certificate, all PEM."""
     import datetime

@@ -14,19 +14,9 @@ import pytest
 from bench.synthetic import GpuLikeStage, write_config_only
 from cluster.pipeline import Pipeline, PipelineConfig, SyncPipeline
 from stages.config import JambaConfig
-from stages.loading import load_stage
-from stages.runner import LocalRunner
 from stages.sampling import SamplingParams
-from stages.tokenizer import Tokenizer
 
 from .streams import settle, stream_params, streams_through_a_fault
-
-
-@pytest.fixture(scope="module")
-def reference(models):
-    lm, cls = models
-    tok = Tokenizer.from_dir(lm)
-    return LocalRunner(load_stage(lm)[0], tok), LocalRunner(load_stage(cls)[0], tok), tok
 
 
 PROMPTS = ["The weather today is", "Cooking rice takes about twenty minutes if", "a", "Trains leave at noon"]

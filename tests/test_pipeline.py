@@ -9,17 +9,7 @@ import torch
 
 from cluster.pipeline import PipelineConfig, SyncPipeline
 from cluster.scheduler import FinishEvent, QueueFullError
-from stages.loading import load_stage
-from stages.runner import LocalRunner
 from stages.sampling import SamplingParams
-from stages.tokenizer import Tokenizer
-
-
-@pytest.fixture(scope="module")
-def reference(models):
-    lm, cls = models
-    tok = Tokenizer.from_dir(lm)
-    return LocalRunner(load_stage(lm)[0], tok), LocalRunner(load_stage(cls)[0], tok), tok
 
 
 def _pipe(model, **kw) -> SyncPipeline:
