@@ -25,7 +25,7 @@ else. Prints progress on stderr and a Markdown summary on stdout, ready for BENC
 5. The pipeline's data plane between GPU stages (issue 11), when the machine has 2 or more GPUs
    (NCCL cannot put two ranks on one device): per-hop cost of a decode microbatch (32 tokens of
    the model's hidden size, bf16) through identity stages, activations over NCCL (GPU to GPU) and
-   over zmq (through host memory); and a 2-stage pipeline of the model with a GPU per stage over
+   inline (through host memory); and a 2-stage pipeline of the model with a GPU per stage over
    NCCL, against the single-process runner. Run with NCCL_DEBUG=INFO to see which NCCL transport
    the stages' pairs use (P2P/NVLink, or SHM when they cannot see each other's device). With
    --smoke, gloo on CPU stands in for NCCL.
@@ -344,7 +344,7 @@ def check_pipeline(stage, quick: bool):
                    f"the same GPU **{tok / t_pipe:,.0f} tok/s**; greedy outputs identical for {same}/{n_req}")
 
 
-@section("the data plane between GPU stages: NCCL and zmq")
+@section("the data plane between GPU stages: NCCL and inline")
 def check_dataplane(stage, quick: bool):
     import asyncio
 
@@ -389,7 +389,7 @@ def check_dataplane(stage, quick: bool):
     try:
         with tempfile.TemporaryDirectory() as tmp:
             folder = write_config_only(stage.config, Path(tmp) / "config-only")
-            hops = {t: asyncio.run(hop_ms(folder, t)) for t in (nccl, "zmq")}
+            hops = {t: asyncio.run(hop_ms(folder, t)) for t in (nccl, "inline")}
             log(f"   decode microbatch ({tokens} x {H} bf16) per hop: " + ", ".join(f"{t} {v:.3f} ms" for t, v in hops.items()))
             state = {n: p.detach().cpu() for n, p in stage.named_parameters()}
             save_checkpoint(state, stage.config, Path(tmp) / "model")

@@ -264,7 +264,7 @@ def main() -> None:
     ap.add_argument("--real", action="store_true", help="section 2: real compute, P = 1 and 2")
     ap.add_argument("--transport", action="store_true", help="section 3: per-hop transport")
     ap.add_argument("--stages", default="1,2,4,8,16", help="P values for --gpu-like (default %(default)s)")
-    ap.add_argument("--activations", default="zmq", choices=["zmq", "gloo"], help="transport for --gpu-like")
+    ap.add_argument("--activations", default="inline", choices=["inline", "gloo"], help="transport for --gpu-like")
     args = ap.parse_args()
     sections = [k for k in ("gpu_like", "real", "transport") if getattr(args, k)] or ["gpu_like", "real", "transport"]
     stages = [int(p) for p in args.stages.split(",")]
@@ -283,7 +283,7 @@ def main() -> None:
                 print_decode(results, 16 if args.quick else 32)
             if "transport" in sections:
                 reps = 50 if args.quick else 200
-                rows = {f"data plane, {t}": asyncio.run(dataplane_hops(folder, t, reps)) for t in ("zmq", "gloo")}
+                rows = {f"data plane, {t}": asyncio.run(dataplane_hops(folder, t, reps)) for t in ("inline", "gloo")}
                 rows.update(ray_baseline_hops(reps))
                 print_transport(rows)
     finally:

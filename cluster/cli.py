@@ -69,8 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
         g.add_argument("--layer-split", help="layers per stage ('9,9,...') or boundaries ('0,9,...,72'); default: balanced")
         g.add_argument("--address", help="Ray cluster to join (default: start a local one)")
         g.add_argument("--placement-strategy", default="PACK", choices=["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"])
-        g.add_argument("--transport", default="auto", choices=["auto", "zmq", "gloo", "nccl"],
-                       help="how activations go stage to stage: auto = nccl with --gpus-per-stage, else zmq")
+        g.add_argument("--transport", default="auto", choices=["auto", "inline", "gloo", "nccl"],
+                       help="how activations go stage to stage: auto = nccl with a GPU per stage, else inline")
         g.add_argument("--threads-per-stage", type=int, default=1, help="CPU threads of each stage actor")
         g.add_argument("--gpus-per-stage", type=float, default=0, help="GPUs per stage actor (1 on GPU nodes)")
         s.set_defaults(func=run_rows, task=name)

@@ -12,22 +12,21 @@ their channels (which steals the cores the stages need on a CPU box) and tear th
 an actor dies. So, as vLLM's newer Ray executor does, Ray keeps what it is good at (placement,
 process lifecycle, restarts) and the microbatches take channels of their own:
 
-- Control: ZeroMQ PUSH/PULL sockets. Each stage binds one inbox (PULL) on the address of the node
-  Ray placed it on; its upstream (the scheduler for stage 0) connects to it. The scheduler binds
-  one answer socket, which the last stage connects to. ZeroMQ queues messages in its own I/O
-  thread, so the next microbatch is already waiting when a stage finishes the current one.
-- A message is [key, meta, header, payload]: key is the epoch's secret (a message without it is
-  dropped: the sockets listen on the node's address, and Ray's authenticated calls are how the
-  key reaches the stages), meta is msgpack [epoch, seq] (which incarnation of the data plane,
-  which microbatch), header is the scheduler's msgpack header, forwarded unchanged, and payload
-  is the token ids into stage 0 or, with the "zmq" transport, the activations. The last stage
-  answers [key, meta, answer].
+- Control: TCP connections (cluster/channels.py). Each stage listens on an inbox bound on the
+  address of the node Ray placed it on; its upstream (the scheduler for stage 0) connects to it.
+  The scheduler listens for the last stage's answers. The kernel's socket buffers hold the next
+  microbatch while a stage works on the current one, and only the receiving thread wakes for it.
+- A message carries the epoch's key (a connection without it is closed: the sockets listen on the
+  node's address, and Ray's authenticated calls are how the key reaches the stages), meta
+  (msgpack [epoch, seq]: which incarnation of the data plane, which microbatch), the scheduler's
+  msgpack header, forwarded unchanged, and a payload: the token ids into stage 0, the activations
+  with the "inline" transport, the answer from the last stage.
 - Activations between stages, by `transport`:
-    "zmq"   inline in the message (CPU stages: zero-copy on send, one copy on receive);
-    "nccl"  torch.distributed point-to-point, device to device (stages with a GPU each; "auto"
-            picks it then; stages sharing a GPU use "zmq", since NCCL needs one device a rank);
-    "gloo"  the same torch.distributed code path on CPU, so that path (process-group rendezvous,
-            eager sends, rebuilding after a failure) runs in CI without GPUs.
+    "inline" in the message itself (CPU stages);
+    "nccl"   torch.distributed point-to-point, device to device (stages with a GPU each; "auto"
+             picks it then; stages sharing a GPU use "inline", since NCCL needs one device a rank);
+    "gloo"   the same torch.distributed code path on CPU, so that path (process-group rendezvous,
+             eager sends, rebuilding after a failure) runs in CI without GPUs.
   The control message goes first, so the next stage posts its receive (NCCL creates a pair's
   communicator on the first transfer, with both sides in it); then the stage posts its send and
   goes on with the next microbatch, waiting for a send only when more than a few are outstanding.
@@ -53,31 +52,29 @@ import hmac
 import itertools
 import logging
 import secrets
+import socket
 import threading
 import time
 
 import msgpack
 import torch
-import zmq
-import zmq.asyncio
+
+from . import channels
 
 log = logging.getLogger(__name__)
 
-TRANSPORTS = ("auto", "zmq", "gloo", "nccl")
+TRANSPORTS = ("auto", "inline", "gloo", "nccl")
 MAX_PENDING_SENDS = 4  # torch.distributed sends a stage may have outstanding before it waits for one
 POLL_MS = 50  # how often an idle stage loop looks at its stop flag
 WATCH_S = 0.5  # how often the scheduler's side pings the stages
 GROUP_TIMEOUT = datetime.timedelta(seconds=60)  # process-group rendezvous and a single transfer
-# Below this many bytes a payload is copied into the message: pyzmq's zero-copy send hands each
-# buffer back through a garbage-collector thread, a thread wake-up that costs more than the copy.
-ZERO_COPY_BYTES = 1 << 20
 
 
 def resolve_transport(transport: str, gpus_per_stage: float) -> str:
     if transport not in TRANSPORTS:
         raise ValueError(f"unknown transport {transport!r}: expected one of {', '.join(TRANSPORTS)}")
     if transport == "auto":
-        return "nccl" if gpus_per_stage >= 1 else "zmq"
+        return "nccl" if gpus_per_stage >= 1 else "inline"
     if transport == "nccl" and gpus_per_stage < 1:
         raise ValueError("the nccl transport needs GPU stages with a GPU each (gpus_per_stage >= 1): "
                          "NCCL cannot connect two ranks on one device")
@@ -97,7 +94,6 @@ class StageEndpoint:
 
     def __init__(self, worker, rank: int, num_stages: int) -> None:
         self.worker, self.rank, self.num_stages = worker, rank, num_stages
-        self.ctx = zmq.Context()
         self.epoch = -1  # the epoch whose loop may run; anything else stops it
         self.step_lock = threading.Lock()  # a loop of an old epoch never steps after the new one began
         self.stopped = threading.Event()
@@ -105,8 +101,8 @@ class StageEndpoint:
         self.inbox = self.out = self.group = None
         self.thread: threading.Thread | None = None
         self.failed: str | None = None
-        self.transport, self.key = "zmq", b""
-        self.rejected = 0  # messages dropped for a wrong key
+        self.transport, self.key = "inline", b""
+        self.rejected = 0  # connections of past epochs closed for a wrong key
         self.sends: collections.deque = collections.deque()  # (work, tensor) of posted sends
         # Where the loop's time goes (seconds): waiting for input, receiving and parsing it, the
         # worker's step, sending the output. `stats()` reports them.
@@ -118,11 +114,8 @@ class StageEndpoint:
         self.stop(self.epoch)
         self._close_channels()
         self.epoch, self.key = epoch, key
-        self.inbox = self.ctx.socket(zmq.PULL)
-        self.inbox.setsockopt(zmq.RCVHWM, 0)  # the scheduler bounds what is in flight
-        self.inbox.setsockopt(zmq.RCVTIMEO, POLL_MS)  # so the loop sees its stop flag
-        port = self.inbox.bind_to_random_port(f"tcp://{host}")
-        return f"tcp://{host}:{port}"
+        self.inbox = channels.Inbox(host, key)
+        return self.inbox.address
 
     def connect(self, epoch: int, next_address: str, transport: str, store: tuple[str, int] | None,
                 host: str) -> None:
@@ -130,10 +123,7 @@ class StageEndpoint:
         for a torch.distributed transport, join this epoch's process group (every stage calls this
         at the same time: the group's rendezvous waits for all of them)."""
         assert epoch == self.epoch, "connect of an epoch that was not opened"
-        self.out = self.ctx.socket(zmq.PUSH)
-        self.out.setsockopt(zmq.SNDHWM, 0)
-        self.out.setsockopt(zmq.LINGER, 0)
-        self.out.connect(next_address)
+        self.out = channels.connect(next_address)
         self.transport = transport
         if transport in ("gloo", "nccl") and self.num_stages > 1:
             self.group = _process_group(transport, store, epoch, self.rank, self.num_stages, host)
@@ -186,25 +176,20 @@ class StageEndpoint:
         try:
             t0 = clock()
             while self.epoch == epoch:
-                try:
-                    frames = self.inbox.recv_multipart(copy=False)
-                except zmq.Again:  # nothing within POLL_MS
+                message = self.inbox.recv(POLL_MS / 1000)
+                if message is None:  # nothing yet (or something refused): look at the stop flag
                     continue
                 t1 = clock()
-                if not hmac.compare_digest(frames[0].bytes, self.key):
-                    self._reject(frames)
-                    continue
-                frames = frames[1:]
-                header_bytes = frames[1].bytes
+                meta, header_bytes, payload = message
                 header = msgpack.unpackb(header_bytes)
-                x = self._input(frames, _tokens(header))
+                x = self._input(payload, _tokens(header))
                 t2 = clock()
                 with self.step_lock:
                     if self.epoch != epoch:
                         break
                     out = self.worker.step(header, x)
                 t3 = clock()
-                self._output(frames[0].bytes, header_bytes, out)
+                self._output(meta, header_bytes, out)
                 t4 = clock()
                 times["idle"] += t1 - t0
                 times["receive"] += t2 - t1
@@ -215,41 +200,37 @@ class StageEndpoint:
         finally:
             self.stopped.set()
 
-    def _reject(self, frames) -> None:
-        self.rejected += 1
-        if self.rejected & (self.rejected - 1) == 0:  # 1st, 2nd, 4th, 8th, ...: a flood cannot flood the log
-            log.warning("stage %d dropped %d message(s) without the data plane's key (%d frame(s), %d bytes)",
-                        self.rank, self.rejected, len(frames), sum(len(f.bytes) for f in frames))
-
     def stats(self) -> dict:
-        return {"microbatches": self.microbatches, "rejected": self.rejected,
+        rejected = self.rejected + (self.inbox.rejected if self.inbox is not None else 0)
+        return {"microbatches": self.microbatches, "rejected": rejected,
                 **{f"{k}_seconds": v for k, v in self.times.items()}}
 
-    def _input(self, frames, n_tokens: int) -> torch.Tensor:
+    def _input(self, payload: memoryview, n_tokens: int) -> torch.Tensor:
         w = self.worker
         if self.rank == 0:  # token ids from the scheduler
             if n_tokens == 0:
                 return torch.empty(0, dtype=torch.long, device=w.device)
-            return torch.frombuffer(bytearray(frames[2].buffer), dtype=torch.long).to(w.device)
+            return torch.frombuffer(payload, dtype=torch.long).to(w.device, copy=True)
         x = torch.empty((n_tokens, w.hidden_size), dtype=w.dtype, device=w.device)
         if n_tokens == 0:
             return x
-        if self.group is None:  # inline: one copy out of the message, into memory we own
-            x.view(-1).view(torch.uint8).copy_(torch.frombuffer(frames[2].buffer, dtype=torch.uint8))
+        if self.group is None:
+            # One copy out of the message into aligned memory: CPU kernels round differently on
+            # unaligned inputs (see stages/loading.py), and the stages must match one process.
+            x.view(-1).view(torch.uint8).copy_(torch.frombuffer(payload, dtype=torch.uint8))
         else:
             self.group.recv([x], self.rank - 1, 0).wait()
         return x
 
     def _output(self, meta: bytes, header: bytes, out) -> None:
         if self.worker.is_last:  # the answer, msgpack bytes
-            self.out.send_multipart([self.key, meta, out])
+            channels.send_all(self.out, channels.frame(self.key, meta, b"", out))
             return
         if self.group is None:
             payload = out.detach().contiguous().view(-1).view(torch.uint8).cpu().numpy() if out.numel() else b""
-            # Zero-copy: zmq holds the array until it is sent.
-            self.out.send_multipart([self.key, meta, header, payload], copy=len(payload) < ZERO_COPY_BYTES)
+            channels.send_all(self.out, channels.frame(self.key, meta, header, payload))
             return
-        self.out.send_multipart([self.key, meta, header])  # first: see the module's docstring
+        channels.send_all(self.out, channels.frame(self.key, meta, header))  # first: see the module's docstring
         if out.numel():
             out = out.contiguous()
             self.sends.append((self.group.send([out], self.rank + 1, 0), out))
@@ -257,9 +238,11 @@ class StageEndpoint:
                 self.sends.popleft()[0].wait()
 
     def _close_channels(self) -> None:
-        for s in (self.inbox, self.out):
-            if s is not None:
-                s.close(linger=0)
+        if self.inbox is not None:
+            self.rejected += self.inbox.rejected
+            self.inbox.close()
+        if self.out is not None:
+            self.out.close()
         self.inbox = self.out = None
         self.sends.clear()
         if self.transport == "nccl" and self.group is not None:
@@ -274,7 +257,6 @@ class StageEndpoint:
     def close(self) -> None:
         self.stop(self.epoch, wait_s=1.0)
         self._close_channels()
-        self.ctx.destroy(linger=0)
 
 
 def _process_group(backend: str, store: tuple[str, int], epoch: int, rank: int, size: int, host: str):
@@ -315,22 +297,23 @@ class DataPlane:
     def __init__(self, actors: list, transport: str, host: str, wait_for_stages) -> None:
         self.actors, self.transport, self.host = actors, transport, host
         self.wait_for_stages = wait_for_stages  # async (): returns once every stage answers again
-        self.ctx = zmq.asyncio.Context()
-        self.answers = self.ctx.socket(zmq.PULL)
-        self.answers.setsockopt(zmq.RCVHWM, 0)
-        self.answer_address = f"tcp://{host}:{self.answers.bind_to_random_port(f'tcp://{host}')}"
-        self.to_first: zmq.asyncio.Socket | None = None
+        self.answers: asyncio.AbstractServer | None = None  # where the last stage's answers arrive
+        self.answer_address = ""
+        self.to_first: asyncio.StreamWriter | None = None
         self.store = None  # the process groups' rendezvous, hosted here for the pipeline's lifetime
         self.epoch, self.key = 0, b""
         self.seq = itertools.count()
         self.pending: dict[int, asyncio.Future] = {}
         self.broken: DataPlaneError | None = DataPlaneError("the data plane is not started")
         self.inboxes: list[str] = []
-        self._reader = asyncio.get_running_loop().create_task(self._read_answers())
+        self._answer_tasks: set[asyncio.Task] = set()
         self._watcher: asyncio.Task | None = None
 
     async def start(self) -> None:
         t0 = time.perf_counter()
+        if self.answers is None:
+            self.answers = await asyncio.start_server(self._read_answers, self.host, 0)
+            self.answer_address = f"tcp://{self.host}:{self.answers.sockets[0].getsockname()[1]}"
         self.epoch += 1
         self.key = secrets.token_bytes(16)
         epoch, P = self.epoch, len(self.actors)
@@ -347,11 +330,9 @@ class DataPlane:
         await asyncio.gather(*[a.connect_dataplane.remote(epoch, nexts[k], self.transport, store)
                                for k, a in enumerate(self.actors)])
         if self.to_first is not None:
-            self.to_first.close(linger=0)
-        self.to_first = self.ctx.socket(zmq.PUSH)
-        self.to_first.setsockopt(zmq.SNDHWM, 0)
-        self.to_first.setsockopt(zmq.LINGER, 0)
-        self.to_first.connect(inboxes[0])
+            self.to_first.close()
+        _, self.to_first = await asyncio.open_connection(*channels.parse_address(inboxes[0]))
+        self.to_first.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         await asyncio.gather(*[a.start_dataplane.remote(epoch) for a in self.actors])
         self.broken = None
         self._watcher = asyncio.get_running_loop().create_task(self._watch(epoch))
@@ -366,19 +347,28 @@ class DataPlane:
         fut = asyncio.get_running_loop().create_future()
         self.pending[seq] = fut
         meta = msgpack.packb([self.epoch, seq])
-        await self.to_first.send_multipart([self.key, meta, header, ids.to(torch.long).contiguous().numpy()])
+        self.to_first.writelines(channels.frame(self.key, meta, header, ids.to(torch.long).contiguous().numpy()))
         return await fut
 
-    async def _read_answers(self) -> None:
-        while True:
-            frames = await self.answers.recv_multipart()
-            if len(frames) != 3 or not hmac.compare_digest(frames[0], self.key):
-                continue  # not from this epoch's last stage
-            _, meta, answer = frames
-            epoch, seq = msgpack.unpackb(meta)
-            fut = self.pending.pop(seq, None) if epoch == self.epoch else None
-            if fut is not None and not fut.done():
-                fut.set_result(answer)
+    async def _read_answers(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """One last stage's connection: answers until it closes. A connection without this epoch's
+        key (an old epoch's last stage, or anything else) is closed."""
+        self._answer_tasks.add(asyncio.current_task())
+        try:
+            while True:
+                key, n_meta, n_header, n_payload = channels.PREFIX.unpack(await reader.readexactly(channels.PREFIX.size))
+                if not hmac.compare_digest(key, self.key):
+                    return
+                body = await reader.readexactly(n_meta + n_header + n_payload)
+                epoch, seq = msgpack.unpackb(body[:n_meta])
+                fut = self.pending.pop(seq, None) if epoch == self.epoch else None
+                if fut is not None and not fut.done():
+                    fut.set_result(body[n_meta + n_header:])
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+            self._answer_tasks.discard(asyncio.current_task())
 
     async def _watch(self, epoch: int) -> None:
         """Ping every stage until this epoch ends; break the data plane when one is gone (Ray
@@ -432,8 +422,13 @@ class DataPlane:
         self.epoch += 1
         if self.broken is None:
             self._break(DataPlaneError("the pipeline was shut down"))
-        for task in (self._watcher, self._reader):
-            if task is not None:
-                task.cancel()
-        self.ctx.destroy(linger=0)
+        if self._watcher is not None:
+            self._watcher.cancel()
+        if self.to_first is not None:
+            self.to_first.close()
+        if self.answers is not None:
+            self.answers.close()
+        for task in list(self._answer_tasks):
+            task.cancel()
+        await asyncio.gather(*self._answer_tasks, return_exceptions=True)
 

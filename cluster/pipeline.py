@@ -67,8 +67,8 @@ class PipelineConfig:
     # bundle 0 of its own placement group and the stages take bundles 1..P of that group.
     use_current_placement_group: bool = False
     actor_options: dict = field(default_factory=dict)
-    # How activations travel between stages: "auto" (nccl on GPU stages, else zmq), "zmq", "gloo"
-    # or "nccl"; see cluster/dataplane.py.
+    # How activations travel between stages: "auto" (nccl with a GPU per stage, else inline),
+    # "inline", "gloo" or "nccl"; see cluster/dataplane.py.
     transport: str = "auto"
     # The class each stage actor runs, as "module:Class" (or "module.Class"), built as
     # cls(model_dir, start, end, num_slots, max_seq_len, threads, dtype, device, **worker_kwargs).

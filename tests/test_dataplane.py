@@ -22,7 +22,7 @@ from .streams import settle, stream_params, streams_through_a_fault
 PROMPTS = ["The weather today is", "Cooking rice takes about twenty minutes if", "a", "Trains leave at noon"]
 
 
-@pytest.mark.parametrize("transport", ["zmq", "gloo"])
+@pytest.mark.parametrize("transport", ["inline", "gloo"])
 def test_both_transports_give_the_single_process_results(ray_cluster, models, reference, transport):
     lm, cls = models
     ref_lm, ref_cls, tok = reference
@@ -119,28 +119,28 @@ def test_messages_without_the_key_are_dropped(ray_cluster, models, reference):
     """The stages' sockets listen on the node's address: whatever reaches them without the
     epoch's key (garbage, a replayed frame, a forged microbatch) is dropped and counted, and the
     pipeline's answers are unchanged."""
+    import socket
+
     import msgpack
-    import zmq
+
+    from cluster.channels import frame, parse_address
 
     lm, _ = models
     ref_lm, _, tok = reference
     prompts = [tok.encode(t) for t in PROMPTS]
     params = [SamplingParams(max_new_tokens=6, ignore_eos=True) for _ in prompts]
     pipe = SyncPipeline(PipelineConfig(str(lm), num_stages=2, cpus_per_stage=0.25))
-    ctx = zmq.Context()
     try:
         forged = msgpack.packb({"free": [0, 1], "alloc": [], "rows": [[0, 1, "none", None]]})
         for address in pipe.pipe.dataplane.inboxes:
-            sock = ctx.socket(zmq.PUSH)
-            sock.connect(address)
-            sock.send_multipart([b"not the key", msgpack.packb([1, 0]), forged, bytes(8)])
-            sock.send(b"garbage")
-            sock.close(linger=1000)
+            with socket.create_connection(parse_address(address)) as sock:  # a forged microbatch
+                sock.sendall(b"".join(frame(b"not the key 16 b", msgpack.packb([1, 0]), forged, bytes(8))))
+            with socket.create_connection(parse_address(address)) as sock:  # garbage
+                sock.sendall(b"garbage")
         got = pipe.generate(prompts, params)
         rejected = [s["dataplane"]["rejected"] for s in pipe._call(pipe.pipe.stage_stats())]
     finally:
         pipe.close()
-        ctx.destroy(linger=0)
     assert rejected == [2, 2]
     assert [g.output_ids for g in got] == [w.output_ids for w in ref_lm.generate(prompts, params)]
 
