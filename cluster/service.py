@@ -169,7 +169,8 @@ class JambaService:
                        max_batch_tokens: int = 512, max_queue: int = 1024, threads_per_stage: int = 1,
                        gpus_per_stage: float = 0, cpus_per_stage: float | None = None, max_seq_len: int | None = None,
                        name: str | None = None, own_placement_group: bool = False, max_restarts: int = 3,
-                       recover_timeout_s: float = 120.0, stream_interval_ms: float = 0.0) -> None:
+                       recover_timeout_s: float = 120.0, stream_interval_ms: float = 0.0,
+                       request_timeout_s: float | None = None) -> None:
         cfg = PipelineConfig(
             model, num_stages=stages, layer_split=layer_split, num_slots=num_slots, max_batch_tokens=max_batch_tokens,
             max_queue=max_queue, threads_per_stage=threads_per_stage, gpus_per_stage=gpus_per_stage,
@@ -184,6 +185,9 @@ class JambaService:
         # interval longer than a stream's time per token trades smoothness for throughput
         # (BENCHMARKS.md: 250 ms); 0 sends every token at once.
         self.stream_interval = max(0.0, stream_interval_ms) / 1000
+        # Serve's HTTP request timeout, also the scheduler's deadline for HTTP requests: a
+        # request the proxy gives up on frees its slots at the same moment.
+        self.request_timeout_s = request_timeout_s
         self.metrics = Metrics.create()
         self._stats_task = asyncio.get_running_loop().create_task(self._report_stats())
         log.info("JambaService %s ready: %d stage(s) %s", self.name, stages, self.pipe.splits)
