@@ -142,7 +142,8 @@ def run_serve(args) -> int:
     apps = _check_args(args)
     cpus = args.cpus_per_stage if args.cpus_per_stage is not None else args.threads_per_stage
     _raise_on_sigterm()
-    serving = started = False
+    serving = False
+    phase = None  # what there is to stop: "ray" once ray.init runs, "serve" once Serve starts
     try:
         import ray
         from ray import serve
@@ -158,13 +159,14 @@ def run_serve(args) -> int:
             os.environ["RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT"] = str(args.direct_ingress_port)
             os.environ["RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT"] = str(args.direct_ingress_port + 100)
         need = serve_need(len(apps), args.replicas, args.stages, cpus, args.gpus_per_stage)
+        phase = "ray"  # set first: a signal during ray.init still stops what it started
         if args.address:
             ray.init(address=args.address)
         else:
             threads = len(apps) * args.replicas * args.stages * args.threads_per_stage
             ray.init(address="local", **local_cluster_size(need, threads))
         _raise_on_sigterm()  # again: ray.init installed its own
-        started = True
+        phase = "serve"
         serve.start(grpc_options=grpc_options(args.grpc_port),
                     http_options=HTTPOptions(host=args.http_host, port=args.http_port,
                                              request_timeout_s=args.http_request_timeout))
@@ -192,8 +194,8 @@ def run_serve(args) -> int:
         print(f"jamba serve: error: {e}", file=sys.stderr, flush=True)
         return 1
     finally:
-        if started:
-            _stop(local=not args.address)
+        if phase:
+            _stop(local=not args.address, serve_started=phase == "serve")
 
 
 def wait_until_running(names: list[str], args, cpus_per_stage: float) -> None:
@@ -233,10 +235,11 @@ def _last_lines(message: str, n: int = 3) -> str:
     return " ".join(lines[-n:]) or "(no message)"
 
 
-def _stop(local: bool) -> None:
-    """Stop Serve (in-flight requests get SHUTDOWN_GRACE_S to finish), then Ray. A signal
-    meanwhile skips the rest of the grace period. On a local cluster ray.shutdown() stops every
-    process the cluster started."""
+def _stop(local: bool, serve_started: bool) -> None:
+    """Leave Ray. On a local cluster, ray.shutdown() stops every process the cluster started,
+    Serve's included, at once (a graceful Serve shutdown first would wait for its proxies' drain
+    period, 30 s, for nothing). On a cluster that was joined, Serve is shut down first, so the
+    applications do not outlive the command; it gets SHUTDOWN_GRACE_S, and a signal cuts it short."""
     import ray
     from ray import serve
 
@@ -245,19 +248,20 @@ def _stop(local: bool) -> None:
     def shutdown_serve():
         try:
             serve.shutdown()
-        except Exception as e:  # the cluster is going away anyway
+        except Exception as e:  # best effort: stopping goes on
             log.warning("Serve did not shut down cleanly: %s", e)
         finally:
             done.set()
 
-    threading.Thread(target=shutdown_serve, name="serve-shutdown", daemon=True).start()
-    try:
-        if not done.wait(SHUTDOWN_GRACE_S):
-            log.warning("Serve did not stop within %gs; stopping anyway", SHUTDOWN_GRACE_S)
-    except KeyboardInterrupt:
-        pass
+    if serve_started and not local and ray.is_initialized():
+        threading.Thread(target=shutdown_serve, name="serve-shutdown", daemon=True).start()
+        try:
+            if not done.wait(SHUTDOWN_GRACE_S):
+                log.warning("Serve did not stop within %gs; stopping anyway", SHUTDOWN_GRACE_S)
+        except KeyboardInterrupt:
+            pass
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # while the cluster's processes are stopped
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     ray.shutdown()
-    if not local:
-        log.info("left the Ray cluster; the applications were deleted from it")
+    if not local and serve_started:
+        log.info("left the Ray cluster; Serve and the applications were shut down on it")
