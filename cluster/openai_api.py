@@ -1,0 +1,679 @@
+"""The OpenAI-compatible HTTP API of the service: OpenAI's wire format <-> the scheduler's types.
+
+It runs in the same Serve replica as the gRPC methods (cluster/service.py), on the same pipeline,
+behind Serve's HTTP proxy: the replica's FastAPI app is built here, per replica, around the
+JambaService instance.
+
+    POST /v1/completions        prompt: text, token ids, or a list of either; stream: true for SSE
+    POST /v1/chat/completions   messages through the checkpoint's chat template; stream: true for SSE
+    GET  /v1/models, /v1/models/{model}
+    GET  /health                200 while the pipeline serves, 503 once it failed
+
+What OpenAI's API has and this server does not (top_logprobs, penalties, logit_bias, suffix,
+tools, JSON response formats) is refused with a 400 naming the field, never ignored. Beyond
+OpenAI's fields, requests may carry vLLM's `top_k`, `ignore_eos` and `stop_token_ids`.
+
+Errors are OpenAI's shape, {"error": {"message", "type", "param", "code"}}: 400 for a bad field
+(param names it), 404 for an unknown model or path, 429 with Retry-After when the queue is full,
+503 when the pipeline is down, 504 past the request's deadline (Serve's --http-request-timeout).
+A stream that fails after its first event ends with an error event. A client that disconnects
+cancels its request in the replica, which aborts it and frees its slots on every stage.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import time
+import uuid
+from typing import Any, AsyncIterator, Literal
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from stages.sampling import SamplingParams
+from stages.tokenizer import ChatTemplateError
+
+from .scheduler import DeadlineExceededError, FinishEvent, QueueFullError, SchedulerClosedError, TokenEvent
+
+log = logging.getLogger("ray.serve")
+
+MAX_PROMPTS = 256  # prompts in one completions request, as for gRPC's Generate
+MAX_N = 16  # choices per prompt
+COMPLETIONS_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the rest of the context
+
+
+# ---- errors ---------------------------------------------------------------------------------------
+class APIError(Exception):
+    """An error answered in OpenAI's shape."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers or {}
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+def bad(param: str, message: str) -> APIError:
+    return APIError(400, message, param=param)
+
+
+def from_pipeline_error(e: Exception) -> APIError:
+    """The scheduler's refusals, as HTTP statuses."""
+    if isinstance(e, APIError):
+        return e
+    if isinstance(e, QueueFullError):
+        # Retry-After is whole seconds (RFC 9110); the openai client also reads retry-after-ms.
+        return APIError(429, str(e), "rate_limit_error", code="rate_limit_exceeded",
+                        headers={"Retry-After": str(max(1, math.ceil(e.retry_after))),
+                                 "retry-after-ms": str(round(e.retry_after * 1000))})
+    if isinstance(e, SchedulerClosedError):
+        return APIError(503, str(e), "service_unavailable", code="pipeline_unavailable")
+    if isinstance(e, DeadlineExceededError):
+        return APIError(504, f"{e} (the server's request timeout)", "timeout", code="deadline_exceeded")
+    if isinstance(e, ValueError):  # the scheduler's own checks
+        return APIError(400, str(e))
+    raise e
+
+
+# ---- requests ---------------------------------------------------------------------------------------
+class _Strict(BaseModel):
+    # Unknown fields are refused (as OpenAI does), and no type is coerced: "0.5" is not a number.
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class _Common(_Strict):
+    model: str
+    temperature: float | None = None  # OpenAI's default is 1
+    top_p: float | None = None
+    n: int = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+    # Not OpenAI's; vLLM's names for them.
+    top_k: int | None = None
+    ignore_eos: bool = False
+    stop_token_ids: list[int] | None = None
+
+
+class CompletionRequest(_Common):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = None
+    logprobs: int | None = None
+    echo: bool = False
+    best_of: int | None = None
+    suffix: str | None = None
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class Message(_Strict):
+    role: str
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+
+class ChatRequest(_Common):
+    messages: list[Message]
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+    response_format: dict[str, Any] | None = None
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    parallel_tool_calls: bool | None = None
+
+
+# Fields whose union type makes pydantic's own message unreadable.
+UNION_HELP = {
+    "prompt": "must be a string, a list of strings, a list of token ids or a list of lists of token ids",
+    "stop": "must be a string or a list of strings",
+    "content": "must be a string or a list of {\"type\": \"text\", \"text\": ...} parts",
+}
+
+
+async def parse(request: Request, model: type[_Strict]) -> _Strict:
+    body = await request.body()
+    try:
+        data = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise bad(None, f"the request body is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise bad(None, f"the request body must be a JSON object, not {type(data).__name__}")
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        raise _validation_error(e) from None
+
+
+def _validation_error(e: ValidationError) -> APIError:
+    err = e.errors()[0]
+    path: list[str] = []
+    for part in err["loc"]:
+        if isinstance(part, int):
+            path.append(f"[{part}]")
+        elif path and ("[" in part or part in ("str", "int", "float", "bool", "none", "function-after")):
+            break  # pydantic names the union member it tried; the field is what the user knows
+        else:
+            path.append(("." if path else "") + part)
+    param = "".join(path)
+    field = str(err["loc"][-1]) if err["type"] == "extra_forbidden" else param.rsplit(".", 1)[-1].split("[")[0]
+    if err["type"] == "extra_forbidden":
+        return bad(param, f"{param}: unknown field (this server does not support it)")
+    if err["type"] == "missing":
+        return bad(param, f"{param} is required")
+    help_ = UNION_HELP.get(field)
+    return bad(param, f"{param} {help_}" if help_ else f"{param}: {err['msg']}")
+
+
+def _refuse_unsupported(req: _Common) -> None:
+    """OpenAI fields whose meaning this server cannot honour: a clear 400, never silence."""
+    for name in ("presence_penalty", "frequency_penalty"):
+        if getattr(req, name):
+            raise bad(name, f"{name} is not supported (only 0)")
+    if req.logit_bias:
+        raise bad("logit_bias", "logit_bias is not supported")
+    if not 1 <= req.n <= MAX_N:
+        raise bad("n", f"n must be between 1 and {MAX_N}, got {req.n}")
+    if req.stream_options is not None and not req.stream:
+        raise bad("stream_options", "stream_options is only allowed with stream: true")
+
+
+_OUR_NAMES = {"max_new_tokens": None, "temperature": "temperature", "top_k": "top_k", "top_p": "top_p",
+              "seed": "seed", "stop": "stop", "stop_token_ids": "stop_token_ids"}
+
+
+def sampling_params(req: _Common, max_tokens: int, max_tokens_field: str, logprobs: bool) -> SamplingParams:
+    stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    params = SamplingParams(
+        max_new_tokens=max_tokens, temperature=1.0 if req.temperature is None else req.temperature,
+        top_k=req.top_k or 0, top_p=1.0 if req.top_p is None else req.top_p, seed=req.seed, stop=stop,
+        stop_token_ids=list(req.stop_token_ids or []), logprobs=logprobs, ignore_eos=req.ignore_eos)
+    try:
+        params.validate(2**62)  # token ids are checked against the vocabulary by the caller
+    except ValueError as e:
+        ours, _, rest = str(e).partition(" ")
+        name = _OUR_NAMES.get(ours) or max_tokens_field
+        raise bad(name, f"{name} {rest}") from None
+    return params
+
+
+def choice_params(params: SamplingParams, j: int) -> SamplingParams:
+    """The params of choice j of n: its own seed (seed + j), so seeded choices differ from each other
+    and choice 0 is what the same request with n=1 gives."""
+    p = SamplingParams(**{k: getattr(params, k) for k in params.__dataclass_fields__})
+    if p.seed is not None and j:
+        p.seed = (p.seed + j) % 2**63
+    return p
+
+
+# ---- the API -----------------------------------------------------------------------------------------
+class OpenAIServer:
+    """The routes' logic, around one JambaService replica (its pipeline, name, metrics)."""
+
+    def __init__(self, service) -> None:
+        self.service = service
+        self.pipe = service.pipe
+        self.name = service.name
+        self.tokenizer = service.tokenizer
+        self.config = service.config
+        self.created = int(time.time())
+
+    # ---- helpers ---------------------------------------------------------------------------
+    def _check_model(self, model: str) -> None:
+        if model != self.name:
+            raise APIError(404, f"the model {model!r} does not exist; this endpoint serves {self.name!r}",
+                           param="model", code="model_not_found")
+        if self.config.is_classifier:
+            raise bad("model", f"{self.name!r} is a sequence classifier; completions need a causal language model")
+
+    def _deadline(self) -> float | None:
+        # A little before Serve's own request timeout, so that the client gets this API's 504
+        # rather than the proxy's plain 408 (and the slots are freed either way).
+        t = self.service.request_timeout_s
+        return time.time() + max(0.1, 0.95 * t - 0.2) if t else None
+
+    def _token_ids(self, ids: list[int], field: str) -> list[int]:
+        if not ids:
+            raise bad(field, f"{field} is empty")
+        vocab = self.config.vocab_size
+        wrong = [i for i in ids if not 0 <= i < vocab]
+        if wrong:
+            raise bad(field, f"{field} has token ids out of range [0, {vocab}): {wrong[:5]}")
+        return ids
+
+    def _text_ids(self, text: str, field: str) -> list[int]:
+        if not text:
+            raise bad(field, f"{field} is empty")
+        if self.tokenizer is None:
+            raise bad(field, f"{field}: the model has no tokenizer; send token ids")
+        return self.tokenizer.encode(text)
+
+    def _fits(self, ids: list[int], field: str, max_tokens: int | None, max_field: str) -> None:
+        limit = self.pipe.scheduler.max_seq_len
+        if len(ids) >= limit:
+            raise bad(field, f"{field} has {len(ids)} tokens; the context is {limit}")
+        if max_tokens is not None and len(ids) + max_tokens > limit:
+            raise bad(max_field, f"{field} has {len(ids)} tokens and {max_field} is {max_tokens}, more than the "
+                                 f"context of {limit}")
+
+    def _token_text(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id], skip_special_tokens=False) if self.tokenizer else str(token_id)
+
+    def _count(self, route: str, status: int) -> None:
+        self.service.metrics.requests.inc(tags={"method": route, "code": str(status)})
+
+    # ---- /v1/completions ---------------------------------------------------------------------
+    async def completions(self, request: Request) -> Response:
+        req = await parse(request, CompletionRequest)
+        self._check_model(req.model)
+        _refuse_unsupported(req)
+        if req.suffix:
+            raise bad("suffix", "suffix is not supported")
+        if req.best_of not in (None, req.n):
+            raise bad("best_of", "best_of is not supported (only equal to n)")
+        if req.logprobs not in (None, 0):
+            raise bad("logprobs", "logprobs must be 0 or null: this server returns each chosen token's "
+                                  "log-probability (tokens, token_logprobs), not the top alternatives")
+        p = req.prompt
+        if isinstance(p, str):
+            prompts = [(p, self._text_ids(p, "prompt"))]
+        elif not p:
+            raise bad("prompt", "prompt is empty")
+        elif isinstance(p[0], int):
+            prompts = [(None, self._token_ids(p, "prompt"))]
+        elif len(p) > MAX_PROMPTS:
+            raise bad("prompt", f"prompt has {len(p)} entries; at most {MAX_PROMPTS} per request")
+        elif isinstance(p[0], str):
+            prompts = [(s, self._text_ids(s, f"prompt[{i}]")) for i, s in enumerate(p)]
+        else:
+            prompts = [(None, self._token_ids(ids, f"prompt[{i}]")) for i, ids in enumerate(p)]
+        max_tokens = COMPLETIONS_MAX_TOKENS if req.max_tokens is None else req.max_tokens
+        params = sampling_params(req, max_tokens, "max_tokens", logprobs=req.logprobs is not None)
+        for i, (_, ids) in enumerate(prompts):
+            self._fits(ids, "prompt" if len(prompts) == 1 else f"prompt[{i}]", max_tokens, "max_tokens")
+        jobs = [(i * req.n + j, ids, choice_params(params, j)) for i, (_, ids) in enumerate(prompts)
+                for j in range(req.n)]
+        echoes = await self._echoes(prompts, req) if req.echo else {}
+        self.service.metrics.tokens_in.inc(sum(len(ids) for _, ids in prompts))
+        out = Completions(self, req, prompts, echoes)
+        if req.stream:
+            return await self._stream(out, jobs, "POST /v1/completions")
+        finals = await self._run_all(jobs)
+        self._count("POST /v1/completions", 200)
+        return JSONResponse(out.response(finals))
+
+    async def _echoes(self, prompts, req: CompletionRequest) -> dict[int, tuple[str, list, list]]:
+        """Per prompt: its text, and with logprobs its tokens and their log-probabilities (scored
+        by the pipeline; the first token has none)."""
+        out = {}
+        for i, (text, ids) in enumerate(prompts):
+            if text is None:
+                text = self.tokenizer.decode(ids) if self.tokenizer else ""
+            tokens, lps = [], []
+            if req.logprobs is not None:
+                try:
+                    lps = await self.pipe.score(ids, self._deadline())
+                except Exception as e:
+                    raise from_pipeline_error(e) from None
+                tokens = [self._token_text(t) for t in ids]
+            out[i] = (text, tokens, lps)
+        return out
+
+    # ---- /v1/chat/completions ----------------------------------------------------------------
+    async def chat(self, request: Request) -> Response:
+        req = await parse(request, ChatRequest)
+        self._check_model(req.model)
+        _refuse_unsupported(req)
+        if req.top_logprobs:
+            raise bad("top_logprobs", "top_logprobs is not supported (only 0): this server returns each chosen "
+                                      "token's log-probability, not the top alternatives")
+        if req.tools or req.tool_choice not in (None, "none"):
+            raise bad("tools" if req.tools else "tool_choice", "tools are not supported")
+        if req.response_format and req.response_format.get("type") != "text":
+            raise bad("response_format", "response_format must be {\"type\": \"text\"}: structured output is "
+                                         "not supported")
+        if not req.messages:
+            raise bad("messages", "messages is empty")
+        if self.tokenizer is None:
+            raise bad("messages", "the model has no tokenizer, so no chat template; use /v1/completions with token ids")
+        messages = []
+        for i, m in enumerate(req.messages):
+            content = m.content if isinstance(m.content, str) or m.content is None else \
+                "\n".join(part.text for part in m.content)
+            messages.append({"role": m.role, "content": content or "", **({"name": m.name} if m.name else {})})
+        try:
+            ids = self.tokenizer.encode_chat(messages)
+        except ChatTemplateError as e:
+            raise bad("messages", f"messages: the chat template failed: {e}") from None
+        except ValueError as e:
+            raise bad("messages", f"messages: {e}") from None
+        field = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+        asked = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        self._fits(ids, "messages", asked, field)
+        max_tokens = asked if asked is not None else self.pipe.scheduler.max_seq_len - len(ids)
+        params = sampling_params(req, max_tokens, field, logprobs=req.logprobs)
+        jobs = [(j, ids, choice_params(params, j)) for j in range(req.n)]
+        self.service.metrics.tokens_in.inc(len(ids))
+        out = ChatCompletions(self, req, [(None, ids)])
+        if req.stream:
+            return await self._stream(out, jobs, "POST /v1/chat/completions")
+        finals = await self._run_all(jobs)
+        self._count("POST /v1/chat/completions", 200)
+        return JSONResponse(out.response(finals))
+
+    # ---- running requests --------------------------------------------------------------------
+    async def _run_all(self, jobs) -> list[FinishEvent]:
+        deadline = self._deadline()
+
+        async def one(ids, params) -> FinishEvent:
+            async for ev in self.pipe.generate(ids, params, deadline):
+                if isinstance(ev, FinishEvent):
+                    return ev
+            raise RuntimeError("generation ended without a final event")
+
+        try:
+            finals = await asyncio.gather(*[one(ids, p) for _, ids, p in jobs])
+        except Exception as e:
+            raise from_pipeline_error(e) from None
+        self.service.metrics.tokens_out.inc(sum(len(f.output_ids) for f in finals))
+        return finals
+
+    async def _stream(self, out: "Completions", jobs, route: str) -> StreamingResponse:
+        """Start every choice, wait for each one's first tokens (so that a refusal, such as a full
+        queue, is still an HTTP status), then stream server-sent events as tokens come."""
+        deadline = self._deadline()
+        streams = [self.pipe.generate_chunks(ids, p, deadline) for _, ids, p in jobs]
+        firsts = await asyncio.gather(*[s.__anext__() for s in streams], return_exceptions=True)
+        failed = [f for f in firsts if isinstance(f, BaseException)]
+        if failed:
+            for s in streams:
+                await s.aclose()
+            raise from_pipeline_error(failed[0]) from None
+
+        async def events() -> AsyncIterator[str]:
+            merged = merge([j[0] for j in jobs], streams, firsts)
+            try:
+                for chunk in out.start():
+                    yield sse(chunk)
+                async for index, chunk in merged:
+                    for event in out.chunk(index, chunk):
+                        yield sse(event)
+                if out.finish() is not None:
+                    yield sse(out.finish())
+                yield "data: [DONE]\n\n"
+                self._count(route, 200)
+            except (DeadlineExceededError, SchedulerClosedError, ValueError) as e:  # after the first event
+                err = from_pipeline_error(e)
+                self._count(route, err.status)
+                yield sse(err.body())
+            finally:
+                await merged.aclose()  # its tasks first: a stream cannot be closed while one reads it
+                for s in streams:  # a disconnected client lands here too: its requests are aborted
+                    await s.aclose()
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+def sse(obj: dict) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+async def merge(indices: list[int], streams, firsts) -> AsyncIterator[tuple[int, list]]:
+    """(choice index, chunk) from several chunk streams as they come, each stream's first chunk
+    (already read) first."""
+    if len(streams) == 1:  # the common case, without tasks
+        chunk = firsts[0]
+        while True:
+            yield indices[0], chunk
+            if isinstance(chunk[-1], FinishEvent):
+                return
+            chunk = await streams[0].__anext__()
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(index: int, stream, first) -> None:
+        chunk = first
+        try:
+            while True:
+                await queue.put((index, chunk))
+                if isinstance(chunk[-1], FinishEvent):
+                    return
+                chunk = await stream.__anext__()
+        except Exception as e:
+            await queue.put((index, e))
+
+    tasks = [asyncio.get_running_loop().create_task(pump(i, s, f)) for i, s, f in zip(indices, streams, firsts)]
+    try:
+        left = len(tasks)
+        while left:
+            index, item = await queue.get()
+            if isinstance(item, Exception):
+                raise item
+            yield index, item
+            if isinstance(item[-1], FinishEvent):
+                left -= 1
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+# ---- responses ---------------------------------------------------------------------------------------
+class Completions:
+    """/v1/completions responses and stream chunks."""
+
+    object = "text_completion"
+
+    def __init__(self, api: OpenAIServer, req, prompts, echoes: dict | None = None) -> None:
+        self.api, self.req, self.prompts, self.echoes = api, req, prompts, echoes or {}
+        self.id = f"cmpl-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+        self.completion_tokens = 0
+        self.include_usage = bool(req.stream_options and req.stream_options.include_usage)
+
+    def _head(self) -> dict:
+        return {"id": self.id, "object": self.object, "created": self.created, "model": self.api.name}
+
+    def usage(self) -> dict:
+        prompt = sum(len(ids) for _, ids in self.prompts)
+        return {"prompt_tokens": prompt, "completion_tokens": self.completion_tokens,
+                "total_tokens": prompt + self.completion_tokens}
+
+    def _logprobs(self, ids: list[int], lps: list[float | None], text_before: str = "",
+                  echo: tuple | None = None) -> dict | None:
+        if self.req.logprobs is None:
+            return None
+        tokens = [self.api._token_text(t) for t in ids]
+        if echo is not None:
+            tokens, lps = echo[1] + tokens, echo[2] + lps
+        offsets, at = [], len(text_before)
+        for t in tokens:
+            offsets.append(at)
+            at += len(t)
+        return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": None, "text_offset": offsets}
+
+    def response(self, finals: list[FinishEvent]) -> dict:
+        choices = []
+        for index, f in enumerate(finals):
+            echo = self.echoes.get(index // self.req.n)
+            text = (echo[0] if echo else "") + (f.text or "")
+            lp = self._logprobs(f.output_ids, list(f.logprobs or []), echo=echo)
+            choices.append({"index": index, "text": text, "logprobs": lp, "finish_reason": f.finish_reason})
+            self.completion_tokens += len(f.output_ids)
+        return {**self._head(), "choices": choices, "usage": self.usage()}
+
+    def start(self) -> list[dict]:
+        """Chunks before any token: the echoed prompts."""
+        out = []
+        for i in sorted(self.echoes):
+            text, tokens, lps = self.echoes[i]
+            for j in range(self.req.n):
+                lp = ({"tokens": tokens, "token_logprobs": lps, "top_logprobs": None,
+                       "text_offset": _offsets(tokens)} if self.req.logprobs is not None else None)
+                out.append(self._chunk(i * self.req.n + j, text, lp, None))
+        return out
+
+    def _chunk(self, index: int, text: str, logprobs, finish_reason) -> dict:
+        return {**self._head(), "choices": [{"index": index, "text": text, "logprobs": logprobs,
+                                             "finish_reason": finish_reason}],
+                **({"usage": None} if self.include_usage else {})}
+
+    def chunk(self, index: int, events: list) -> list[dict]:
+        tokens = [ev for ev in events if isinstance(ev, TokenEvent)]
+        final = events[-1] if isinstance(events[-1], FinishEvent) else None
+        if final is not None:
+            self.completion_tokens += len(final.output_ids)
+            self.api.service.metrics.tokens_out.inc(len(final.output_ids))
+        text = "".join(t.text for t in tokens)
+        if not text and final is None and self.req.logprobs is None:
+            return []  # text held back (part of a character, or maybe a stop string): nothing to say yet
+        lp = self._logprobs([t.token_id for t in tokens], [t.logprob for t in tokens])
+        return [self._chunk(index, text, lp, final.finish_reason if final else None)]
+
+    def finish(self) -> dict | None:
+        """The last chunk: usage, when the request asked for it."""
+        if not self.include_usage:
+            return None
+        return {**self._head(), "choices": [], "usage": self.usage()}
+
+
+class ChatCompletions(Completions):
+    """/v1/chat/completions responses and stream chunks."""
+
+    object = "chat.completion"
+
+    def _content_logprobs(self, ids: list[int], lps: list[float | None]) -> dict | None:
+        if not self.req.logprobs:
+            return None
+        out = []
+        for t, lp in zip(ids, lps):
+            s = self.api._token_text(t)
+            out.append({"token": s, "logprob": lp, "bytes": list(s.encode("utf-8")), "top_logprobs": []})
+        return {"content": out}
+
+    def response(self, finals: list[FinishEvent]) -> dict:
+        choices = []
+        for index, f in enumerate(finals):
+            choices.append({"index": index, "message": {"role": "assistant", "content": f.text or ""},
+                            "logprobs": self._content_logprobs(f.output_ids, list(f.logprobs or [])),
+                            "finish_reason": f.finish_reason})
+            self.completion_tokens += len(f.output_ids)
+        return {**self._head(), "choices": choices, "usage": self.usage()}
+
+    def _head(self) -> dict:
+        return {"id": self.id.replace("cmpl-", "chatcmpl-"), "object": self.object, "created": self.created,
+                "model": self.api.name}
+
+    def _delta(self, index: int, delta: dict, logprobs, finish_reason) -> dict:
+        return {**self._head(), "object": "chat.completion.chunk",
+                "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}],
+                **({"usage": None} if self.include_usage else {})}
+
+    def start(self) -> list[dict]:
+        return [self._delta(j, {"role": "assistant", "content": ""}, None, None) for j in range(self.req.n)]
+
+    def chunk(self, index: int, events: list) -> list[dict]:
+        tokens = [ev for ev in events if isinstance(ev, TokenEvent)]
+        final = events[-1] if isinstance(events[-1], FinishEvent) else None
+        out = []
+        text = "".join(t.text for t in tokens)
+        lp = self._content_logprobs([t.token_id for t in tokens], [t.logprob for t in tokens])
+        if text or lp:
+            out.append(self._delta(index, {"content": text}, lp, None))
+        if final is not None:
+            self.completion_tokens += len(final.output_ids)
+            self.api.service.metrics.tokens_out.inc(len(final.output_ids))
+            out.append(self._delta(index, {}, None, final.finish_reason))
+        return out
+
+    def finish(self) -> dict | None:
+        if not self.include_usage:
+            return None
+        return {**self._head(), "object": "chat.completion.chunk", "choices": [], "usage": self.usage()}
+
+
+def _offsets(tokens: list[str]) -> list[int]:
+    out, at = [], 0
+    for t in tokens:
+        out.append(at)
+        at += len(t)
+    return out
+
+
+# ---- the app -------------------------------------------------------------------------------------------
+def build_app(service) -> FastAPI:
+    """The replica's ASGI app (Serve calls JambaService.__serve_build_asgi_app__ after __init__)."""
+    api = OpenAIServer(service)
+    app = FastAPI(title=f"jamba-serve: {service.name}", docs_url=None, redoc_url=None, openapi_url=None)
+
+    def guarded(route: str, handler):
+        async def endpoint(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except APIError as e:
+                api._count(route, e.status)
+                return e.response()
+            except (QueueFullError, SchedulerClosedError, DeadlineExceededError, ValueError) as e:
+                err = from_pipeline_error(e)
+                api._count(route, err.status)
+                return err.response()
+        return endpoint
+
+    app.add_api_route("/v1/completions", guarded("POST /v1/completions", api.completions), methods=["POST"])
+    app.add_api_route("/v1/chat/completions", guarded("POST /v1/chat/completions", api.chat), methods=["POST"])
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        return {"object": "list", "data": [_model_card(api)]}
+
+    @app.get("/v1/models/{model:path}")
+    async def model(model: str) -> Response:
+        if model != api.name:
+            return APIError(404, f"the model {model!r} does not exist; this endpoint serves {api.name!r}",
+                            param="model", code="model_not_found").response()
+        return JSONResponse(_model_card(api))
+
+    @app.get("/health")
+    async def health() -> Response:
+        error = service.pipe.scheduler.error
+        if error is not None:
+            return APIError(503, f"the pipeline failed: {error}", "service_unavailable",
+                            code="pipeline_unavailable").response()
+        return JSONResponse({"status": "ok", "model": api.name})
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, e: StarletteHTTPException) -> Response:
+        # Unknown paths and methods, in OpenAI's shape too.
+        message = f"{request.method} {request.url.path}: {e.detail}"
+        return APIError(e.status_code, message, "invalid_request_error", code=str(e.status_code)).response()
+
+    return app
+
+
+def _model_card(api: OpenAIServer) -> dict:
+    return {"id": api.name, "object": "model", "created": api.created, "owned_by": "jamba-serve",
+            "max_model_len": api.pipe.scheduler.max_seq_len}
