@@ -206,14 +206,15 @@ _OUR_NAMES = {"max_new_tokens": None, "temperature": "temperature", "top_k": "to
               "seed": "seed", "stop": "stop", "stop_token_ids": "stop_token_ids"}
 
 
-def sampling_params(req: _Common, max_tokens: int, max_tokens_field: str, logprobs: bool) -> SamplingParams:
+def sampling_params(req: _Common, max_tokens: int, max_tokens_field: str, logprobs: bool,
+                    vocab_size: int) -> SamplingParams:
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     params = SamplingParams(
         max_new_tokens=max_tokens, temperature=1.0 if req.temperature is None else req.temperature,
         top_k=req.top_k or 0, top_p=1.0 if req.top_p is None else req.top_p, seed=req.seed, stop=stop,
         stop_token_ids=list(req.stop_token_ids or []), logprobs=logprobs, ignore_eos=req.ignore_eos)
     try:
-        params.validate(2**62)  # token ids are checked against the vocabulary by the caller
+        params.validate(vocab_size)
     except ValueError as e:
         ours, _, rest = str(e).partition(" ")
         name = _OUR_NAMES.get(ours) or max_tokens_field
@@ -312,7 +313,7 @@ class OpenAIServer:
         else:
             prompts = [(None, self._token_ids(ids, f"prompt[{i}]")) for i, ids in enumerate(p)]
         max_tokens = COMPLETIONS_MAX_TOKENS if req.max_tokens is None else req.max_tokens
-        params = sampling_params(req, max_tokens, "max_tokens", logprobs=req.logprobs is not None)
+        params = sampling_params(req, max_tokens, "max_tokens", req.logprobs is not None, self.config.vocab_size)
         for i, (_, ids) in enumerate(prompts):
             self._fits(ids, "prompt" if len(prompts) == 1 else f"prompt[{i}]", max_tokens, "max_tokens")
         jobs = [(i * req.n + j, ids, choice_params(params, j)) for i, (_, ids) in enumerate(prompts)
@@ -375,7 +376,7 @@ class OpenAIServer:
         asked = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         self._fits(ids, "messages", asked, field)
         max_tokens = asked if asked is not None else self.pipe.scheduler.max_seq_len - len(ids)
-        params = sampling_params(req, max_tokens, field, logprobs=req.logprobs)
+        params = sampling_params(req, max_tokens, field, req.logprobs, self.config.vocab_size)
         jobs = [(j, ids, choice_params(params, j)) for j in range(req.n)]
         self.service.metrics.tokens_in.inc(len(ids))
         out = ChatCompletions(self, req, [(None, ids)])
