@@ -408,11 +408,17 @@ class OpenAIServer:
         queue, is still an HTTP status), then stream server-sent events as tokens come."""
         deadline = self._deadline()
         streams = [self.pipe.generate_chunks(ids, p, deadline) for _, ids, p in jobs]
-        firsts = await asyncio.gather(*[s.__anext__() for s in streams], return_exceptions=True)
-        failed = [f for f in firsts if isinstance(f, BaseException)]
+        try:
+            firsts = await asyncio.gather(*[s.__anext__() for s in streams], return_exceptions=True)
+            failed = [f for f in firsts if isinstance(f, BaseException)]
+        except BaseException:  # the client went away meanwhile
+            failed = [None]
+            raise
+        finally:
+            if failed:
+                for s in streams:
+                    await s.aclose()
         if failed:
-            for s in streams:
-                await s.aclose()
             raise from_pipeline_error(failed[0]) from None
 
         async def events() -> AsyncIterator[str]:
@@ -642,6 +648,10 @@ def build_app(service) -> FastAPI:
                 err = from_pipeline_error(e)
                 api._count(route, err.status)
                 return err.response()
+            except Exception as e:  # a bug: still OpenAI's shape, and the traceback in the replica's log
+                log.exception("%s failed", route)
+                api._count(route, 500)
+                return APIError(500, f"internal error: {type(e).__name__}: {e}", "server_error").response()
         return endpoint
 
     app.add_api_route("/v1/completions", guarded("POST /v1/completions", api.completions), methods=["POST"])
