@@ -26,9 +26,12 @@ class StartupError(RuntimeError):
 
 
 def add_serve_parser(sub) -> None:
-    s = sub.add_parser("serve", help="run the gRPC service on Ray Serve (foreground)",
-                       description="Serve one or more Jamba checkpoints over gRPC through Ray Serve. Each --model is "
-                                   "an application; clients pick one with the `application` metadata key.")
+    s = sub.add_parser("serve", help="run the gRPC and OpenAI-compatible HTTP service on Ray Serve (foreground)",
+                       description="Serve one or more Jamba checkpoints through Ray Serve, over gRPC and the "
+                                   "OpenAI-compatible HTTP API. Each --model is an application: gRPC clients pick one "
+                                   "with the `application` metadata key; over HTTP, one application answers at "
+                                   "http://HOST:PORT/v1, several each at http://HOST:PORT/NAME/v1, and `model` is "
+                                   "the application's name.")
     s.add_argument("--model", action="append", metavar="[NAME=]DIR",
                    help="checkpoint to serve (repeatable; NAME defaults to the directory name; 'demo' and "
                         "'demo-classifier' are the embedded demo models); default: the demo LM")
