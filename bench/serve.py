@@ -204,7 +204,7 @@ def main() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         http_port = s.getsockname()[1]
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
     rows = []
     try:
         cfg = dict(stages=args.stages, cpus_per_stage=0.5, num_slots=64, max_batch_tokens=512)

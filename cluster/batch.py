@@ -927,8 +927,8 @@ def run_batch(args) -> int:
         if own:
             if args.address or os.environ.get("RAY_ADDRESS"):
                 ray.init(address=args.address, log_to_driver=False)
-            else:
-                ray.init(include_dashboard=False, log_to_driver=False)
+            else:  # a cluster of this machine alone, on loopback
+                ray.init(include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
         try:
             run_job(cfg)
         finally:

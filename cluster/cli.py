@@ -69,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
         g.add_argument("--layer-split", help="layers per stage ('9,9,...') or boundaries ('0,9,...,72'); default: balanced")
         g.add_argument("--address", help="Ray cluster to join (default: start a local one)")
         g.add_argument("--placement-strategy", default="PACK", choices=["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"])
+        g.add_argument("--transport", default="auto", choices=["auto", "zmq", "gloo", "nccl"],
+                       help="how activations go stage to stage: auto = nccl with --gpus-per-stage, else zmq")
         g.add_argument("--threads-per-stage", type=int, default=1, help="CPU threads of each stage actor")
         g.add_argument("--gpus-per-stage", type=float, default=0, help="GPUs per stage actor (1 on GPU nodes)")
         s.set_defaults(func=run_rows, task=name)
@@ -155,15 +157,18 @@ def _run_rows_on_pipeline(args, model_dir: str, name: str) -> int:
         if args.address:
             ray.init(address=args.address, log_to_driver=False)
         else:
+            # A cluster of this machine alone, sized for the stages: everything, the pipeline's
+            # channels too, on loopback.
             need = pipeline_need(args.stages, args.threads_per_stage, args.gpus_per_stage)
-            ray.init(address="local", include_dashboard=False, log_to_driver=False,
+            ray.init(address="local", include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1",
                      **local_cluster_size(need, args.stages * args.threads_per_stage))
         pipe = None
         try:
             pipe = SyncPipeline(PipelineConfig(
                 model_dir, num_stages=args.stages, layer_split=args.layer_split, num_slots=args.num_slots,
                 max_batch_tokens=args.max_batch_tokens, threads_per_stage=args.threads_per_stage,
-                gpus_per_stage=args.gpus_per_stage, placement_strategy=args.placement_strategy, dtype=args.dtype))
+                gpus_per_stage=args.gpus_per_stage, placement_strategy=args.placement_strategy, dtype=args.dtype,
+                transport=args.transport))
             return process_file(pipe, args.task, args.input, args.output, name)
         finally:
             if pipe is not None:

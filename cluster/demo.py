@@ -41,7 +41,8 @@ def main(argv: list[str] | None = None) -> int:
         print("The demo model's weights are RANDOM: expect gibberish text; the point is the machinery.")
     t0 = time.perf_counter()
     limit_message_size()
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING,
+             _node_ip_address="127.0.0.1")  # this machine alone: everything on loopback
     try:
         serve.start(grpc_options=grpc_options(args.grpc_port), http_options={"host": "127.0.0.1", "port": 0},
                     logging_config={"log_level": "WARNING"})

@@ -6,22 +6,26 @@
     await pipe.close()
 
 Placement: one bundle per stage ({"CPU": threads} or {"GPU": 1, "CPU": 1}); strategy PACK by
-default, STRICT_SPREAD to put every stage on its own node. Activations go stage to stage as Ray
-object references: the driver passes stage k's output ref straight to stage k+1, so activations
-never come back through the driver; only the last stage's small answer (token ids, log-probs)
-does.
+default, STRICT_SPREAD to put every stage on its own node. Ray places the stage actors, restarts
+them when they die and carries the few control calls (load, stats, data-plane setup); the
+microbatches themselves go over the data plane (cluster/dataplane.py): the scheduler sends each
+one to stage 0, every stage hands its activations straight to the next, and the last stage sends
+the small answer (token ids, log-probs) back.
+
+Each stage actor holds a worker (stages/worker.py:StageWorker unless `worker_cls` names another
+class, such as bench/synthetic.py:GpuLikeStage, which stands in for GPU compute).
 """
 
 from __future__ import annotations
 
 import asyncio
+import importlib
 import logging
 import threading
 import time
 from dataclasses import dataclass, field
 
 import ray
-import torch
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -29,8 +33,8 @@ from stages.config import JambaConfig
 from stages.runner import GenerationResult
 from stages.sampling import SamplingParams
 from stages.tokenizer import Tokenizer
-from stages.worker import StageWorker
 
+from .dataplane import DataPlane, StageEndpoint, resolve_transport
 from .scheduler import FinishEvent, Scheduler, TokenEvent
 
 log = logging.getLogger(__name__)
@@ -63,21 +67,61 @@ class PipelineConfig:
     # bundle 0 of its own placement group and the stages take bundles 1..P of that group.
     use_current_placement_group: bool = False
     actor_options: dict = field(default_factory=dict)
+    # How activations travel between stages: "auto" (nccl on GPU stages, else zmq), "zmq", "gloo"
+    # or "nccl"; see cluster/dataplane.py.
+    transport: str = "auto"
+    # The class each stage actor runs, as "module:Class" (or "module.Class"), built as
+    # cls(model_dir, start, end, num_slots, max_seq_len, threads, dtype, device, **worker_kwargs).
+    worker_cls: str = "stages.worker:StageWorker"
+    worker_kwargs: dict = field(default_factory=dict)
+
+
+def import_class(path: str):
+    """"package.module:Class" or "package.module.Class" -> the class."""
+    module, sep, name = path.partition(":")
+    if not sep:
+        module, _, name = path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError) as e:
+        raise ValueError(f"cannot import worker class {path!r}: {e}") from None
 
 
 @ray.remote
-class StageActor(StageWorker):
-    """The stage worker as a Ray actor; adds where it runs."""
+class StageActor:
+    """One stage: its worker and its end of the data plane. A threaded actor: the data-plane loop
+    holds one thread for its whole epoch while stats and setup calls take the others."""
+
+    def __init__(self, worker_cls: str, args: tuple, kwargs: dict, rank: int, num_stages: int) -> None:
+        self.worker = import_class(worker_cls)(*args, **kwargs)
+        self.endpoint = StageEndpoint(self.worker, rank, num_stages)
+
+    def info(self) -> dict:
+        return dict(self.worker.info(), dataplane=self.endpoint.stats())
 
     def where(self) -> dict:
         ctx = ray.get_runtime_context()
-        return {"node_id": ctx.get_node_id(), "gpu_ids": ray.get_gpu_ids()}
+        return {"node_id": ctx.get_node_id(), "node_ip": ray.util.get_node_ip_address(), "gpu_ids": ray.get_gpu_ids()}
+
+    def open_dataplane(self, epoch: int) -> str:
+        return self.endpoint.open(epoch, ray.util.get_node_ip_address())
+
+    def connect_dataplane(self, epoch: int, next_address: str, transport: str, store) -> None:
+        self.endpoint.connect(epoch, next_address, transport, store, ray.util.get_node_ip_address())
+
+    def run_dataplane(self, epoch: int) -> None:
+        self.endpoint.run(epoch)
+
+    def stop_dataplane(self, epoch: int) -> None:
+        self.endpoint.stop(epoch)
 
 
 class Pipeline:
-    def __init__(self, cfg: PipelineConfig, config: JambaConfig, splits, pg, actors, scheduler, tokenizer, infos) -> None:
+    def __init__(self, cfg: PipelineConfig, config: JambaConfig, splits, pg, actors, dataplane, scheduler, tokenizer,
+                 infos) -> None:
         self.cfg, self.config, self.splits, self.pg = cfg, config, splits, pg
-        self.actors, self.scheduler, self.tokenizer, self.stage_info = actors, scheduler, tokenizer, infos
+        self.actors, self.dataplane, self.scheduler = actors, dataplane, scheduler
+        self.tokenizer, self.stage_info = tokenizer, infos
 
     @classmethod
     async def start(cls, cfg: PipelineConfig) -> "Pipeline":
@@ -95,6 +139,9 @@ class Pipeline:
             splits = partition(config, cfg.num_stages)
         if len(splits) != cfg.num_stages:
             raise ValueError(f"layer split has {len(splits)} stages, but num_stages is {cfg.num_stages}")
+        device = "cuda" if cfg.gpus_per_stage else "cpu"
+        transport = resolve_transport(cfg.transport, device)
+        import_class(cfg.worker_cls)  # a bad path fails here, before anything is placed
         max_seq_len = cfg.max_seq_len or min(config.max_position_embeddings, 4096)
         cpus = cfg.threads_per_stage if cfg.cpus_per_stage is None else cfg.cpus_per_stage
         bundle = {"CPU": cpus}
@@ -116,41 +163,45 @@ class Pipeline:
                 remove_placement_group(pg)
                 raise RuntimeError(f"could not place {len(splits)} stages of {bundle} with strategy "
                                    f"{cfg.placement_strategy}: not enough resources in the cluster") from None
-        actors = []
+        actors, dataplane = [], None
         try:
             for i, (s, e) in enumerate(splits):
-                opts = dict(num_cpus=cpus, num_gpus=cfg.gpus_per_stage, max_concurrency=1,
+                # max_concurrency: the data-plane loop, plus stats, setup and stop calls beside it.
+                opts = dict(num_cpus=cpus, num_gpus=cfg.gpus_per_stage, max_concurrency=8,
                             max_restarts=cfg.max_restarts, max_task_retries=0,
                             runtime_env={"env_vars": dict(STAGE_ENV)},
                             scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i + offset),
                             **cfg.actor_options)
-                device = "cuda" if cfg.gpus_per_stage else "cpu"
-                actors.append(StageActor.options(**opts).remote(
-                    cfg.model_dir, s, e, cfg.num_slots, max_seq_len, cfg.threads_per_stage, cfg.dtype, device))
+                args = (cfg.model_dir, s, e, cfg.num_slots, max_seq_len, cfg.threads_per_stage, cfg.dtype, device)
+                actors.append(StageActor.options(**opts).remote(cfg.worker_cls, args, cfg.worker_kwargs, i, len(splits)))
             infos = await asyncio.gather(*[a.info.remote() for a in actors])
             wheres = await asyncio.gather(*[a.where.remote() for a in actors])
-        except Exception:
+            for i, (info, where) in enumerate(zip(infos, wheres)):
+                info.update(where)
+                log.info("stage %d: layers [%d, %d) loaded %.1f MB from %d file(s) in %.2fs on node %s (%s)", i,
+                         *info["layers"], info["bytes"] / 1e6, info["files"], info["seconds"], info["node_id"][:8],
+                         info["node_ip"])
+            dataplane = DataPlane(actors, transport, ray.util.get_node_ip_address(), lambda: _wait_for_stages(actors))
+            await dataplane.start()
+        except BaseException:
+            if dataplane is not None:
+                await dataplane.close()
             for a in actors:
                 ray.kill(a)
             if owned:
                 remove_placement_group(pg)
             raise
-        for i, (info, where) in enumerate(zip(infos, wheres)):
-            info.update(where)
-            log.info("stage %d: layers [%d, %d) loaded %.1f MB from %d file(s) in %.2fs on node %s",
-                     i, *info["layers"], info["bytes"] / 1e6, info["files"], info["seconds"], info["node_id"][:8])
         try:
             tokenizer = Tokenizer.from_dir(cfg.model_dir)
         except FileNotFoundError:
             tokenizer = None
-        send = _chain(actors)
         scheduler = Scheduler(
-            send, len(actors), cfg.num_slots, max_seq_len, config.vocab_size, config.eos_token_ids,
+            dataplane.send, len(actors), cfg.num_slots, max_seq_len, config.vocab_size, config.eos_token_ids,
             config.pad_token_id, tokenizer, cfg.max_batch_tokens, cfg.max_queue, cfg.depth,
-            recover=lambda: _wait_for_stages(actors), recover_timeout=cfg.recover_timeout_s,
+            recover=dataplane.rebuild, recover_timeout=cfg.recover_timeout_s,
         )
         log.info("pipeline of %d stage(s) ready in %.1fs", len(actors), time.perf_counter() - t0)
-        return cls(cfg, config, splits, pg if owned else None, actors, scheduler, tokenizer, infos)
+        return cls(cfg, config, splits, pg if owned else None, actors, dataplane, scheduler, tokenizer, infos)
 
     # ---- requests ---------------------------------------------------------------------------
     def generate(self, prompt: list[int], params: SamplingParams, deadline: float | None = None):
@@ -176,6 +227,7 @@ class Pipeline:
 
     async def close(self) -> None:
         await self.scheduler.close()
+        await self.dataplane.close()
         for a in self.actors:
             ray.kill(a)
         if self.pg is not None:
@@ -203,15 +255,6 @@ async def _wait_for_stages(actors, gone_after: float = 5.0) -> None:
             except (ray.exceptions.RayActorError, asyncio.TimeoutError):
                 died_since = None  # restarting
             await asyncio.sleep(0.2)
-
-
-def _chain(actors) -> callable:
-    async def send(header: bytes, ids: torch.Tensor) -> bytes:
-        ref = actors[0].step.remote(header, ids)
-        for a in actors[1:]:
-            ref = a.step.remote(header, ref)  # a ref, not a value: stage to stage, not via the driver
-        return await ref
-    return send
 
 
 class SyncPipeline:

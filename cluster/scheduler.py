@@ -10,8 +10,8 @@ Each microbatch mixes decode rows (one token each) and prompt chunks under a tok
 Decode rows are split evenly over the in-flight microbatches so each stage gets equal work.
 Slot allocations and frees ride in the next microbatch's header, so they cost no extra calls.
 
-The scheduler knows nothing of Ray or gRPC: it is given `send(header, token_ids) -> awaitable
-answer bytes`, which runs one microbatch through all stages (see cluster/pipeline.py).
+The scheduler knows nothing of Ray, gRPC or the transport: it is given `send(header, token_ids) ->
+awaitable answer bytes`, which runs one microbatch through all stages (cluster/dataplane.py).
 
 Recovery: when a microbatch fails because a stage died, the scheduler stops issuing work, lets
 the other in-flight microbatches settle, awaits `recover()` (the pipeline brings its stages

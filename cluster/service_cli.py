@@ -167,7 +167,8 @@ def run_serve(args) -> int:
             ray.init(address=args.address)
         else:
             threads = len(apps) * args.replicas * args.stages * args.threads_per_stage
-            ray.init(address="local", **local_cluster_size(need, threads))
+            # A cluster of this machine alone, on loopback (the pipeline's channels too).
+            ray.init(address="local", _node_ip_address="127.0.0.1", **local_cluster_size(need, threads))
         _raise_on_sigterm()  # again: ray.init installed its own
         phase = "serve"
         serve.start(grpc_options=grpc_options(args.grpc_port),

@@ -83,7 +83,12 @@ class Checkpoint:
             stats.files_opened.add(fname)
             with safe_open(self.path / fname, framework="pt") as f:
                 for n in fnames:
-                    out[n] = f.get_tensor(n)
+                    t = f.get_tensor(n)
+                    # safetensors >= 0.8 hands out views of the memory-mapped file, at whatever
+                    # offset the tensor has there. CPU GEMM kernels take a different path (and
+                    # round differently) on memory that is not 64-byte aligned, so the same weights
+                    # would give different logits depending on the file's layout: copy those.
+                    out[n] = t.clone() if t.data_ptr() % 64 else t
                     stats.bytes_loaded += out[n].numel() * out[n].element_size()
                     stats.tensors_read.append(n)
         return out

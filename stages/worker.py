@@ -1,10 +1,11 @@
 """One pipeline stage as a long-lived worker: its layers, its slot cache and, on the last stage,
-the sampler. `cluster/pipeline.py` runs it as a Ray actor; nothing here knows about Ray.
+the sampler. `cluster/pipeline.py` runs it in a Ray actor and `cluster/dataplane.py` feeds it;
+nothing here knows about Ray or the transport.
 
-Each call is one microbatch: a small msgpack header plus one tensor (token ids into the first
-stage, activations between stages). The header says which slots to free and to allocate before
-the forward, and for each row its slot, its number of new tokens and what the last stage should
-return for it:
+Each `step` is one microbatch: the scheduler's header (msgpack on the wire, a dict here) plus one
+tensor (token ids into the first stage, activations between stages). The header says which slots
+to free and to allocate before the forward, and for each row its slot, its number of new tokens
+and what the last stage should return for it:
 
     header = {"free": [slot, ...],
               "alloc": [slot, ...],
@@ -19,6 +20,10 @@ return for it:
 
 The last stage answers with msgpack: one entry per row, [token, logprob] / [logprobs] / [logits] / None.
 Logits never leave the last stage; only these small answers travel back.
+
+The data plane needs only this of a worker (so another class can stand in for it, as
+`bench/synthetic.py:GpuLikeStage` does): `step(header, x)`, `info()`, and the attributes
+`is_last`, `hidden_size`, `dtype` and `device` (what activations coming in look like).
 """
 
 from __future__ import annotations
@@ -59,6 +64,9 @@ class StageWorker:
         t0 = time.perf_counter()
         self.stage, stats = load_stage(model_dir, start, end, dtype=dtype, device=device)
         self.cache = self.stage.make_cache(num_slots, max_seq_len)
+        p = next(self.stage.parameters())
+        self.is_last, self.hidden_size = self.stage.is_last, self.stage.config.hidden_size
+        self.dtype, self.device = p.dtype, p.device
         self.load_info = {
             "layers": [start, end], "seconds": time.perf_counter() - t0, "bytes": stats.bytes_loaded,
             "files": len(stats.files_opened), "threads": torch.get_num_threads(), "pid": os.getpid(),
@@ -70,17 +78,16 @@ class StageWorker:
         return dict(self.load_info, busy_seconds=self.busy_seconds, steps=self.steps,
                     used_slots=self.cache.used_slots, num_slots=self.cache.num_slots, rss_bytes=_rss_bytes())
 
-    def step(self, header: bytes, x: torch.Tensor):
+    def step(self, h: dict, x: torch.Tensor):
         t0 = time.perf_counter()
-        h = msgpack.unpackb(header)
         for slot in h["free"]:
             self.cache.free(slot)
         for slot in h["alloc"]:
             self.cache.allocate(slot)
         rows = h["rows"]
         if not rows:
-            out = msgpack.packb([]) if self.stage.is_last else x
-        elif not self.stage.is_last:
+            out = msgpack.packb([]) if self.is_last else x
+        elif not self.is_last:
             out = self.stage(x, self.cache, [r[0] for r in rows], [r[1] for r in rows])
         else:
             out = msgpack.packb(self._last_stage(x, rows))

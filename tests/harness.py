@@ -33,7 +33,7 @@ def serve_apps(apps: dict[str, dict], env: dict[str, str] | None = None,
     os.environ.update(env or {})
     port = free_port()
     limit_message_size()
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1",
              **({"_system_config": system_config} if system_config else {}))
     try:
         serve.start(grpc_options=grpc_options(port),

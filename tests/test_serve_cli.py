@@ -112,7 +112,7 @@ def test_unplaceable_application_fails_in_bounded_time(models, tmp_path):
     import ray
 
     lm, _ = models
-    ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
     try:
         gcs = ray.get_runtime_context().gcs_address
         port = free_port()
