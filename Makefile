@@ -5,6 +5,7 @@ BIN := $(VENV)/bin
 MODEL ?=
 STAGES ?= 2
 PORT ?= 9000
+HTTP_PORT ?= 8000
 
 .PHONY: venv demo serve test bench clean
 
@@ -21,9 +22,10 @@ venv: $(BIN)/jamba
 demo: venv
 	$(BIN)/python -m cluster.demo --stages $(STAGES) --grpc-port $(PORT) $(if $(MODEL),--model $(MODEL))
 
-# The gRPC service in the foreground: make serve MODEL=/path/to/checkpoint STAGES=2 PORT=9000
+# The service in the foreground, gRPC on PORT and the OpenAI API on HTTP_PORT:
+#   make serve MODEL=/path/to/checkpoint STAGES=2 PORT=9000 HTTP_PORT=8000
 serve: venv
-	$(BIN)/jamba serve --model $(if $(MODEL),$(MODEL),demo) --stages $(STAGES) --grpc-port $(PORT)
+	$(BIN)/jamba serve --model $(if $(MODEL),$(MODEL),demo) --stages $(STAGES) --grpc-port $(PORT) --http-port $(HTTP_PORT)
 
 test: venv
 	$(BIN)/python -m pytest -q tests

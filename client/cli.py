@@ -19,6 +19,10 @@ parameters into Generate calls of up to --batch-size prompts (rows that differ o
 `classify` batch the same way. `stream` runs one GenerateStream per row, in order, echoing the
 text to stderr as it arrives and writing the finished row (with output_ids) to --output.
 
+Deadlines: --timeout (default 60 s) bounds each call and the wait for a stream's first
+message, so a server that is still starting, or whose application cannot be placed, fails the
+command (DEADLINE_EXCEEDED) instead of hanging it; `stream --stream-timeout` bounds whole streams.
+
 Errors: a malformed row is reported on stderr as `FILE:LINE: what is wrong` and its output row
 is `{"line": N, "error": "..."}`; so is a row the server rejects (INVALID_ARGUMENT: a token id
 out of range, a prompt longer than the context, ... -- a rejected batch is retried row by row to
@@ -57,6 +61,7 @@ log = logging.getLogger("jamba.client")
 INPUT_FIELDS = ("prompt", "text", "input_ids", "messages")
 SAMPLING_FIELDS = ("max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop", "stop_token_ids", "logprobs")
 CHUNK_ROWS = 256  # rows read, run and written together; bounds memory on huge inputs
+DEFAULT_TIMEOUT = 60.0  # seconds: a call to a server that never answers must not hang the command
 ROW_CODES = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OUT_OF_RANGE, grpc.StatusCode.DEADLINE_EXCEEDED}
 SPLIT_CODES = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OUT_OF_RANGE}  # worth retrying row by row
 
@@ -99,6 +104,8 @@ def _add_commands(sub) -> None:
             s.add_argument("--concurrency", type=_positive_int, default=4, help="RPCs in flight (default 4)")
             s.set_defaults(func=run_rows, task=name)
         else:
+            s.add_argument("--stream-timeout", type=_timeout, default=0, metavar="SECONDS",
+                           help="deadline of a whole stream (default 0: none, once the first message came)")
             s.set_defaults(func=run_stream, task=name)
     s = sub.add_parser("info", help="print the served model's ModelInfo as JSON", description="print ModelInfo as JSON")
     _add_connection_args(s)
@@ -109,7 +116,10 @@ def _add_commands(sub) -> None:
 def _add_connection_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("--address", required=True, help="server HOST:PORT (Ray Serve's gRPC port)")
     s.add_argument("--application", help="Serve application to call (the `application` metadata key)")
-    s.add_argument("--timeout", type=float, default=None, help="deadline of each RPC in seconds (default: none)")
+    s.add_argument("--timeout", type=_timeout, default=DEFAULT_TIMEOUT, metavar="SECONDS",
+                   help=f"deadline of each call, and of a stream's first message (default {DEFAULT_TIMEOUT:g}; "
+                        "0: none). A server that is still starting, or cannot place its application, is given up on "
+                        "after it")
     s.add_argument("--wait-when-busy", type=float, default=300.0, metavar="SECONDS",
                    help="how long an RPC refused with RESOURCE_EXHAUSTED (queue full) is retried, pausing as the "
                         "server hints (default 300; 0: fail at once)")
@@ -119,6 +129,13 @@ def _add_connection_args(s: argparse.ArgumentParser) -> None:
     g.add_argument("--client-cert", help="PEM certificate chain for mutual TLS (with --client-key)")
     g.add_argument("--client-key", help="PEM private key for mutual TLS (with --client-cert)")
     g.add_argument("--tls-server-name", help="name to check the server's certificate against (default: the host)")
+
+
+def _timeout(s: str) -> float | None:
+    t = float(s)
+    if t < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0 seconds, got {s}")
+    return t or None
 
 
 def _positive_int(s: str) -> int:
@@ -255,7 +272,8 @@ def run_stream(args) -> int:
                 continue
             print(f"[{lineno}] ", end="", file=sys.stderr, flush=True)
             try:
-                with client.generate_stream(job.prompt, **job.params) as stream:
+                with client.generate_stream(job.prompt, timeout=args.stream_timeout or 0,
+                                            first_message_timeout=args.timeout, **job.params) as stream:
                     for delta in stream:
                         print(delta.text, end="", file=sys.stderr, flush=True)
             except JambaError as e:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -160,6 +161,8 @@ class _Settings:
 
     def call_kwargs(self, timeout: float | None, metadata: Metadata | None) -> dict[str, Any]:
         timeout = self.timeout if timeout is None else timeout
+        if timeout is not None and timeout <= 0:  # 0: explicitly none
+            timeout = None
         extra: tuple[tuple[str, str], ...] = ()
         if timeout is not None:
             # The deadline also travels as metadata: Ray Serve's proxy does not pass gRPC's own
@@ -176,6 +179,11 @@ class _Settings:
 
 
 _NO_FINAL = "the stream ended without its final message"
+
+
+def _first_message_late(timeout: float) -> JambaError:
+    return JambaError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                      f"no first message within {timeout:g}s (first_message_timeout); the stream was cancelled")
 _CLOSED = "the stream was closed before its final message"
 
 
@@ -189,9 +197,11 @@ class GenerateStream:
     client.generate_stream(...)` drops it). Errors raise JambaError from the iteration.
     """
 
-    def __init__(self, start, logprobs: bool, settings: "_Settings") -> None:
+    def __init__(self, start, logprobs: bool, settings: "_Settings", first_message_timeout: float | None = None) -> None:
         self._start, self._settings = start, settings  # start() begins (or restarts) the RPC
         self._give_up = time.monotonic() + settings.wait_when_busy
+        self._first_timeout = first_message_timeout
+        self._expired = False
         self._call = start()
         self._logprobs = logprobs
         self._finished = self._received = False
@@ -217,6 +227,12 @@ class GenerateStream:
 
     def _read(self) -> pb.GenerateStreamResponse | None:
         while True:
+            timer = None
+            if not self._received and self._first_timeout is not None:
+                # No gRPC deadline covers only the first message: a timer cancels the call.
+                timer = threading.Timer(self._first_timeout, self._expire, args=(self._call,))
+                timer.daemon = True
+                timer.start()
             try:
                 msg = next(self._call)
                 self._received = True
@@ -224,14 +240,25 @@ class GenerateStream:
             except StopIteration:
                 return None
             except grpc.RpcError as e:
+                if self._expired:
+                    self._finished = True
+                    raise _first_message_late(self._first_timeout) from e
                 error = JambaError.from_rpc_error(e)
                 # A busy server refuses a stream before its first message: then it can start over.
                 pause = None if self._received else self._settings.busy_pause(error, self._give_up)
                 if pause is None:
                     self._finished = True
                     raise error from e
+            finally:
+                if timer is not None:
+                    timer.cancel()
             time.sleep(pause)
             self._call = self._start()
+
+    def _expire(self, call) -> None:
+        if not self._received:
+            self._expired = True
+            call.cancel()
 
     def result(self) -> Completion:
         """Read the rest of the stream and return the final Completion."""
@@ -266,9 +293,10 @@ class AsyncGenerateStream:
     """The grpc.aio counterpart of GenerateStream: `async for delta in stream`, then
     `stream.completion`. Stop early with `async with`, `close()` or `cancel()`."""
 
-    def __init__(self, start, logprobs: bool, settings: "_Settings") -> None:
+    def __init__(self, start, logprobs: bool, settings: "_Settings", first_message_timeout: float | None = None) -> None:
         self._start, self._settings = start, settings
         self._give_up = time.monotonic() + settings.wait_when_busy
+        self._first_timeout = first_message_timeout
         self._call = start()
         self._logprobs = logprobs
         self._finished = self._received = False
@@ -295,7 +323,15 @@ class AsyncGenerateStream:
     async def _read(self) -> pb.GenerateStreamResponse | None:
         while True:
             try:
-                msg = await self._call.read()
+                if self._received or self._first_timeout is None:
+                    msg = await self._call.read()
+                else:
+                    try:
+                        msg = await asyncio.wait_for(self._call.read(), self._first_timeout)
+                    except asyncio.TimeoutError:
+                        self._call.cancel()
+                        self._finished = True
+                        raise _first_message_late(self._first_timeout) from None
                 self._received = True
                 return None if msg is grpc.aio.EOF else msg
             except grpc.RpcError as e:
@@ -336,7 +372,7 @@ class JambaClient:
     application: Serve application to route to (the `application` metadata key).
     metadata: extra metadata sent with every call (dict or (key, value) pairs).
     timeout: default deadline of each call in seconds (None: no deadline); every method also
-        takes timeout= (None there means this default) and metadata= (added to these).
+        takes timeout= (None there means this default, 0 no deadline) and metadata= (added to these).
     tls: use TLS; root_certificates (the CA; default: the system's), private_key and
         certificate_chain (mutual TLS) are PEM bytes or file paths. tls_server_name overrides
         the name the server's certificate is checked against.
@@ -383,14 +419,16 @@ class JambaClient:
         return [completion_from_pb(c, p.logprobs) for c in resp.completions]
 
     def generate_stream(self, prompt: PromptLike, *, timeout: float | None = None, metadata: Metadata | None = None,
-                        **params) -> GenerateStream:
+                        first_message_timeout: float | None = None, **params) -> GenerateStream:
         """Start streaming one completion: iterate the returned stream for Deltas, then read
-        `stream.completion`. Closing the stream early cancels the RPC."""
+        `stream.completion`. Closing the stream early cancels the RPC. `timeout` covers the
+        whole stream; `first_message_timeout` only the wait for its first message (a server
+        whose application never comes up), after which the stream has no deadline but timeout's."""
         p = sampling_params(**params)
         request = generate_stream_request(prompt, p)
         return GenerateStream(
             lambda: self._stub.GenerateStream(request, **self._settings.call_kwargs(timeout, metadata)),
-            p.logprobs, self._settings)
+            p.logprobs, self._settings, first_message_timeout)
 
     def chat(self, messages: Sequence[Mapping[str, str]], *, timeout: float | None = None,
              metadata: Metadata | None = None, **params) -> Completion:
@@ -455,13 +493,13 @@ class AsyncJambaClient:
         return [completion_from_pb(c, p.logprobs) for c in resp.completions]
 
     def generate_stream(self, prompt: PromptLike, *, timeout: float | None = None, metadata: Metadata | None = None,
-                        **params) -> AsyncGenerateStream:
+                        first_message_timeout: float | None = None, **params) -> AsyncGenerateStream:
         """See JambaClient.generate_stream; iterate with `async for`."""
         p = sampling_params(**params)
         request = generate_stream_request(prompt, p)
         return AsyncGenerateStream(
             lambda: self._stub.GenerateStream(request, **self._settings.call_kwargs(timeout, metadata)),
-            p.logprobs, self._settings)
+            p.logprobs, self._settings, first_message_timeout)
 
     async def chat(self, messages: Sequence[Mapping[str, str]], *, timeout: float | None = None,
                    metadata: Metadata | None = None, **params) -> Completion:

@@ -861,7 +861,8 @@ def _ray_data_settings(cpu_limit: float, progress_bars: bool):
 def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("task", choices=TASKS, help="score: token_logprobs, sum_logprob; classify: logits, probs, label; "
                    "generate: output_ids, text, finish_reason")
-    p.add_argument("--model", required=True, help="checkpoint directory, readable on every node")
+    p.add_argument("--model", help="checkpoint directory, readable on every node; default: the demo model "
+                   "(written to $JAMBA_HOME on first use; random weights)")
     p.add_argument("--input", action="append", required=True, metavar="PATH",
                    help="JSON Lines or Parquet: a file, a directory or a glob, local or a URI (s3://...); repeatable")
     p.add_argument("--output", required=True, help="output directory (local or a URI); rerun with the same one to resume")
@@ -910,19 +911,29 @@ def config_from_args(args) -> BatchConfig:
 def run_batch(args) -> int:
     import ray
 
+    from .ray_log import ray_output_to_log
+    from .resources import resolve_split
+
+    if args.model is None:
+        from stages.demo import ensure_demo_model
+
+        args.model = str(ensure_demo_model("classification" if args.task == "classify" else "lm"))
+        log.info("no --model given: using the demo model at %s (random weights)", args.model)
     cfg = config_from_args(args)
-    preflight(cfg)  # a wrong path fails here, before a cluster is started or joined
-    own = not ray.is_initialized()
-    if own:
-        if args.address or os.environ.get("RAY_ADDRESS"):
-            ray.init(address=args.address, log_to_driver=False)
-        else:  # a cluster of this machine alone, on loopback
-            ray.init(include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
-    try:
-        run_job(cfg)
-    finally:
+    mpath, _, _ = preflight(cfg)  # a wrong path fails here, before a cluster is started or joined
+    resolve_split(mpath, cfg.stages, cfg.layer_split)  # and so does an impossible split
+    with ray_output_to_log(f"batch-{cfg.task}", getattr(args, "verbose", False)):
+        own = not ray.is_initialized()
         if own:
-            ray.shutdown()
+            if args.address or os.environ.get("RAY_ADDRESS"):
+                ray.init(address=args.address, log_to_driver=False)
+            else:  # a cluster of this machine alone, on loopback
+                ray.init(include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+        try:
+            run_job(cfg)
+        finally:
+            if own:
+                ray.shutdown()
     return 0
 
 

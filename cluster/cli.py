@@ -150,26 +150,32 @@ def _run_rows_on_pipeline(args, model_dir: str, name: str) -> int:
     from stages.config import JambaConfig
 
     from .pipeline import PipelineConfig, SyncPipeline
+    from .ray_log import ray_output_to_log
+    from .resources import local_cluster_size, pipeline_need, resolve_split
 
     _check_head(args.task, JambaConfig.from_file(model_dir), model_dir)
-    if args.address:
-        ray.init(address=args.address, log_to_driver=False)
-    else:
-        # A cluster of this machine alone: everything, the pipeline's channels too, on loopback.
-        ray.init(address="local", num_cpus=max(2, args.stages * args.threads_per_stage), include_dashboard=False,
-                 log_to_driver=False, _node_ip_address="127.0.0.1")
-    pipe = None
-    try:
-        pipe = SyncPipeline(PipelineConfig(
-            model_dir, num_stages=args.stages, layer_split=args.layer_split, num_slots=args.num_slots,
-            max_batch_tokens=args.max_batch_tokens, threads_per_stage=args.threads_per_stage,
-            gpus_per_stage=args.gpus_per_stage, placement_strategy=args.placement_strategy, dtype=args.dtype,
-            transport=args.transport))
-        return process_file(pipe, args.task, args.input, args.output, name)
-    finally:
-        if pipe is not None:
-            pipe.close()
-        ray.shutdown()
+    resolve_split(model_dir, args.stages, args.layer_split)  # an impossible split fails before Ray starts
+    with ray_output_to_log(args.task, args.verbose):
+        if args.address:
+            ray.init(address=args.address, log_to_driver=False)
+        else:
+            # A cluster of this machine alone, sized for the stages: everything, the pipeline's
+            # channels too, on loopback.
+            need = pipeline_need(args.stages, args.threads_per_stage, args.gpus_per_stage)
+            ray.init(address="local", include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1",
+                     **local_cluster_size(need, args.stages * args.threads_per_stage))
+        pipe = None
+        try:
+            pipe = SyncPipeline(PipelineConfig(
+                model_dir, num_stages=args.stages, layer_split=args.layer_split, num_slots=args.num_slots,
+                max_batch_tokens=args.max_batch_tokens, threads_per_stage=args.threads_per_stage,
+                gpus_per_stage=args.gpus_per_stage, placement_strategy=args.placement_strategy, dtype=args.dtype,
+                transport=args.transport))
+            return process_file(pipe, args.task, args.input, args.output, name)
+        finally:
+            if pipe is not None:
+                pipe.close()
+            ray.shutdown()
 
 
 def process_file(runner, task: str, input_path: str, output_path: str, name: str) -> int:

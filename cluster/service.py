@@ -1,7 +1,8 @@
-"""The gRPC service: a Ray Serve deployment whose replica owns one pipeline.
+"""The service: a Ray Serve deployment whose replica owns one pipeline, served over gRPC and HTTP.
 
 This module translates between the protos (protos/jamba.proto) and the scheduler's own types;
-the scheduler knows nothing of gRPC. Each replica places its stages in the replica's own
+the scheduler knows nothing of gRPC. The same replica serves the OpenAI-compatible HTTP API
+(cluster/openai_api.py, through Serve's HTTP proxy) on the same pipeline. Each replica places its stages in the replica's own
 placement group (bundle 0 is the replica, bundles 1..P the stages), so R replicas are R
 independent pipelines (data parallel) that Serve load-balances and can autoscale.
 
@@ -12,7 +13,7 @@ check, and Serve replaces it with a fresh one).
 A cancelled or expired call is cancelled in the replica, which aborts the request and frees its
 slots on every stage.
 
-    jamba serve --model DIR --stages P --grpc-port N [--replicas R]
+    jamba serve --model DIR --stages P --grpc-port N --http-port M [--replicas R]
     serve run serve_config.yaml         # the same application from a Serve config
 """
 
@@ -164,12 +165,14 @@ class Metrics:
 
 # ---- the deployment ------------------------------------------------------------------------------
 @serve.deployment(name="JambaService", max_ongoing_requests=4096, ray_actor_options={"num_cpus": 0.1})
+@serve.ingress()  # HTTP: the app __serve_build_asgi_app__ builds, once the pipeline is up
 class JambaService:
     async def __init__(self, model: str, stages: int = 1, layer_split: str | None = None, num_slots: int = 32,
                        max_batch_tokens: int = 512, max_queue: int = 1024, threads_per_stage: int = 1,
                        gpus_per_stage: float = 0, cpus_per_stage: float | None = None, max_seq_len: int | None = None,
                        name: str | None = None, own_placement_group: bool = False, max_restarts: int = 3,
-                       recover_timeout_s: float = 120.0, stream_interval_ms: float = 0.0) -> None:
+                       recover_timeout_s: float = 120.0, stream_interval_ms: float = 0.0,
+                       request_timeout_s: float | None = None) -> None:
         cfg = PipelineConfig(
             model, num_stages=stages, layer_split=layer_split, num_slots=num_slots, max_batch_tokens=max_batch_tokens,
             max_queue=max_queue, threads_per_stage=threads_per_stage, gpus_per_stage=gpus_per_stage,
@@ -184,9 +187,18 @@ class JambaService:
         # interval longer than a stream's time per token trades smoothness for throughput
         # (BENCHMARKS.md: 250 ms); 0 sends every token at once.
         self.stream_interval = max(0.0, stream_interval_ms) / 1000
+        # Serve's HTTP request timeout, also the scheduler's deadline for HTTP requests: a
+        # request the proxy gives up on frees its slots at the same moment.
+        self.request_timeout_s = request_timeout_s
         self.metrics = Metrics.create()
         self._stats_task = asyncio.get_running_loop().create_task(self._report_stats())
         log.info("JambaService %s ready: %d stage(s) %s", self.name, stages, self.pipe.splits)
+
+    def __serve_build_asgi_app__(self):
+        """The OpenAI-compatible HTTP API on this replica's pipeline (cluster/openai_api.py)."""
+        from .openai_api import build_app as build_openai_app
+
+        return build_openai_app(self)
 
     async def _report_stats(self) -> None:
         while True:
@@ -385,7 +397,8 @@ def build_app(args: dict[str, Any]):
     args: model (required), stages, layer_split, num_slots, max_batch_tokens, max_queue,
     threads_per_stage, gpus_per_stage, max_seq_len, name, stream_interval_ms (the least time
     between two messages of a stream; default 0), max_restarts (of each stage actor),
-    recover_timeout_s, replicas, placement_strategy, autoscaling_config (a Serve autoscaling
+    recover_timeout_s, request_timeout_s (the HTTP proxy's request timeout, if one is set: HTTP
+    requests are dropped just before it), replicas, placement_strategy, autoscaling_config (a Serve autoscaling
     config; replaces replicas), health_check_period_s and health_check_timeout_s (how soon Serve
     notices a replica whose pipeline is down, and replaces it; Serve's defaults 10 s and 30 s).
     """

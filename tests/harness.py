@@ -18,10 +18,12 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def serve_apps(apps: dict[str, dict], env: dict[str, str] | None = None,
-               system_config: dict | None = None) -> Iterator[str]:
+               system_config: dict | None = None, http_port: int | None = None,
+               http_request_timeout_s: float | None = None) -> Iterator[str]:
     """Start a private Ray cluster and Serve with each application of `apps` (name -> build_app
-    args); yields "127.0.0.1:PORT" of Serve's gRPC proxy. `env` is set for Ray's processes (they
-    inherit it) and restored afterwards."""
+    args, plus an optional route_prefix, default /NAME); yields "127.0.0.1:PORT" of Serve's gRPC
+    proxy. Serve's HTTP proxy listens on http_port (default: any free port) with the given request
+    timeout. `env` is set for Ray's processes (they inherit it) and restored afterwards."""
     import ray
     from ray import serve
 
@@ -34,9 +36,13 @@ def serve_apps(apps: dict[str, dict], env: dict[str, str] | None = None,
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1",
              **({"_system_config": system_config} if system_config else {}))
     try:
-        serve.start(grpc_options=grpc_options(port), http_options={"host": "127.0.0.1", "port": free_port()})
+        serve.start(grpc_options=grpc_options(port),
+                    http_options={"host": "127.0.0.1", "port": http_port or free_port(),
+                                  "request_timeout_s": http_request_timeout_s})
         for name, args in apps.items():
-            serve.run(build_app({"name": name, **args}), name=name, route_prefix=f"/{name}")
+            args = dict(args)
+            prefix = args.pop("route_prefix", f"/{name}")
+            serve.run(build_app({"name": name, **args}), name=name, route_prefix=prefix)
         yield f"127.0.0.1:{port}"
     finally:
         serve.shutdown()

@@ -325,6 +325,12 @@ def test_killed_job_resumes_exactly_once_on_a_separate_cluster(ray_cluster, mode
     assert summary["this_run"]["skipped_committed"] >= first and summary["this_run"]["rows"] > 0
     assert summary["this_run"]["skipped_committed"] + summary["this_run"]["rows"] == 120
     assert "resuming" in r.stderr and "rows/s" in r.stderr
+    # The output is the project's own lines; Ray's (its Python loggers, the core worker's C++
+    # lines such as "core_worker.cc ... max_restarts > 0") go to a log file, named at the end.
+    from cluster.ray_log import RAY_LINE
+
+    assert "core_worker.cc" not in r.stderr and not [x for x in r.stderr.splitlines() if RAY_LINE.match(x.encode())]
+    assert "Ray's messages are in " in r.stderr
     _assert_once(out, 120)
     got = {(r["source_file"], r["source_row"]): r for r in _data(out)}
     for f in files:

@@ -154,3 +154,22 @@ def test_entry_point_errors_and_demo_model(tmp_path):
     assert len(row["output_ids"]) == 3 and row["finish_reason"] == "length"
     r2 = subprocess.run([*jamba, "generate", "--input", str(tmp_path / "in.jsonl")], capture_output=True, text=True, env=env)
     assert json.loads(r2.stdout) == row  # deterministic weights, greedy
+
+
+def test_arguments_are_checked_before_ray_starts(tmp_path):
+    """An impossible stage split fails at once, before any cluster starts; `jamba batch`
+    defaults to the demo model like every other command."""
+    env = dict(os.environ, JAMBA_HOME=str(tmp_path / "home"))
+    jamba = [sys.executable, "-m", "cluster.cli"]
+    (tmp_path / "in.jsonl").write_text('{"prompt": "hello"}\n')
+    for extra, message in ((["--stages", "9"], "--stages 9: "), (["--stages", "2", "--layer-split", "4,5"],
+                                                                 "add up to 9, the model has 8 layers")):
+        r = subprocess.run([*jamba, "generate", "--input", str(tmp_path / "in.jsonl"), *extra], capture_output=True,
+                           text=True, env=env, timeout=120)
+        assert r.returncode == 2 and message in r.stderr and "Ray" not in r.stderr, r.stderr
+    r = subprocess.run([*jamba, "batch", "score", "--input", str(tmp_path / "in.jsonl"), "--output",
+                        str(tmp_path / "out"), "--stages", "9"], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 2 and "using the demo model" in r.stderr and "--stages 9: " in r.stderr, r.stderr
+    r = subprocess.run([*jamba, "serve", "--stages", "2", "--layer-split", "0,3,9"], capture_output=True, text=True,
+                       env=env, timeout=120)
+    assert r.returncode == 2 and "end at 9, the model has 8 layers" in r.stderr and "Ray" not in r.stderr, r.stderr

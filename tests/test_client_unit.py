@@ -173,6 +173,7 @@ class CannedService(pb_grpc.JambaServiceServicer):
         self.hang = False  # Generate waits until the call is cancelled or expires
         self.endless = False  # GenerateStream never finishes
         self.skip_final = False  # GenerateStream ends without its final message
+        self.slow_start = 0.0  # GenerateStream and ModelInfo wait this long (or until cancelled) before answering
         self.attempts = 0
         self.busy_first = 0  # Generate answers RESOURCE_EXHAUSTED (queue full, with a retry hint) this often
         self.stream_attempts = 0  # GenerateStream calls (it is refused as busy the same way)
@@ -226,6 +227,7 @@ class CannedService(pb_grpc.JambaServiceServicer):
             self.stream_ended.set()
         self._finished = False
         context.add_callback(ended)
+        self._wait(self.slow_start, context)
         n = request.params.max_new_tokens if request.params.HasField("max_new_tokens") else 2
         i = 0
         while self.endless or i < n:
@@ -251,8 +253,15 @@ class CannedService(pb_grpc.JambaServiceServicer):
             out.append(pb.ScoreResult(token_ids=ids, token_logprobs=lps, sum_logprob=sum(lps)))
         return pb.ScoreResponse(results=out)
 
+    @staticmethod
+    def _wait(seconds: float, context) -> None:
+        until = time.monotonic() + seconds
+        while time.monotonic() < until and context.is_active():
+            time.sleep(0.01)
+
     def ModelInfo(self, request, context):
         self.metadata.append(dict(context.invocation_metadata()))
+        self._wait(self.slow_start, context)
         return pb.ModelInfoResponse(model_name="canned", task="causal-lm", num_layers=4, vocab_size=100,
                                     stages=[pb.StageInfo(index=0, start_layer=0, end_layer=4)], num_slots=8)
 
@@ -431,6 +440,38 @@ def test_stream_deadline(service, address):
             pass
 
 
+def test_stream_first_message_timeout(service, address):
+    """A server that never starts the stream is given up on after first_message_timeout (the
+    call is cancelled); once the first message came, the stream runs on past that time."""
+    service.slow_start = 60
+    with JambaClient(address) as c:
+        t0 = time.monotonic()
+        with pytest.raises(JambaError) as e:
+            list(c.generate_stream("x", first_message_timeout=0.3))
+        assert e.value.code is grpc.StatusCode.DEADLINE_EXCEEDED and "first message within 0.3s" in e.value.details
+        assert time.monotonic() - t0 < 10
+        assert service.stream_ended.wait(5) and service.stream_was_cancelled
+        service.slow_start = 0.1
+        stream = c.generate_stream("x", first_message_timeout=0.5, max_new_tokens=40)
+        time.sleep(0.8)  # past the first-message timeout, but the first message came in time
+        assert len(list(stream)) == 40 and stream.completion.finish_reason == "length"
+
+
+def test_async_stream_first_message_timeout(service, address):
+    service.slow_start = 60
+
+    async def run():
+        async with AsyncJambaClient(address) as c:
+            with pytest.raises(JambaError) as e:
+                async for _ in c.generate_stream("x", first_message_timeout=0.3):
+                    pass
+            return e.value
+
+    err = asyncio.run(run())
+    assert err.code is grpc.StatusCode.DEADLINE_EXCEEDED and "first message" in err.details
+    assert service.stream_ended.wait(5) and service.stream_was_cancelled
+
+
 def test_async_client(service, address):
     service.unavailable_first = 1
     service.endless = True
@@ -547,6 +588,20 @@ def test_cli_unreachable_server(tmp_path, capsys):
         port = s.getsockname()[1]
     rc, _ = run_cli(tmp_path, "score", f"127.0.0.1:{port}", [{"prompt": "a"}])
     assert rc == 2 and "jamba client: UNAVAILABLE: " in capsys.readouterr().err
+
+
+def test_cli_has_a_default_deadline(service, address, tmp_path, capsys):
+    """`jamba client` never hangs on a server that does not answer: --timeout (60 s unless
+    given) bounds calls and a stream's first message."""
+    from client.cli import DEFAULT_TIMEOUT, build_parser
+
+    assert build_parser().parse_args(["info", "--address", address]).timeout == DEFAULT_TIMEOUT == 60
+    service.slow_start = 60
+    t0 = time.monotonic()
+    assert cli_main(["info", "--address", address, "--timeout", "0.5"]) == 2
+    assert "jamba client: DEADLINE_EXCEEDED" in capsys.readouterr().err and time.monotonic() - t0 < 10
+    rc, rows = run_cli(tmp_path, "stream", address, [{"prompt": "a"}], ["--timeout", "0.5"])
+    assert rc == 1 and "first message within 0.5s" in rows[0]["error"]
 
 
 def test_cli_score_and_stream(service, address, tmp_path, capsys):

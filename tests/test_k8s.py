@@ -283,7 +283,8 @@ SERVE_CONFIGS.append(("serve_config.yaml", yaml.safe_load((ROOT / "serve_config.
 def _builder_keys() -> set[str]:
     from cluster.service import JambaService
 
-    params = inspect.signature(JambaService.func_or_class.__init__).parameters
+    # serve.ingress wraps the class in a subclass whose __init__ takes *args, **kwargs: ours is its first base.
+    params = inspect.signature(JambaService.func_or_class.__bases__[0].__init__).parameters
     return (set(params) - {"self"}) | {"replicas", "placement_strategy", "autoscaling_config"}
 
 
@@ -536,10 +537,12 @@ def test_network_policies(f, doc):
 
     outsider = {"app.kubernetes.io/instance": "someone-else"}
     serving = doc["kind"] == "RayService"
-    # From outside the cluster and from other pods: the gRPC port of the head (services), nothing else.
+    # From outside the cluster and from other pods: the head's gRPC and HTTP (OpenAI API) ports
+    # (services), nothing else.
     for source in (None, outsider):
         assert allowed(head_labels, 9000, source) is serving
-        for port in (6379, 8265, 8000, 10001, 8080, 52365):
+        assert allowed(head_labels, 8000, source) is serving
+        for port in (6379, 8265, 10001, 8080, 52365):
             assert not allowed(head_labels, port, source), port
         for port in (9000, 6379, 8080, 10001, 52365):
             assert not allowed(worker_labels, port, source), port
@@ -559,8 +562,11 @@ def test_network_policies(f, doc):
 @pytest.mark.parametrize("f,doc", _of_kind("RayService"), ids=_pair_id)
 def test_grpc_service(f, doc):
     (svc,) = [s for s in _by_file("Service", f) if s["metadata"]["name"] == f"{doc['metadata']['name']}-grpc"]
-    (port,) = svc["spec"]["ports"]
-    assert port["port"] == 9000 and port["targetPort"] == "serve-grpc" and port["appProtocol"] == "kubernetes.io/h2c"
+    grpc_port, http_port = svc["spec"]["ports"]
+    assert grpc_port["port"] == 9000 and grpc_port["targetPort"] == "serve-grpc"
+    assert grpc_port["appProtocol"] == "kubernetes.io/h2c"
+    # The OpenAI HTTP API: Serve's HTTP proxy, the head's port named `serve`.
+    assert http_port["port"] == 8000 and http_port["targetPort"] == "serve" and http_port["appProtocol"] == "http"
     assert svc["spec"]["selector"] == {"app.kubernetes.io/instance": _instance(doc), "ray.io/node-type": "head",
                                        "ray.io/serve": "true"}
     # What KubeRay's serveService would drop (it keeps only the port named `serve`) is not relied on.

@@ -1,4 +1,5 @@
-"""`jamba serve` as a user runs it: its own process and Ray cluster, serving until SIGTERM."""
+"""`jamba serve` as a user runs it: its own process and Ray cluster, serving until SIGTERM; and
+its start-up, bounded and interruptible, on a cluster that cannot hold what it asks for."""
 
 from __future__ import annotations
 
@@ -18,24 +19,61 @@ from stages.tokenizer import Tokenizer
 from .harness import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
+ENV = dict(os.environ, RAY_AUTH_MODE="disabled", PYTHONPATH=str(ROOT))
+
+
+def _start(args: list[str], log_path: Path, env: dict | None = None) -> subprocess.Popen:
+    """`jamba serve ARGS` in its own process group (Ray's processes join it), output to log_path."""
+    log = open(log_path, "w")
+    return subprocess.Popen([sys.executable, "-m", "cluster.cli", "serve", *args], cwd=ROOT, env=env or ENV,
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _wait_for_line(p: subprocess.Popen, log_path: Path, text: str, timeout: float = 240) -> None:
+    deadline = time.time() + timeout
+    while text not in log_path.read_text():
+        assert p.poll() is None and time.time() < deadline, log_path.read_text()[-3000:]
+        time.sleep(0.2)
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+def _assert_stops_cleanly(p: subprocess.Popen, log_path: Path, rc: int, within: float = 90) -> None:
+    """The command exits with `rc` and leaves no process behind: Ray's processes (GCS, raylet,
+    workers, Serve's actors) were started in its process group."""
+    try:
+        assert p.wait(timeout=within) == rc, log_path.read_text()[-3000:]
+        deadline = time.time() + 30
+        while _group_alive(p.pid) and time.time() < deadline:
+            time.sleep(0.2)
+        assert not _group_alive(p.pid), subprocess.run(["ps", "-o", "pid,cmd", "-g", str(p.pid)],
+                                                       capture_output=True, text=True).stdout
+    finally:
+        if _group_alive(p.pid):
+            os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
 
 
 def test_jamba_serve_answers_and_stops_on_sigterm(models, tmp_path):
-    """Through Serve's proxy and, with --direct-ingress-port, straight from the replica."""
+    """The README's command on this 2-core machine: 2 stages of 1 thread each, and no
+    --cpus-per-stage; the local cluster is sized for the replica and its stages. Answers through
+    Serve's proxy and, with --direct-ingress-port, straight from the replica; SIGTERM stops it."""
     lm, _ = models
     port, direct = free_port(), free_port()
-    cmd = [sys.executable, "-m", "cluster.cli", "serve", "--model", f"tiny={lm}", "--stages", "2", "--layer-split", "3,5",
-           "--cpus-per-stage", "0.5", "--grpc-port", str(port), "--http-port", str(free_port()),
-           "--max-restarts", "1", "--recover-timeout", "30", "--health-check-period", "2",
-           "--direct-ingress-port", str(direct)]
-    log = open(tmp_path / "serve.log", "w+")
-    env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S="1")  # quick stop
-    p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    log_path = tmp_path / "serve.log"
+    p = _start(["--model", f"tiny={lm}", "--stages", "2", "--layer-split", "3,5", "--grpc-port", str(port),
+                "--http-port", str(free_port()), "--max-restarts", "1", "--recover-timeout", "30",
+                "--health-check-period", "2", "--direct-ingress-port", str(direct)], log_path,
+               env=dict(ENV, RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S="1"))
     try:
-        deadline = time.time() + 180
-        while "jamba: serving tiny on gRPC port" not in (tmp_path / "serve.log").read_text():
-            assert p.poll() is None and time.time() < deadline, (tmp_path / "serve.log").read_text()[-3000:]
-            time.sleep(0.5)
+        _wait_for_line(p, log_path, "jamba: serving tiny on gRPC port")
+        assert "starting a local Ray cluster with 3 CPU(s) for 2.1 CPU(s)" in log_path.read_text()
         tok = Tokenizer.from_dir(lm)
         want = LocalRunner(load_stage(lm)[0], tok).generate([tok.encode("Served by the CLI")],
                                                             [SamplingParams(max_new_tokens=6)])[0]
@@ -46,9 +84,57 @@ def test_jamba_serve_answers_and_stops_on_sigterm(models, tmp_path):
             assert c.generate(["Served by the CLI"], max_new_tokens=6)[0].output_ids == want.output_ids
         assert [(s.start_layer, s.end_layer) for s in info.stages] == [(0, 3), (3, 8)]
         p.send_signal(signal.SIGTERM)
-        assert p.wait(timeout=120) == 0, (tmp_path / "serve.log").read_text()[-3000:]
+        _assert_stops_cleanly(p, log_path, rc=0)
+        assert "SIGTERM received, stopping" in log_path.read_text()
     finally:
-        if p.poll() is None:
+        if _group_alive(p.pid):
             os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
+
+
+def test_sigterm_stops_jamba_serve_during_start_up(models, tmp_path):
+    """SIGTERM while the application is still deploying (the replica loading its stages) stops
+    the command at once, with every Ray process it started."""
+    lm, _ = models
+    log_path = tmp_path / "serve.log"
+    p = _start(["--model", f"tiny={lm}", "--stages", "2", "--grpc-port", str(free_port()),
+                "--http-port", str(free_port())], log_path)
+    _wait_for_line(p, log_path, "jamba: deploying tiny")
+    p.send_signal(signal.SIGTERM)
+    _assert_stops_cleanly(p, log_path, rc=130, within=60)
+    assert "jamba: serving" not in log_path.read_text()
+
+
+def test_unplaceable_application_fails_in_bounded_time(models, tmp_path):
+    """Joining a 1-CPU cluster with 2 stages of 1 CPU (plus the replica's 0.1): Serve would wait
+    for ever; the command gives up after --start-timeout, says what the replica needs and what
+    the cluster has, and exits 1. Meanwhile `jamba client` gives up at its deadline, not never."""
+    import ray
+
+    lm, _ = models
+    ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+    try:
+        gcs = ray.get_runtime_context().gcs_address
+        port = free_port()
+        log_path = tmp_path / "serve.log"
+        p = _start(["--model", f"tiny={lm}", "--stages", "2", "--cpus-per-stage", "1", "--start-timeout", "20",
+                    "--address", gcs, "--grpc-port", str(port), "--http-port", str(free_port())], log_path)
+        try:
+            _wait_for_line(p, log_path, "jamba: deploying tiny")
+            t0 = time.time()
+            r = subprocess.run([sys.executable, "-m", "cluster.cli", "client", "info", "--address", f"127.0.0.1:{port}",
+                                "--application", "tiny", "--timeout", "3"], cwd=ROOT, env=ENV, capture_output=True,
+                               text=True, timeout=60)
+            assert r.returncode == 2 and "jamba client: DEADLINE_EXCEEDED" in r.stderr, r.stderr
+            assert time.time() - t0 < 30
+            assert p.wait(timeout=120) == 1, log_path.read_text()[-3000:]
+        finally:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
             p.wait()
-        log.close()
+        out = log_path.read_text()
+        assert "jamba serve: error: application 'tiny' was not running after 20s (--start-timeout)" in out, out[-3000:]
+        assert "needs 2.1 CPU(s) (0.1 for the replica + 2 stage(s) x 1), placed together" in out
+        assert "the cluster has 1 CPU(s) in all" in out
+    finally:
+        ray.shutdown()
