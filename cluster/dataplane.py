@@ -366,6 +366,10 @@ class DataPlane:
                     fut.set_result(body[n_meta + n_header:])
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
+        except asyncio.CancelledError:
+            # `close` cancels this connection's task. End it quietly: asyncio's stream server asks a
+            # finished handler task for its exception, and a cancelled one would raise there.
+            pass
         finally:
             writer.close()
             self._answer_tasks.discard(asyncio.current_task())
