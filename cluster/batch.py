@@ -862,7 +862,7 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("task", choices=TASKS, help="score: token_logprobs, sum_logprob; classify: logits, probs, label; "
                    "generate: output_ids, text, finish_reason")
     p.add_argument("--model", help="checkpoint directory, readable on every node; default: the demo model "
-                   "(written to $JAMBA_HOME on first use; random weights)")
+                   "(models/, copied to $JAMBA_HOME in fp32 on first use)")
     p.add_argument("--input", action="append", required=True, metavar="PATH",
                    help="JSON Lines or Parquet: a file, a directory or a glob, local or a URI (s3://...); repeatable")
     p.add_argument("--output", required=True, help="output directory (local or a URI); rerun with the same one to resume")
@@ -918,7 +918,7 @@ def run_batch(args) -> int:
         from stages.demo import ensure_demo_model
 
         args.model = str(ensure_demo_model("classification" if args.task == "classify" else "lm"))
-        log.info("no --model given: using the demo model at %s (random weights)", args.model)
+        log.info("no --model given: using the demo model at %s", args.model)
     cfg = config_from_args(args)
     mpath, _, _ = preflight(cfg)  # a wrong path fails here, before a cluster is started or joined
     resolve_split(mpath, cfg.stages, cfg.layer_split)  # and so does an impossible split

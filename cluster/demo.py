@@ -2,7 +2,8 @@
 
     python -m cluster.demo [--model DIR] [--stages 2] [--grpc-port 9000]
 
-Writes the demo checkpoints if needed (random weights: the text is gibberish), starts a local
+Uses the embedded demo checkpoints (models/: a 12.9M-parameter Jamba trained on 2.5 MB of
+fortune cookies, and a classifier that tells which fortune file a text comes from), starts a local
 Ray cluster, serves a 2-stage pipeline of the LM and a 1-stage classifier behind Ray Serve's gRPC
 ingress, then, through the client library: streams a generation, runs a batch generation, a chat,
 a classification and a score, printing results and timings. Everything is shut down at the end.
@@ -38,7 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     cls = str(ensure_demo_model("classification"))
     print(f"Jamba demo: {args.stages}-stage pipeline of {lm} behind Ray Serve's gRPC ingress on port {args.grpc_port}.")
     if not args.model:
-        print("The demo model's weights are RANDOM: expect gibberish text; the point is the machinery.")
+        print("The demo model is a toy trained on fortune cookies (models/jamba-demo-lm/README.md), not Jamba:\n"
+              "expect text that reads like a fortune file, not knowledge.")
     t0 = time.perf_counter()
     limit_message_size()
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING,
@@ -59,8 +61,9 @@ def main(argv: list[str] | None = None) -> int:
 
             t = time.perf_counter()
             print("\n-- streaming generation:")
-            print("   'The weather today is' ->", end=" ", flush=True)
-            stream = c.generate_stream("The weather today is", max_new_tokens=24)
+            seed_prompt = "Plants create energy through a process known as"
+            print(f"   {seed_prompt!r} ->", end=" ", flush=True)
+            stream = c.generate_stream(seed_prompt, max_new_tokens=32)
             first = None
             for delta in stream:
                 first = first or time.perf_counter() - t
@@ -70,15 +73,15 @@ def main(argv: list[str] | None = None) -> int:
                   f"all in {(time.perf_counter() - t) * 1000:.0f} ms ({done.finish_reason})")
 
             t = time.perf_counter()
-            prompts = ["My favourite recipe starts with", "The train to the city", "Computers are", "Once upon a time"]
-            outs = c.generate(prompts, max_new_tokens=16, temperature=0.8, top_p=0.95, seed=7)
+            prompts = ["The secret of a happy life is", "A computer is", "Love is", "Q: Why did the programmer"]
+            outs = c.generate(prompts, max_new_tokens=32, temperature=0.7, top_p=0.9, seed=7)
             print(f"\n-- batch generation: {len(prompts)} prompts in {(time.perf_counter() - t) * 1000:.0f} ms")
             for p, o in zip(prompts, outs):
                 print(f"   {p!r} -> {o.text!r}")
 
             t = time.perf_counter()
             chat = c.chat([{"role": "system", "content": "You are brief."}, {"role": "user", "content": "Say hello."}],
-                          max_new_tokens=12)
+                          max_new_tokens=24)
             print(f"\n-- chat ({(time.perf_counter() - t) * 1000:.0f} ms): {chat.text!r}")
 
             t = time.perf_counter()
@@ -88,11 +91,15 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"   {p!r}: sum log p = {s.sum_logprob:.2f} over {len(s.token_ids)} tokens")
         with JambaClient(address, application="classifier", timeout=60) as c:
             t = time.perf_counter()
-            texts = ["I loved this film.", "The service was terrible."]
+            texts = ["The program crashed because the compiler had a bug in its memory allocator.",
+                     "The senator promised lower taxes and won the election.",
+                     "An atom is mostly empty space; its electrons obey quantum mechanics.",
+                     "Roses are red, violets are blue, my heart sings a song for you."]
             results = c.classify(texts)
             print(f"\n-- classification ({(time.perf_counter() - t) * 1000:.0f} ms):")
             for text, r in zip(texts, results):
                 print(f"   {text!r}: {r.label} (p={max(r.probs):.2f})")
+            print("   (labels: the fortune files computers, people, politics, science, songs-poems)")
     finally:
         serve.shutdown()
         ray.shutdown()

@@ -149,11 +149,12 @@ def test_entry_point_errors_and_demo_model(tmp_path):
     (tmp_path / "in.jsonl").write_text('{"prompt": "hello", "max_new_tokens": 3}\n')
     r = subprocess.run([*jamba, "generate", "--input", str(tmp_path / "in.jsonl")], capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr
-    assert "random weights" in r.stderr
+    assert "no --model given: using the demo model at" in r.stderr
+    assert (tmp_path / "home" / "demo-lm" / "config.json").is_file()  # the fp32 copy of models/jamba-demo-lm
     row = json.loads(r.stdout)
     assert len(row["output_ids"]) == 3 and row["finish_reason"] == "length"
     r2 = subprocess.run([*jamba, "generate", "--input", str(tmp_path / "in.jsonl")], capture_output=True, text=True, env=env)
-    assert json.loads(r2.stdout) == row  # deterministic weights, greedy
+    assert json.loads(r2.stdout) == row  # the same weights, greedy
 
 
 def test_arguments_are_checked_before_ray_starts(tmp_path):

@@ -399,10 +399,11 @@ def test_resources_match_the_pipelines(f, doc, monkeypatch):
 
 def _model_config(args: dict):
     from cluster.plan import PRESETS, load_config
-    from stages.demo import demo_config
+    from stages.config import JambaConfig
+    from stages.demo import trained_model_dir
 
     if args["model"] in ("demo", "demo-classifier"):
-        return demo_config("classification" if args["model"] == "demo-classifier" else "lm")
+        return JambaConfig.from_file(trained_model_dir("classification" if args["model"] == "demo-classifier" else "lm"))
     assert args.get("name") in PRESETS, f"args.name should name the preset whose plan this is: {args.get('name')}"
     return load_config(args["name"])
 
@@ -464,14 +465,15 @@ def test_plan_files_are_the_planners_output(path):
     """Each k8s/*.plan.txt is `$ jamba plan ...` then its output, as the planner prints it today, and
     its split is the one a manifest uses."""
     from cluster.plan import format_plan, load_config, make_plan, parse_bytes
-    from stages.demo import demo_config
+    from stages.config import JambaConfig
+    from stages.demo import trained_model_dir
 
     command, *output = path.read_text().rstrip("\n").split("\n")
     assert command.startswith("$ jamba plan ")
     argv = shlex.split(command[2:].split("#")[0])[2:]
     opts = dict(zip(argv[::2], argv[1::2]))
     model = opts["--model"]
-    config = demo_config("lm") if model == "$JAMBA_HOME/demo-lm" else load_config(model)
+    config = JambaConfig.from_file(trained_model_dir("lm")) if model == "$JAMBA_HOME/demo-lm" else load_config(model)
     memory = parse_bytes(opts["--gpu-memory"]) if "--gpu-memory" in opts else None
     ctx = int(opts.get("--max-context", 4096))
     plans = make_plan(config, int(opts["--stages"]), ctx=ctx, gpu_memory=memory)
@@ -744,15 +746,20 @@ def test_dockerfile():
     cuda = re.search(r"ARG CUDA_VERSION=(\d+)\.(\d+)\.\d+", text)
     assert cu and cuda and cu.group(1) == "".join(cuda.groups()), "torch's CUDA build and the base image's CUDA differ"
     assert '".[gpu]"' in text
-    # Exactly the project's packages go in (protos/ with its stubs among them); no weights.
+    # Exactly the project's packages go in (protos/ with its stubs among them); of weights only
+    # the small committed demo checkpoints.
     packages = {p.split(".")[0] for p in pyproject["tool"]["setuptools"]["packages"]}  # top-level directories
     assert "protos" in packages
     copied = {m.group(1) for m in re.finditer(r"^COPY (\w+)/ \1/$", text, re.M)}
     assert copied == packages
-    assert not re.search(r"safetensors|\.bin\b|/models/\S+ ", "\n".join(line for line in lines if line.startswith("COPY")))
+    demo = re.findall(r"^COPY models/(\S+)/ /opt/jamba/models/\1/$", text, re.M)
+    assert sorted(demo) == ["jamba-demo-classifier", "jamba-demo-lm"]
+    assert "JAMBA_DEMO_MODELS=/opt/jamba/models" in text
+    others = [line for line in lines if line.startswith("COPY") and "models/jamba-demo-" not in line]
+    assert not re.search(r"safetensors|\.bin\b|models/", "\n".join(others))
     # BuildKit's per-Dockerfile ignore file: everything out, then the sources back in.
     ignore = [line.strip() for line in (K8S / "Dockerfile.dockerignore").read_text().splitlines()
               if line.strip() and not line.startswith("#")]
     assert ignore[0] == "*"
-    for package in packages:
+    for package in [*packages, "models/jamba-demo-lm", "models/jamba-demo-classifier"]:
         assert f"!{package}/" in ignore

@@ -82,7 +82,7 @@ def test_score_and_classify_equal_offline(service, reference):
     for g, w in zip(got, ref_cls.classify([tok.encode(p) for p in PROMPTS])):
         assert g.logits == pytest.approx(w, abs=1e-4)
         assert g.label == info.labels[max(range(len(w)), key=w.__getitem__)]
-    assert info.task == "classification" and info.labels == ["negative", "neutral", "positive"]
+    assert info.task == "classification" and info.labels == ["computers", "people", "politics", "science", "songs-poems"]
 
 
 def test_model_info(service):
