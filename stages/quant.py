@@ -28,7 +28,8 @@ Backends for `int8_linear`:
     CPU   numba kernel for skinny inputs (decode steps, T <= 32): each int8 weight row is widened
           once and dotted with every token; longer inputs (prefill) dequantize a block of output
           rows at a time and run sgemm on it, so the float copy is a few MB whatever the layer.
-          torch's own `torch._weight_int8pack_mm` (fp32 x, int8 W, scales of x's dtype) was
+          JAMBA_INT8_KERNEL=triton sends CPU tensors to the Triton kernel too (with TRITON_INTERPRET=1:
+          how tests run the whole model through it). torch's own `torch._weight_int8pack_mm` (fp32 x, int8 W, scales of x's dtype) was
           measured first and is 3-15x *slower* than fp32 sgemm on these shapes (2 cores: 21 vs
           3.9 ms at T=1, 595 vs 32 ms at T=32 for 4096x4096), so it is not used.
 """
@@ -93,7 +94,7 @@ def quantize_int8_into(w: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) ->
         absmax = blk.abs().amax(dim=-1)  # (rows,)
         # An all-zero row gets scale 1: q = 0 and dequantizes to exact zeros instead of 0/0 = NaN.
         s = torch.where(absmax > 0, absmax / 127.0, torch.ones_like(absmax))
-        q_rows[lo : lo + step] = torch.round(blk.div_(s[:, None])).clamp_(-127, 127).to(torch.int8)
+        q_rows[lo : lo + step] = torch.round(blk / s[:, None]).clamp_(-127, 127).to(torch.int8)  # not div_: blk may be w itself
         s_rows[lo : lo + step] = s
 
 
