@@ -15,7 +15,7 @@ Modes (`load_stage(..., quantize=MODE)`):
 
     int8-experts      the MoE experts only (gate_up_proj (E, 2I, H), down_proj (E, H, I)), per
                       expert and output channel, like vLLM's experts_int8. Experts are most of
-                      Jamba's bytes (about 90% of Jamba-Large) and run few tokens each.
+                      Jamba's bytes (87% of Jamba-Large's parameters) and run few tokens each.
     int8              every linear layer but the Mamba mixer's, the router and the head: attention
                       q/k/v/o, the dense MLPs and the experts. The Mamba projections feed a
                       recurrence that carries their errors along the whole sequence, the router's
