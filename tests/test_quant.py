@@ -299,3 +299,24 @@ def test_stage_through_the_triton_kernel(monkeypatch, tmp_path):
     tri = LocalRunner(stage).score(ps)
     for a, b in zip(tri, cpu):
         torch.testing.assert_close(torch.tensor(a[1:]), torch.tensor(b[1:]), atol=1e-4, rtol=0)
+
+
+def test_pipeline_equals_single_process_quantized(ray_cluster, demo_dir):
+    """Two Ray stages, each quantizing its own layers while loading, give the single process's results."""
+    from cluster.pipeline import PipelineConfig, SyncPipeline
+
+    single, _ = load_stage(demo_dir, quantize="int8-experts")
+    ref = LocalRunner(single, max_batch_tokens=6)
+    ps = _prompts(single.config.vocab_size, lengths=(1, 5, 12))
+    params = [SamplingParams(max_new_tokens=6, ignore_eos=True) for _ in ps]
+    pipe = SyncPipeline(PipelineConfig(str(demo_dir), num_stages=2, layer_split="4,4", max_batch_tokens=6,
+                                       cpus_per_stage=0.25, quantize="int8-experts"))
+    try:
+        assert [g.output_ids for g in pipe.generate(ps, params)] == [w.output_ids for w in ref.generate(ps, params)]
+        for g, w in zip(pipe.score(ps), ref.score(ps)):
+            assert g[1:] == pytest.approx(w[1:], abs=1e-4)
+        infos = pipe._call(pipe.pipe.stage_stats())
+        assert [i["quantize"] for i in infos] == ["int8-experts"] * 2
+        assert all(0 < i["weight_bytes"] <= i["peak_load_bytes"] for i in infos)
+    finally:
+        pipe.close()
