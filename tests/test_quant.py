@@ -320,3 +320,12 @@ def test_pipeline_equals_single_process_quantized(ray_cluster, demo_dir):
         assert all(0 < i["weight_bytes"] <= i["peak_load_bytes"] for i in infos)
     finally:
         pipe.close()
+
+
+def test_warmup_command_warms_quantized_stages(demo_dir, capsys):
+    """`python -m stages.kernels.warmup --quantize int8` (the image build) also runs an int8 stage."""
+    from stages.kernels import warmup
+
+    assert warmup.main(["--model", str(demo_dir), "--quantize", "int8"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 and "as stored, cpu" in lines[0] and "as stored, int8, cpu" in lines[1]
