@@ -218,3 +218,9 @@ def test_quantize_reaches_the_pipeline_and_serve_config(tmp_path):
     with pytest.raises(ValueError, match="unknown quantization 'fp4'; choose one of int8-experts, int8, int8-with-mamba"):
         build_app({"model": str(tmp_path), "quantize": "fp4"})
     assert PipelineConfig("/m", quantize="int8").quantize == "int8"
+    from cluster.batch import add_batch_parser, config_from_args
+
+    p = argparse.ArgumentParser()
+    add_batch_parser(p.add_subparsers())
+    args = p.parse_args(["batch", "score", "--input", "x.jsonl", "--output", "out", "--model", "/m", "--quantize", "int8"])
+    assert config_from_args(args).quantize == "int8"
