@@ -269,12 +269,3 @@ def dequantized_state(stage: JambaStage) -> dict[str, torch.Tensor]:
             continue
         out[n] = dequantize_int8(t, state[scale_name(n)]) if t.dtype == torch.int8 else t
     return out
-
-
-def quantized_bytes(numel_by_param: dict[str, tuple[int, int]], mode: str | None, dtype_bytes: int) -> int:
-    """Bytes of weights given {name: (numel, rows)} (rows = number of output channels incl. experts):
-    int8 plus a float32 scale per row for quantized tensors, dtype_bytes per element otherwise."""
-    total = 0
-    for n, (numel, rows) in numel_by_param.items():
-        total += numel + 4 * rows if quantized_param(n, mode) else numel * dtype_bytes
-    return total

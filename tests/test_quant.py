@@ -225,6 +225,14 @@ def test_fused_and_per_expert_checkpoints_quantize_alike(hf_dir, tmp_path):
         assert torch.equal(a[n], b[n]), n
 
 
+def test_quantizing_a_loaded_stage_equals_quantizing_while_loading(hf_dir):
+    for mode in quant.MODES:
+        loaded, _ = load_stage(hf_dir, quantize=mode)
+        after = quant.quantize_stage(load_stage(hf_dir)[0], mode)
+        a, b = loaded.state_dict(), after.state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a), mode
+
+
 def test_partial_stages_quantize_their_own_tensors(hf_dir):
     whole, _ = load_stage(hf_dir, quantize="int8-experts")
     n = whole.config.num_hidden_layers
