@@ -120,6 +120,7 @@ class BatchConfig:
     max_batch_tokens: int = 2048
     max_seq_len: int | None = None
     dtype: str | None = None
+    quantize: str | None = None  # int8-experts | int8 | int8-with-mamba (stages/quant.py)
     batch_size: int = 256  # rows per batch, and per committed part
     calls_per_actor: int = 2  # batches in flight per pipeline, so it never drains between batches
     progress_interval: float = 10.0
@@ -713,6 +714,9 @@ def preflight(cfg: BatchConfig) -> tuple[str, pafs.FileSystem, dict[str, list[st
         raise ValueError(f"task must be one of {', '.join(TASKS)}, not {cfg.task!r}")
     if cfg.batch_size < 1 or cfg.calls_per_actor < 1:
         raise ValueError("--batch-size and --calls-per-actor must be at least 1")
+    from stages.quant import check_mode
+
+    check_mode(cfg.quantize)
     mfs, mpath = filesystem(cfg.model)
     if not _is_local(mfs):
         raise ValueError("--model must be a directory that every node can read (a local or shared path)")
@@ -777,7 +781,7 @@ def run_job(cfg: BatchConfig) -> dict:
                             max_seq_len=cfg.max_seq_len, max_batch_tokens=cfg.max_batch_tokens,
                             max_queue=max(1024, cfg.batch_size * cfg.calls_per_actor), threads_per_stage=cfg.threads_per_stage,
                             cpus_per_stage=cps, gpus_per_stage=cfg.gpus_per_stage, placement_strategy=cfg.placement_strategy,
-                            dtype=cfg.dtype)
+                            dtype=cfg.dtype, quantize=cfg.quantize)
             sink = ray.remote(num_cpus=0)(ProgressSink).remote()
             out = ds.map_batches(
                 BatchWorker, batch_size=cfg.batch_size, batch_format="pyarrow", num_cpus=0,
@@ -883,6 +887,9 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
                    help="token budget of one microbatch; longer prompts go through in chunks")
     p.add_argument("--max-seq-len", type=int, default=None, help="longest prompt (+ new tokens); default min(context, 4096)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="cast weights (default: as stored)")
+    from .cli import add_quantize_arg
+
+    add_quantize_arg(p)
     p.add_argument("--batch-size", type=int, default=256, help="rows per batch, and per committed part file")
     p.add_argument("--calls-per-actor", type=int, default=2, help="batches in flight per pipeline")
     p.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, or start a local one)")

@@ -65,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--input", required=True, help="JSON Lines file ('-' for stdin)")
         s.add_argument("--output", default="-", help="JSON Lines output file (default: stdout)")
         s.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="cast weights (default: as stored)")
+        add_quantize_arg(s)
         s.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
         s.add_argument("--max-batch-tokens", type=int, default=2048, help="token budget of one forward step")
         s.add_argument("--num-slots", type=int, default=32, help="sequences in flight at once")
@@ -102,6 +103,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_parser(sub)
     add_client_parser(sub)
     return p
+
+
+def add_quantize_arg(p: argparse.ArgumentParser) -> None:
+    from stages.quant import MODES
+
+    p.add_argument("--quantize", choices=MODES, default=None,
+                   help="int8 weights with float32 per-channel scales: int8-experts (the MoE experts only), int8 "
+                        "(every linear layer but Mamba's, the router and the head), int8-with-mamba (int8 and "
+                        "the Mamba projections too, for quality experiments); default: none, as stored")
 
 
 # ---- commands ---------------------------------------------------------------------------------
@@ -143,7 +153,7 @@ def open_runner(args):
     from stages.runner import LocalRunner
     from stages.tokenizer import Tokenizer
 
-    stage, stats = load_stage(model_dir, dtype=args.dtype)
+    stage, stats = load_stage(model_dir, dtype=args.dtype, quantize=args.quantize)
     _check_head(args.task, stage.config, model_dir)
     warm_up(stage)  # compile the kernels now, not inside the first rows
     try:
@@ -189,7 +199,7 @@ def _pipeline_runner(args, model_dir: str):
                 model_dir, num_stages=args.stages, layer_split=args.layer_split, num_slots=args.num_slots,
                 max_batch_tokens=args.max_batch_tokens, threads_per_stage=args.threads_per_stage,
                 gpus_per_stage=args.gpus_per_stage, placement_strategy=args.placement_strategy, dtype=args.dtype,
-                transport=args.transport))
+                quantize=args.quantize, transport=args.transport))
             yield pipe
         finally:
             if pipe is not None:
@@ -228,7 +238,7 @@ def run_eval(args) -> int:
         raise ValueError(f"{name}: no row had a token to predict (a row needs at least two tokens)")
     summary = {"model": str(args.model or "demo"), "input": name, "texts": rows_done - errors, "failed": errors,
                "tokens": tokens, "nll_per_token": nll / tokens, "perplexity": math.exp(nll / tokens),
-               "dtype": args.dtype or "as stored", "seconds": round(time.perf_counter() - t0, 2)}
+               "dtype": args.dtype or "as stored", "quantize": args.quantize or "none", "seconds": round(time.perf_counter() - t0, 2)}
     out = sys.stdout if args.output == "-" else open(args.output, "w")
     out.write(json.dumps(summary) + "\n")
     if out is not sys.stdout:

@@ -97,6 +97,7 @@ def test_no_duplicate_keys(path):
 def test_manifests_exist():
     names = {p.name for p in _manifest_files()}
     for required in ("rayservice-demo.yaml", "rayservice-jamba-mini-1.6.yaml", "rayservice-jamba-large-1.6.yaml",
+                     "rayservice-jamba-large-1.6-int8-experts.yaml",
                      "rayjob-batch-score.yaml", "weights.yaml"):
         assert required in names
     assert _of_kind("RayService") and _of_kind("RayJob") and _of_kind("NetworkPolicy")
@@ -434,7 +435,8 @@ def test_layer_splits_are_the_planners(f, doc):
         config = _model_config(args)
         gpu = bool(float(args.get("gpus_per_stage", 0)))
         ctx = int(args.get("max_seq_len") or 4096)
-        plans = make_plan(config, stages, ctx=ctx, gpu_memory=PLAN_GPU_MEMORY if gpu else None)
+        plans = make_plan(config, stages, ctx=ctx, gpu_memory=PLAN_GPU_MEMORY if gpu else None,
+                          quantize=args.get("quantize"))
         assert "layer_split" in args, f"{app['name']}: give the planner's split explicitly"
         assert parse_layer_split(args["layer_split"], config.num_hidden_layers) == [(p.start, p.end) for p in plans]
         if gpu:
@@ -457,6 +459,18 @@ def test_large_does_not_fit_on_eight_gpus():
     assert all(p.max_sequences(PLAN_GPU_MEMORY) > 0 for p in plans)
 
 
+def test_large_fits_eight_gpus_with_int8_experts():
+    """...and why rayservice-jamba-large-1.6-int8-experts.yaml takes 8: int8 experts fit 8 x 80 GiB."""
+    from cluster.plan import load_config, make_plan
+
+    plans = make_plan(load_config("jamba-large-1.6"), 8, gpu_memory=PLAN_GPU_MEMORY, quantize="int8-experts")
+    assert all(p.max_sequences(PLAN_GPU_MEMORY) >= 128 for p in plans)
+    (doc,) = [d for f, d in _of_kind("RayService") if f == "rayservice-jamba-large-1.6-int8-experts.yaml"]
+    (app,) = _serve_config(doc)["applications"]
+    assert app["args"]["quantize"] == "int8-experts" and int(app["args"]["stages"]) == 8
+    assert sum(p["GPU"] for p in _worker_pods(_cluster_spec(doc))) == 8  # one 8-GPU node
+
+
 PLAN_FILES = sorted(K8S.glob("*.plan.txt"))
 
 
@@ -476,8 +490,10 @@ def test_plan_files_are_the_planners_output(path):
     config = JambaConfig.from_file(trained_model_dir("lm")) if model == "$JAMBA_HOME/demo-lm" else load_config(model)
     memory = parse_bytes(opts["--gpu-memory"]) if "--gpu-memory" in opts else None
     ctx = int(opts.get("--max-context", 4096))
-    plans = make_plan(config, int(opts["--stages"]), ctx=ctx, gpu_memory=memory)
-    assert "\n".join(output) == format_plan(plans, config, ctx, memory)
+    quantize = opts.get("--quantize")
+    also = tuple(int(v) for k, v in zip(argv[::2], argv[1::2]) if k == "--also-context")
+    plans = make_plan(config, int(opts["--stages"]), ctx=ctx, gpu_memory=memory, quantize=quantize)
+    assert "\n".join(output) == format_plan(plans, config, ctx, memory, quantize=quantize, also_contexts=also)
     split = ",".join(str(p.end - p.start) for p in plans)
     used = [a["args"].get("layer_split") for _, d in _of_kind("RayService") for a in _serve_config(d)["applications"]]
     assert split in used, f"{path.name}: split {split} is used by no RayService"

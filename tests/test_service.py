@@ -90,6 +90,7 @@ def test_model_info(service):
         info = c.model_info()
     assert info.task == "causal-lm" and info.num_layers == 8
     assert [(s.start_layer, s.end_layer) for s in info.stages] == [(0, 3), (3, 8)]
+    assert info.quantize == ""  # weights as stored (jamba serve --quantize would name the mode)
 
 
 BAD = [  # (application, call, kwargs, code, message fragment)
