@@ -39,7 +39,6 @@ from __future__ import annotations
 import os
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .model import Experts, JambaStage, Linear, linear
