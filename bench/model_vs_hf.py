@@ -144,20 +144,21 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="fewer repetitions and shorter runs")
+    ap.add_argument("--llama-cpp", metavar="DIR", help="a built llama.cpp tree (see bench/llama_cpp.py): adds its F32 column")
     ap.add_argument("--quantize", default="int8-experts,int8",
                     help="also run ours with these --quantize modes, comma-separated ('' for none)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     from transformers import JambaConfig, JambaForCausalLM
 
-    with tempfile.TemporaryDirectory() as tmp:
-        torch.manual_seed(0)
-        ref = JambaForCausalLM(JambaConfig(**BENCH_CONFIG))
-        n_params = sum(p.numel() for p in ref.parameters())
-        ref.save_pretrained(tmp)
-        del ref
-        modes = [m for m in args.quantize.split(",") if m]
-        impls = [Ours(Path(tmp)), HF(Path(tmp))] + [Ours(Path(tmp), m) for m in modes]
+    tmp = tempfile.TemporaryDirectory()
+    torch.manual_seed(0)
+    ref = JambaForCausalLM(JambaConfig(**BENCH_CONFIG))
+    n_params = sum(p.numel() for p in ref.parameters())
+    ref.save_pretrained(tmp.name)
+    del ref
+    modes = [m for m in args.quantize.split(",") if m]
+    impls = [Ours(Path(tmp.name)), HF(Path(tmp.name))] + [Ours(Path(tmp.name), m) for m in modes]
     reps = 2 if args.quick else 3
     steps = 8 if args.quick else 16
     cases = [("prefill", 512), ("prefill", 2048), ("decode", 1), ("decode", 8), ("decode", 32)]
@@ -166,6 +167,13 @@ def main() -> None:
         res = {impl.name: measure(impl, kind, arg, steps, reps) for impl in impls}
         rows.append((kind, arg, res))
         print(f"  {kind} {arg}: " + ", ".join(f"{n} {r[0]:.0f} tok/s" for n, r in res.items()), file=sys.stderr)
+    llama = None
+    if args.llama_cpp:
+        from bench.llama_cpp import measure as llama_measure
+
+        llama = llama_measure(Path(tmp.name), Path(args.llama_cpp), args.threads, reps)
+        print("  llama.cpp F32: " + ", ".join(f"{k} {a} {v:.0f} tok/s" for (k, a), v in llama.items()), file=sys.stderr)
+    tmp.cleanup()
 
     print(f"\nJamba bench config: {n_params / 1e6:.1f}M parameters, fp32, {args.threads} threads, torch {torch.__version__}\n")
     print("| case | ours tok/s | transformers tok/s | speed-up | ours peak MB | transformers peak MB |")
@@ -185,13 +193,24 @@ def main() -> None:
         return
     # 8-bit weights: each mode against our fp32 and transformers', in the same run.
     quant = [impl for impl in impls if impl.name.startswith("ours ")]
-    print("\n| case | ours fp32 tok/s | " + " | ".join(f"{q.name[5:]} tok/s (vs fp32, vs transformers)" for q in quant) + " |")
-    print("|---|---:|" + "---:|" * len(quant))
+    peer = " | llama.cpp F32 tok/s" if llama else ""
+    print("\n| case | transformers fp32 tok/s | ours fp32 tok/s | "
+          + " | ".join(f"ours {q.name[5:]} tok/s (vs ours fp32, vs transformers)" for q in quant) + peer + " |")
+    print("|---|---:|---:|" + "---:|" * (len(quant) + bool(llama)))
     for kind, arg, res in rows:
         label = f"prefill L={arg}, batch 1" if kind == "prefill" else f"decode batch {arg}"
         o, h = res["ours"][0], res["transformers"][0]
         cells = [f"{res[q.name][0]:.0f} ({res[q.name][0] / o:.2f}x, {res[q.name][0] / h:.2f}x)" for q in quant]
-        print(f"| {label} | {o:.0f} | " + " | ".join(cells) + " |")
+        if llama:
+            cells.append(f"{llama.get((kind, arg), float('nan')):.0f}")
+        print(f"| {label} | {h:.0f} | {o:.0f} | " + " | ".join(cells) + " |")
+    if llama:
+        print()
+        for kind, arg, res in rows:
+            if (kind, arg) in llama and kind == "decode":
+                ref = llama[(kind, arg)]
+                print(f"- decode batch {arg}: ours fp32 {res['ours'][0] / ref:.2f}x llama.cpp F32"
+                      + "".join(f", {q.name[5:]} {res[q.name][0] / ref:.2f}x" for q in quant))
     fp32 = impls[0]
     print("\n| weights (MiB) | ours fp32 | " + " | ".join(q.name[5:] for q in quant) + " |")
     print("|---|---:|" + "---:|" * len(quant))
