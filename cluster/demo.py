@@ -12,10 +12,14 @@ a classification and a score, printing results and timings. Everything is shut d
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
 import time
+from pathlib import Path
+
+HELDOUT = Path(__file__).resolve().parent.parent / "models" / "heldout.jsonl"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -74,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
 
             t = time.perf_counter()
             prompts = ["The secret of a happy life is", "A computer is", "Love is", "Q: Why did the programmer"]
-            outs = c.generate(prompts, max_new_tokens=32, temperature=0.7, top_p=0.9, seed=7)
+            outs = c.generate(prompts, max_new_tokens=32, temperature=0.7, top_p=0.9)  # sampled: differs run to run
             print(f"\n-- batch generation: {len(prompts)} prompts in {(time.perf_counter() - t) * 1000:.0f} ms")
             for p, o in zip(prompts, outs):
                 print(f"   {p!r} -> {o.text!r}")
@@ -91,15 +95,21 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"   {p!r}: sum log p = {s.sum_logprob:.2f} over {len(s.token_ids)} tokens")
         with JambaClient(address, application="classifier", timeout=60) as c:
             t = time.perf_counter()
-            texts = ["The program crashed because the compiler had a bug in its memory allocator.",
-                     "The senator promised lower taxes and won the election.",
-                     "An atom is mostly empty space; its electrons obey quantum mechanics.",
-                     "Roses are red, violets are blue, my heart sings a song for you."]
-            results = c.classify(texts)
-            print(f"\n-- classification ({(time.perf_counter() - t) * 1000:.0f} ms):")
-            for text, r in zip(texts, results):
-                print(f"   {text!r}: {r.label} (p={max(r.probs):.2f})")
-            print("   (labels: the fortune files computers, people, politics, science, songs-poems)")
+            # Held-out fortunes (never trained on): one of each file, then the accuracy over all of them.
+            rows = [json.loads(line) for line in open(HELDOUT)]
+            labels = list(c.model_info().labels)
+            rows = [r for r in rows if r["label"] in labels]
+            results = c.classify([r["text"] for r in rows])
+            print(f"\n-- classification of {len(rows)} held-out fortunes ({(time.perf_counter() - t) * 1000:.0f} ms):")
+            for label in labels:
+                i = next(k for k, r in enumerate(rows) if r["label"] == label)
+                text = " ".join(rows[i]["text"].split())
+                print(f"   {text[:64] + ('...' if len(text) > 64 else '')!r}: {results[i].label} "
+                      f"(p={max(results[i].probs):.2f}; from {label})")
+            right = sum(res.label == r["label"] for res, r in zip(results, rows))
+            majority = max(sum(r["label"] == label for r in rows) for label in labels)
+            print(f"   accuracy {right}/{len(rows)} = {right / len(rows):.2f} "
+                  f"(always answering the commonest file: {majority / len(rows):.2f})")
     finally:
         serve.shutdown()
         ray.shutdown()
