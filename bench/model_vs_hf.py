@@ -4,7 +4,9 @@
 
 Config: ~70M parameters (hidden 512, 8 layers, 8 experts top-2, vocab 8192), fp32.
 Measures prefill tokens/s (batch 1) at L=512 and L=2048, decode tokens/s at batch 1, 8 and 32,
-and the peak resident memory each measurement added. Prints a Markdown table and the ratios.
+and the peak resident memory each measurement added; then the same for ours with 8-bit weights
+(--quantize int8-experts,int8: weights quantized at load from the same checkpoint), with the
+weight memory of the experts and of the whole model. Prints a Markdown table and the ratios.
 The machine is noisy, so each figure is the best of a few repetitions and ratios are what count.
 """
 
@@ -62,10 +64,14 @@ def best_of(fn, reps: int) -> float:
 
 # ---- the two implementations ------------------------------------------------------------------
 class Ours:
-    name = "ours"
+    def __init__(self, path: Path, quantize: str | None = None) -> None:
+        self.name = f"ours {quantize}" if quantize else "ours"
+        self.stage, _ = load_stage(path, quantize=quantize)
 
-    def __init__(self, path: Path) -> None:
-        self.stage, _ = load_stage(path)
+    def weight_mb(self, part: str = "") -> float:
+        """MiB of the stage's weights (int8 values and their scales included) whose name contains `part`."""
+        tensors = list(self.stage.named_parameters()) + list(self.stage.named_buffers())
+        return sum(t.numel() * t.element_size() for n, t in tensors if part in n) / 2**20
 
     def prefill(self, ids: torch.Tensor) -> None:  # ids: (1, L)
         cache = self.stage.make_cache(1, ids.shape[1])
@@ -138,17 +144,21 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="fewer repetitions and shorter runs")
+    ap.add_argument("--llama-cpp", metavar="DIR", help="a built llama.cpp tree (see bench/llama_cpp.py): adds its F32 column")
+    ap.add_argument("--quantize", default="int8-experts,int8",
+                    help="also run ours with these --quantize modes, comma-separated ('' for none)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     from transformers import JambaConfig, JambaForCausalLM
 
-    with tempfile.TemporaryDirectory() as tmp:
-        torch.manual_seed(0)
-        ref = JambaForCausalLM(JambaConfig(**BENCH_CONFIG))
-        n_params = sum(p.numel() for p in ref.parameters())
-        ref.save_pretrained(tmp)
-        del ref
-        impls = [Ours(Path(tmp)), HF(Path(tmp))]
+    tmp = tempfile.TemporaryDirectory()
+    torch.manual_seed(0)
+    ref = JambaForCausalLM(JambaConfig(**BENCH_CONFIG))
+    n_params = sum(p.numel() for p in ref.parameters())
+    ref.save_pretrained(tmp.name)
+    del ref
+    modes = [m for m in args.quantize.split(",") if m]
+    impls = [Ours(Path(tmp.name)), HF(Path(tmp.name))] + [Ours(Path(tmp.name), m) for m in modes]
     reps = 2 if args.quick else 3
     steps = 8 if args.quick else 16
     cases = [("prefill", 512), ("prefill", 2048), ("decode", 1), ("decode", 8), ("decode", 32)]
@@ -156,8 +166,14 @@ def main() -> None:
     for kind, arg in cases:
         res = {impl.name: measure(impl, kind, arg, steps, reps) for impl in impls}
         rows.append((kind, arg, res))
-        o, h = res["ours"], res["transformers"]
-        print(f"  {kind} {arg}: ours {o[0]:.0f} tok/s, transformers {h[0]:.0f} tok/s, x{o[0] / h[0]:.2f}", file=sys.stderr)
+        print(f"  {kind} {arg}: " + ", ".join(f"{n} {r[0]:.0f} tok/s" for n, r in res.items()), file=sys.stderr)
+    llama = None
+    if args.llama_cpp:
+        from bench.llama_cpp import measure as llama_measure
+
+        llama = llama_measure(Path(tmp.name), Path(args.llama_cpp), args.threads, reps)
+        print("  llama.cpp F32: " + ", ".join(f"{k} {a} {v:.0f} tok/s" for (k, a), v in llama.items()), file=sys.stderr)
+    tmp.cleanup()
 
     print(f"\nJamba bench config: {n_params / 1e6:.1f}M parameters, fp32, {args.threads} threads, torch {torch.__version__}\n")
     print("| case | ours tok/s | transformers tok/s | speed-up | ours peak MB | transformers peak MB |")
@@ -173,6 +189,42 @@ def main() -> None:
             ratio = res["ours"][0] / res["transformers"][0]
             goal = targets[(kind, arg)]
             print(f"- target {kind} {arg}: >= {goal}x, measured {ratio:.1f}x: {'met' if ratio >= goal else 'NOT met'}")
+    if not modes:
+        return
+    # 8-bit weights: each mode against our fp32 and transformers', in the same run.
+    quant = [impl for impl in impls if impl.name.startswith("ours ")]
+    peer = " | llama.cpp F32 tok/s" if llama else ""
+    print("\n| case | transformers fp32 tok/s | ours fp32 tok/s | "
+          + " | ".join(f"ours {q.name[5:]} tok/s (vs ours fp32, vs transformers)" for q in quant) + peer + " |")
+    print("|---|---:|---:|" + "---:|" * (len(quant) + bool(llama)))
+    for kind, arg, res in rows:
+        label = f"prefill L={arg}, batch 1" if kind == "prefill" else f"decode batch {arg}"
+        o, h = res["ours"][0], res["transformers"][0]
+        cells = [f"{res[q.name][0]:.0f} ({res[q.name][0] / o:.2f}x, {res[q.name][0] / h:.2f}x)" for q in quant]
+        if llama:
+            cells.append(f"{llama.get((kind, arg), float('nan')):.0f}")
+        print(f"| {label} | {h:.0f} | {o:.0f} | " + " | ".join(cells) + " |")
+    if llama:
+        print()
+        for kind, arg, res in rows:
+            if (kind, arg) in llama and kind == "decode":
+                ref = llama[(kind, arg)]
+                print(f"- decode batch {arg}: ours fp32 {res['ours'][0] / ref:.2f}x llama.cpp F32"
+                      + "".join(f", {q.name[5:]} {res[q.name][0] / ref:.2f}x" for q in quant))
+    fp32 = impls[0]
+    print("\n| weights (MiB) | ours fp32 | " + " | ".join(q.name[5:] for q in quant) + " |")
+    print("|---|---:|" + "---:|" * len(quant))
+    for label, part in (("experts", "experts"), ("all", "")):
+        print(f"| {label} | {fp32.weight_mb(part):.1f} | "
+              + " | ".join(f"{q.weight_mb(part):.1f} ({fp32.weight_mb(part) / q.weight_mb(part):.2f}x smaller)" for q in quant) + " |")
+    if "ours int8-experts" in rows[0][2]:
+        for kind, arg, res in rows:
+            if (kind, arg) == ("decode", 8):
+                q = res["ours int8-experts"][0]
+                for base, goal in (("ours", 2.0), ("transformers", 3.0)):
+                    ratio = q / res[base][0]
+                    print(f"- target int8-experts decode batch 8 >= {goal}x {base} fp32: measured {ratio:.2f}x: "
+                          f"{'met' if ratio >= goal else 'NOT met'}")
 
 
 if __name__ == "__main__":

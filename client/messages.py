@@ -127,6 +127,7 @@ class ModelInfo:
     stages: list[Stage] = field(default_factory=list)
     labels: list[str] = field(default_factory=list)
     num_slots: int = 0
+    quantize: str = ""  # "" (weights as stored), "int8-experts", "int8" or "int8-with-mamba"
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict; stages become {"index", "start_layer", "end_layer"} objects."""
@@ -303,5 +304,5 @@ def model_info_from_pb(m: pb.ModelInfoResponse) -> ModelInfo:
         vocab_size=m.vocab_size, num_experts=m.num_experts, num_experts_per_tok=m.num_experts_per_tok,
         attn_layer_period=m.attn_layer_period, attn_layer_offset=m.attn_layer_offset, max_context=m.max_context,
         stages=[Stage(s.index, s.start_layer, s.end_layer) for s in m.stages], labels=list(m.labels),
-        num_slots=m.num_slots,
+        num_slots=m.num_slots, quantize=m.quantize,
     )

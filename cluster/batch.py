@@ -120,6 +120,7 @@ class BatchConfig:
     max_batch_tokens: int = 2048
     max_seq_len: int | None = None
     dtype: str | None = None
+    quantize: str | None = None  # int8-experts | int8 | int8-with-mamba (stages/quant.py)
     batch_size: int = 256  # rows per batch, and per committed part
     calls_per_actor: int = 2  # batches in flight per pipeline, so it never drains between batches
     progress_interval: float = 10.0
@@ -713,6 +714,9 @@ def preflight(cfg: BatchConfig) -> tuple[str, pafs.FileSystem, dict[str, list[st
         raise ValueError(f"task must be one of {', '.join(TASKS)}, not {cfg.task!r}")
     if cfg.batch_size < 1 or cfg.calls_per_actor < 1:
         raise ValueError("--batch-size and --calls-per-actor must be at least 1")
+    from stages.quant import check_mode
+
+    check_mode(cfg.quantize)
     mfs, mpath = filesystem(cfg.model)
     if not _is_local(mfs):
         raise ValueError("--model must be a directory that every node can read (a local or shared path)")
@@ -777,7 +781,7 @@ def run_job(cfg: BatchConfig) -> dict:
                             max_seq_len=cfg.max_seq_len, max_batch_tokens=cfg.max_batch_tokens,
                             max_queue=max(1024, cfg.batch_size * cfg.calls_per_actor), threads_per_stage=cfg.threads_per_stage,
                             cpus_per_stage=cps, gpus_per_stage=cfg.gpus_per_stage, placement_strategy=cfg.placement_strategy,
-                            dtype=cfg.dtype)
+                            dtype=cfg.dtype, quantize=cfg.quantize)
             sink = ray.remote(num_cpus=0)(ProgressSink).remote()
             out = ds.map_batches(
                 BatchWorker, batch_size=cfg.batch_size, batch_format="pyarrow", num_cpus=0,
@@ -862,7 +866,7 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("task", choices=TASKS, help="score: token_logprobs, sum_logprob; classify: logits, probs, label; "
                    "generate: output_ids, text, finish_reason")
     p.add_argument("--model", help="checkpoint directory, readable on every node; default: the demo model "
-                   "(written to $JAMBA_HOME on first use; random weights)")
+                   "(models/, copied to $JAMBA_HOME in fp32 on first use)")
     p.add_argument("--input", action="append", required=True, metavar="PATH",
                    help="JSON Lines or Parquet: a file, a directory or a glob, local or a URI (s3://...); repeatable")
     p.add_argument("--output", required=True, help="output directory (local or a URI); rerun with the same one to resume")
@@ -883,6 +887,9 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
                    help="token budget of one microbatch; longer prompts go through in chunks")
     p.add_argument("--max-seq-len", type=int, default=None, help="longest prompt (+ new tokens); default min(context, 4096)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="cast weights (default: as stored)")
+    from .cli import add_quantize_arg
+
+    add_quantize_arg(p)
     p.add_argument("--batch-size", type=int, default=256, help="rows per batch, and per committed part file")
     p.add_argument("--calls-per-actor", type=int, default=2, help="batches in flight per pipeline")
     p.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, or start a local one)")
@@ -918,7 +925,7 @@ def run_batch(args) -> int:
         from stages.demo import ensure_demo_model
 
         args.model = str(ensure_demo_model("classification" if args.task == "classify" else "lm"))
-        log.info("no --model given: using the demo model at %s (random weights)", args.model)
+        log.info("no --model given: using the demo model at %s", args.model)
     cfg = config_from_args(args)
     mpath, _, _ = preflight(cfg)  # a wrong path fails here, before a cluster is started or joined
     resolve_split(mpath, cfg.stages, cfg.layer_split)  # and so does an impossible split

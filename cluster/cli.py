@@ -3,19 +3,22 @@
     jamba generate --model DIR --input rows.jsonl [--output out.jsonl]
     jamba score    --model DIR --input rows.jsonl
     jamba classify --model DIR --input rows.jsonl
+    jamba eval     --model DIR --input heldout.jsonl      # perplexity, one JSON line
     jamba make-demo-model DIR [--task lm|classification]
 
 Input and output are JSON Lines (see cluster/rows.py for the fields). A bad row is reported on
 stderr as `FILE:LINE: what is wrong`, its output row carries an `error` field instead of results,
 and every other row is still processed; the exit status is then 1.
-Without --model, the embedded demo model (random weights) is written on first use and used.
+Without --model, the embedded demo model (models/, trained on fortune cookies) is used.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -55,12 +58,14 @@ def build_parser() -> argparse.ArgumentParser:
         ("generate", "complete prompts; adds output_ids, text, finish_reason"),
         ("score", "log-likelihood of each row's tokens; adds token_logprobs, sum_logprob"),
         ("classify", "sequence classification; adds logits, probs, label"),
+        ("eval", "held-out perplexity of a causal LM over the texts of a JSON Lines file"),
     ):
         s = sub.add_parser(name, help=helptext, description=helptext)
         s.add_argument("--model", help="checkpoint directory (HF format, safetensors); default: the demo model")
         s.add_argument("--input", required=True, help="JSON Lines file ('-' for stdin)")
         s.add_argument("--output", default="-", help="JSON Lines output file (default: stdout)")
         s.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="cast weights (default: as stored)")
+        add_quantize_arg(s)
         s.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
         s.add_argument("--max-batch-tokens", type=int, default=2048, help="token budget of one forward step")
         s.add_argument("--num-slots", type=int, default=32, help="sequences in flight at once")
@@ -74,8 +79,13 @@ def build_parser() -> argparse.ArgumentParser:
         g.add_argument("--threads-per-stage", type=int, default=1, help="CPU threads of each stage actor")
         g.add_argument("--gpus-per-stage", type=float, default=0, help="GPUs per stage actor (1 on GPU nodes)")
         s.set_defaults(func=run_rows, task=name)
+        if name == "eval":
+            s.set_defaults(func=run_eval)
+            s.add_argument("--eval-batch", type=int, default=64, help="rows scored together (default 64)")
+            s.add_argument("-q", "--quiet", action="store_true", help="no progress line")
+            s.set_defaults(output="-")
 
-    d = sub.add_parser("make-demo-model", help="write the small random-weight demo checkpoint",
+    d = sub.add_parser("make-demo-model", help="write a small random-weight Jamba checkpoint (for tests of shapes)",
                        description="Write a small Jamba checkpoint with deterministic RANDOM weights, in HF format.")
     d.add_argument("dir", help="output directory")
     d.add_argument("--task", choices=["lm", "classification"], default="lm")
@@ -95,6 +105,15 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def add_quantize_arg(p: argparse.ArgumentParser) -> None:
+    from stages.quant import MODES
+
+    p.add_argument("--quantize", choices=MODES, default=None,
+                   help="int8 weights with float32 per-channel scales: int8-experts (the MoE experts only), int8 "
+                        "(every linear layer but Mamba's, the router and the head), int8-with-mamba (int8 and "
+                        "the Mamba projections too, for quality experiments); default: none, as stored")
+
+
 # ---- commands ---------------------------------------------------------------------------------
 def make_demo(args) -> int:
     from stages.demo import make_demo_model
@@ -105,13 +124,17 @@ def make_demo(args) -> int:
 
 
 def run_rows(args) -> int:
+    name = "<stdin>" if args.input == "-" else args.input
+    with open_runner(args) as runner:
+        return process_file(runner, args.task, args.input, args.output, name)
+
+
+@contextlib.contextmanager
+def open_runner(args):
+    """The model behind a command: one process (LocalRunner), or with --stages a Ray pipeline."""
     import torch
 
     from stages.demo import ensure_demo_model
-    from stages.kernels.warmup import warm_up
-    from stages.loading import load_stage
-    from stages.runner import LocalRunner
-    from stages.tokenizer import Tokenizer
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -120,11 +143,17 @@ def run_rows(args) -> int:
     model_dir = args.model
     if model_dir is None:
         model_dir = ensure_demo_model("classification" if args.task == "classify" else "lm")
-        log.info("no --model given: using the demo model at %s (random weights)", model_dir)
-    name = "<stdin>" if args.input == "-" else args.input
+        log.info("no --model given: using the demo model at %s", model_dir)
     if args.stages:
-        return _run_rows_on_pipeline(args, str(model_dir), name)
-    stage, stats = load_stage(model_dir, dtype=args.dtype)
+        with _pipeline_runner(args, str(model_dir)) as pipe:
+            yield pipe
+        return
+    from stages.kernels.warmup import warm_up
+    from stages.loading import load_stage
+    from stages.runner import LocalRunner
+    from stages.tokenizer import Tokenizer
+
+    stage, stats = load_stage(model_dir, dtype=args.dtype, quantize=args.quantize)
     _check_head(args.task, stage.config, model_dir)
     warm_up(stage)  # compile the kernels now, not inside the first rows
     try:
@@ -132,8 +161,7 @@ def run_rows(args) -> int:
     except FileNotFoundError:
         tokenizer = None
         log.warning("%s has no tokenizer.json: rows must give input_ids", model_dir)
-    runner = LocalRunner(stage, tokenizer, num_slots=args.num_slots, max_batch_tokens=args.max_batch_tokens)
-    return process_file(runner, args.task, args.input, args.output, name)
+    yield LocalRunner(stage, tokenizer, num_slots=args.num_slots, max_batch_tokens=args.max_batch_tokens)
 
 
 def _check_head(task: str, config, model_dir) -> None:
@@ -144,7 +172,8 @@ def _check_head(task: str, config, model_dir) -> None:
         raise ValueError(f"{model_dir} is a sequence classifier; {task} needs a JambaForCausalLM checkpoint")
 
 
-def _run_rows_on_pipeline(args, model_dir: str, name: str) -> int:
+@contextlib.contextmanager
+def _pipeline_runner(args, model_dir: str):
     import ray
 
     from stages.config import JambaConfig
@@ -170,12 +199,58 @@ def _run_rows_on_pipeline(args, model_dir: str, name: str) -> int:
                 model_dir, num_stages=args.stages, layer_split=args.layer_split, num_slots=args.num_slots,
                 max_batch_tokens=args.max_batch_tokens, threads_per_stage=args.threads_per_stage,
                 gpus_per_stage=args.gpus_per_stage, placement_strategy=args.placement_strategy, dtype=args.dtype,
-                transport=args.transport))
-            return process_file(pipe, args.task, args.input, args.output, name)
+                quantize=args.quantize, transport=args.transport))
+            yield pipe
         finally:
             if pipe is not None:
                 pipe.close()
             ray.shutdown()
+
+
+def run_eval(args) -> int:
+    """Held-out perplexity: exp(total NLL / total predicted tokens) over the texts of a JSONL file.
+
+    Every row is scored on its own (its first token, BOS for text rows, is context only), so the
+    figure is token-weighted over the whole file, as a language-model loss on the same rows is.
+    """
+    name = "<stdin>" if args.input == "-" else args.input
+    total_rows = None if args.input == "-" else sum(1 for _ in read_lines(args.input))
+    t0, nll, tokens, rows_done, errors = time.perf_counter(), 0.0, 0, 0, 0
+    with open_runner(args) as runner:
+        for chunk in chunks(read_lines(args.input), args.eval_batch):
+            results, _ = run_chunk(runner, "score", chunk)
+            for (lineno, _), res in zip(chunk, results):
+                if res.get("error") is not None:
+                    errors += 1
+                    print(f"{name}:{lineno}: {res['error']}", file=sys.stderr)
+                    continue
+                lps = res["token_logprobs"][1:]
+                nll -= math.fsum(lps)
+                tokens += len(lps)
+            rows_done += len(chunk)
+            if not args.quiet:
+                ppl = math.exp(nll / tokens) if tokens else float("nan")
+                print(f"\reval: {_bar(rows_done, total_rows)} {rows_done}/{total_rows or '?'} texts, {tokens} tokens, "
+                      f"perplexity {ppl:.3f}, {time.perf_counter() - t0:.0f}s", end="", file=sys.stderr, flush=True)
+    if not args.quiet:
+        print(file=sys.stderr)
+    if not tokens:
+        raise ValueError(f"{name}: no row had a token to predict (a row needs at least two tokens)")
+    summary = {"model": str(args.model or "demo"), "input": name, "texts": rows_done - errors, "failed": errors,
+               "tokens": tokens, "nll_per_token": nll / tokens, "perplexity": math.exp(nll / tokens),
+               "dtype": args.dtype or "as stored", "quantize": args.quantize or "none", "seconds": round(time.perf_counter() - t0, 2)}
+    out = sys.stdout if args.output == "-" else open(args.output, "w")
+    out.write(json.dumps(summary) + "\n")
+    if out is not sys.stdout:
+        out.close()
+    return 1 if errors else 0
+
+
+def _bar(done: int, total: int | None, width: int = 24) -> str:
+    if not total:
+        return ""
+    full = round(width * done / total)
+    return "[" + "#" * full + "." * (width - full) + "]"
 
 
 def process_file(runner, task: str, input_path: str, output_path: str, name: str) -> int:

@@ -30,6 +30,7 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from stages.config import JambaConfig
+from stages.quant import check_mode
 from stages.runner import GenerationResult
 from stages.sampling import SamplingParams
 from stages.tokenizer import Tokenizer
@@ -59,6 +60,7 @@ class PipelineConfig:
     cpus_per_stage: float | None = None  # Ray CPU resource per stage bundle (default: threads_per_stage)
     placement_strategy: str = "PACK"
     dtype: str | None = None
+    quantize: str | None = None  # None, "int8-experts", "int8" or "int8-with-mamba" (see stages/quant.py)
     depth: int | None = None  # microbatches in flight (default: num_stages)
     placement_timeout_s: float = 120.0
     max_restarts: int = 3  # a dead stage actor is restarted by Ray (reloading its layers) this often
@@ -71,9 +73,17 @@ class PipelineConfig:
     # "inline", "gloo" or "nccl"; see cluster/dataplane.py.
     transport: str = "auto"
     # The class each stage actor runs, as "module:Class" (or "module.Class"), built as
-    # cls(model_dir, start, end, num_slots, max_seq_len, threads, dtype, device, **worker_kwargs).
+    # cls(model_dir, start, end, num_slots, max_seq_len, threads, dtype, device, **worker_kwargs),
+    # plus quantize=... when set.
     worker_cls: str = "stages.worker:StageWorker"
     worker_kwargs: dict = field(default_factory=dict)
+
+
+def _memory_note(info: dict) -> str:
+    if "peak_load_bytes" not in info:  # a synthetic worker
+        return ""
+    mode = f", {info['quantize']}" if info.get("quantize") else ""
+    return f"; {info['weight_bytes'] / 1e6:.1f} MB of weights{mode}, at most {info['peak_load_bytes'] / 1e6:.1f} MB held while loading"
 
 
 def import_class(path: str):
@@ -145,6 +155,7 @@ class Pipeline:
         device = "cuda" if cfg.gpus_per_stage else "cpu"
         transport = resolve_transport(cfg.transport, cfg.gpus_per_stage)
         import_class(cfg.worker_cls)  # a bad path fails here, before anything is placed
+        check_mode(cfg.quantize)  # so does an unknown quantization
         max_seq_len = cfg.max_seq_len or min(config.max_position_embeddings, 4096)
         cpus = cfg.threads_per_stage if cfg.cpus_per_stage is None else cfg.cpus_per_stage
         bundle = {"CPU": cpus}
@@ -176,14 +187,15 @@ class Pipeline:
                             scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i + offset),
                             **cfg.actor_options)
                 args = (cfg.model_dir, s, e, cfg.num_slots, max_seq_len, cfg.threads_per_stage, cfg.dtype, device)
-                actors.append(StageActor.options(**opts).remote(cfg.worker_cls, args, cfg.worker_kwargs, i, len(splits)))
+                kwargs = dict(cfg.worker_kwargs, **({"quantize": cfg.quantize} if cfg.quantize else {}))
+                actors.append(StageActor.options(**opts).remote(cfg.worker_cls, args, kwargs, i, len(splits)))
             infos = await asyncio.gather(*[a.info.remote() for a in actors])
             wheres = await asyncio.gather(*[a.where.remote() for a in actors])
             for i, (info, where) in enumerate(zip(infos, wheres)):
                 info.update(where)
-                log.info("stage %d: layers [%d, %d) loaded %.1f MB from %d file(s) in %.2fs on node %s (%s)", i,
+                log.info("stage %d: layers [%d, %d) loaded %.1f MB from %d file(s) in %.2fs on node %s (%s)%s", i,
                          *info["layers"], info["bytes"] / 1e6, info["files"], info["seconds"], info["node_id"][:8],
-                         info["node_ip"])
+                         info["node_ip"], _memory_note(info))
             dataplane = DataPlane(actors, transport, ray.util.get_node_ip_address(), lambda: _wait_for_stages(actors))
             await dataplane.start()
         except BaseException:

@@ -14,7 +14,9 @@ runs only num_experts_per_tok of them per token (Jamba-Large: 16 stored, 2 run).
 
 The cost model (closed form from the config; shapes in the comments of each function):
 
-    weights   parameters x dtype bytes, counted exactly as `stages.model.JambaStage` builds them.
+    weights   parameters x dtype bytes, counted exactly as `stages.model.JambaStage` builds them;
+              with --quantize (stages/quant.py), the quantized weights take 1 byte per parameter
+              plus a float32 scale per output channel (per expert, for the experts).
     compute   FLOPs per token. A matmul with a (in, out) weight costs 2*in*out per token, so
               every layer costs ~2 x the parameters it touches per token, plus
                 attention   QK^T and AV over the context: 2 * 2 * ctx * n_heads * head_dim,
@@ -98,6 +100,12 @@ PRESETS: dict[str, dict] = {
 }
 
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
+QUANT_MODES = ("int8-experts", "int8", "int8-with-mamba")  # stages.quant.MODES (which imports torch)
+_QUANT_NOTE = {
+    "int8-experts": "int8 in the experts (fp32 scale per expert channel)",
+    "int8": "int8 in every linear layer but Mamba's, the router and the head (fp32 scale per channel)",
+    "int8-with-mamba": "int8 in every linear layer but the router and the head (fp32 scale per channel)",
+}
 SCAN_FLOPS_PER_STATE = 7  # selective scan, per token, per (channel, state) pair; see module docstring
 
 
@@ -145,6 +153,34 @@ def _mamba_params(c: JambaConfig) -> int:
 
 def _mlp_params(c: JambaConfig) -> int:
     return 3 * c.hidden_size * c.intermediate_size  # gate, up, down
+
+
+def _quantized_params_rows(c: JambaConfig, layer: int, quantize: str | None) -> tuple[int, int]:
+    """(parameters stored int8, output channels they have: one float32 scale each) in decoder layer
+    `layer` under `quantize` (see stages.quant.quantized_param for which weights each mode takes)."""
+    if quantize is None:
+        return 0, 0
+    h, i = c.hidden_size, c.intermediate_size
+    params = rows = 0
+    if c.is_moe(layer):  # experts: gate_up (E, 2I, H) and down (E, H, I)
+        params, rows = _expert_params(c, layer), c.num_experts * (2 * i + h)
+    elif quantize != "int8-experts":  # dense MLP: gate, up (I rows each), down (H rows)
+        params, rows = _mlp_params(c), 2 * i + h
+    if quantize == "int8-experts":
+        return params, rows
+    if c.is_attention(layer):
+        q_out, kv_out = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+        params, rows = params + _attention_params(c), rows + q_out + 2 * kv_out + h
+    elif quantize == "int8-with-mamba":
+        d, n, r = c.mamba_d_inner, c.mamba_d_state, c.mamba_dt_rank
+        params, rows = params + _mamba_matmul_params(c), rows + 2 * d + (r + 2 * n) + d + h
+    return params, rows
+
+
+def layer_weight_bytes(c: JambaConfig, layer: int, dtype_bytes: int, quantize: str | None = None) -> int:
+    """Bytes of decoder layer `layer`'s weights: dtype_bytes per parameter, int8 + fp32 scales where quantized."""
+    qparams, rows = _quantized_params_rows(c, layer, quantize)
+    return (layer_params(c, layer) - qparams) * dtype_bytes + qparams + 4 * rows
 
 
 def _expert_params(c: JambaConfig, layer: int) -> int:
@@ -207,6 +243,13 @@ def stage_params(c: JambaConfig, start: int, end: int) -> int:
     return total
 
 
+def stage_weight_bytes(c: JambaConfig, start: int, end: int, dtype_bytes: int, quantize: str | None = None) -> int:
+    """Weight bytes of the stage owning layers [start, end); the embedding and head stay in the dtype."""
+    total = sum(layer_weight_bytes(c, i, dtype_bytes, quantize) for i in range(start, end))
+    total += embed_params(c) * dtype_bytes if start == 0 else 0
+    return total + (head_params(c) * dtype_bytes if end == c.num_hidden_layers else 0)
+
+
 def stage_flops(c: JambaConfig, start: int, end: int, ctx: int) -> int:
     total = sum(layer_flops(c, i, ctx) for i in range(start, end))
     return total + (head_flops(c) if end == c.num_hidden_layers else 0)
@@ -227,6 +270,7 @@ def partition(
     ctx: int = 4096,
     dtype_bytes: int = 2,
     memory_per_stage: int | None = None,
+    quantize: str | None = None,
 ) -> list[tuple[int, int]]:
     """Split the layers into `num_stages` contiguous, non-empty ranges [start, end).
 
@@ -250,7 +294,7 @@ def partition(
         return out
 
     flops_pre = prefix([layer_flops(config, i, ctx) for i in range(n)])
-    param_pre = prefix([layer_params(config, i) for i in range(n)])
+    bytes_pre = prefix([layer_weight_bytes(config, i, dtype_bytes, quantize) for i in range(n)])
     cache_pre = prefix([stage_cache_bytes(config, i, i + 1, ctx, dtype_bytes) for i in range(n)])
     first_params, last_params, last_flops = embed_params(config), head_params(config), head_flops(config)
 
@@ -258,8 +302,8 @@ def partition(
         return flops_pre[j] - flops_pre[i] + (last_flops if j == n else 0)
 
     def weight_bytes(i: int, j: int) -> int:
-        p = param_pre[j] - param_pre[i] + (first_params if i == 0 else 0) + (last_params if j == n else 0)
-        return p * dtype_bytes
+        ends = (first_params if i == 0 else 0) + (last_params if j == n else 0)
+        return bytes_pre[j] - bytes_pre[i] + ends * dtype_bytes
 
     def fits(i: int, j: int) -> bool:
         return memory_per_stage is None or weight_bytes(i, j) + cache_pre[j] - cache_pre[i] <= memory_per_stage
@@ -356,7 +400,7 @@ class StagePlan:
     n_mamba: int
     n_moe: int
     num_params: int
-    weight_bytes: int  # parameters x dtype bytes
+    weight_bytes: int  # parameters x dtype bytes (int8 + fp32 scales where quantized)
     cache_bytes_per_seq: int  # one sequence at the plan's context
     flops_per_token: int
 
@@ -384,6 +428,7 @@ def make_plan(
     dtype_bytes: int = 2,
     gpu_memory: int | None = None,
     reserve_fraction: float = 0.1,
+    quantize: str | None = None,
 ) -> list[StagePlan]:
     """Plan `num_stages` stages: from `layer_split` if given (a spec or ranges), else by `partition`.
 
@@ -401,11 +446,12 @@ def make_plan(
     elif num_stages is None:
         raise ValueError("give the number of stages or a layer split")
     else:
-        ranges = partition(config, num_stages, ctx=ctx, dtype_bytes=dtype_bytes)
+        ranges = partition(config, num_stages, ctx=ctx, dtype_bytes=dtype_bytes, quantize=quantize)
         if gpu_memory is not None:
             usable = int(gpu_memory * (1 - reserve_fraction))
             try:
-                ranges = partition(config, num_stages, ctx=ctx, dtype_bytes=dtype_bytes, memory_per_stage=usable)
+                ranges = partition(config, num_stages, ctx=ctx, dtype_bytes=dtype_bytes, memory_per_stage=usable,
+                                   quantize=quantize)
             except NoFittingSplitError:
                 pass  # keep the balanced split; format_plan marks the stages that do not fit
 
@@ -421,7 +467,7 @@ def make_plan(
             n_mamba=sum(not config.is_attention(i) for i in layers),
             n_moe=sum(config.is_moe(i) for i in layers),
             num_params=params,
-            weight_bytes=params * dtype_bytes,
+            weight_bytes=stage_weight_bytes(config, start, end, dtype_bytes, quantize),
             cache_bytes_per_seq=stage_cache_bytes(config, start, end, ctx, dtype_bytes),
             flops_per_token=stage_flops(config, start, end, ctx),
         ))
@@ -434,8 +480,12 @@ def format_plan(
     ctx: int,
     gpu_memory: int | None = None,
     reserve_fraction: float = 0.1,
+    quantize: str | None = None,
+    dtype_bytes: int = 2,
+    also_contexts: tuple[int, ...] = (),
 ) -> str:
-    """A table of the stages, then a summary: parameters, compute balance, and what fits."""
+    """A table of the stages, then a summary: parameters, compute balance, and what fits; with
+    `also_contexts`, how many sequences of each of those lengths fit the same split."""
     total_params, active_params = count_params(config)
     total_flops = sum(p.flops_per_token for p in plans)
     header = f"{'stage':>5}  {'layers':<10} {'attn':>4} {'mamba':>5} {'moe':>4}  {'weights GiB':>11}  {'cache MiB/seq':>13}  {'compute':>7}"
@@ -445,7 +495,8 @@ def format_plan(
     lines = [
         f"Jamba, {config.num_hidden_layers} layers, {total_params / 1e9:.1f}B parameters ({active_params / 1e9:.1f}B active per token), "
         f"{len(plans)} stages, context {ctx} tokens"
-        + (f", {gpu_memory / 2**30:.1f} GiB per GPU ({reserve_fraction:.0%} reserved)" if gpu_memory is not None else ""),
+        + (f", {gpu_memory / 2**30:.1f} GiB per GPU ({reserve_fraction:.0%} reserved)" if gpu_memory is not None else "")
+        + (f", weights {_QUANT_NOTE[quantize]}" if quantize else ""),
         header,
     ]
     for p in plans:
@@ -468,6 +519,12 @@ def format_plan(
         seqs = [p.max_sequences(gpu_memory, reserve_fraction) for p in plans]
         if all(seqs):
             lines.append(f"every stage fits; sequences in flight at {ctx} tokens: {min(seqs)} (bounded by the fullest stage)")
+            for other in also_contexts:
+                fit = []
+                for p in plans:
+                    at = dataclasses.replace(p, cache_bytes_per_seq=stage_cache_bytes(config, p.start, p.end, other, dtype_bytes))
+                    fit.append(at.max_sequences(gpu_memory, reserve_fraction))
+                lines.append(f"the same split at {other} tokens: {min(fit)} sequences in flight (bounded by the fullest stage)")
         else:
             worst = max(plans, key=lambda p: p.weight_bytes)
             lines.append(
@@ -512,6 +569,10 @@ def add_plan_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--gpu-memory", type=_size_arg, help="memory of one GPU, e.g. 80GiB")
     p.add_argument("--max-context", type=int, default=4096, help="tokens per sequence the cache is sized for (default 4096)")
     p.add_argument("--dtype", choices=list(DTYPE_BYTES), default="bfloat16", help="weight dtype (default bfloat16)")
+    p.add_argument("--quantize", choices=QUANT_MODES, default=None,
+                   help="plan for int8 weights (int8 + an fp32 scale per output channel), as `jamba serve --quantize`")
+    p.add_argument("--also-context", type=int, action="append", default=[], metavar="TOKENS",
+                   help="also print how many sequences of this many tokens fit the same split (repeatable)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.set_defaults(func=run_plan)
     return p
@@ -521,9 +582,10 @@ def run_plan(args) -> int:
     config = load_config(args.model)
     dtype_bytes = DTYPE_BYTES[args.dtype]
     plans = make_plan(config, args.stages, args.layer_split, ctx=args.max_context, dtype_bytes=dtype_bytes,
-                      gpu_memory=args.gpu_memory)
+                      gpu_memory=args.gpu_memory, quantize=args.quantize)
     if not args.json:
-        print(format_plan(plans, config, args.max_context, args.gpu_memory))
+        print(format_plan(plans, config, args.max_context, args.gpu_memory, quantize=args.quantize,
+                          dtype_bytes=dtype_bytes, also_contexts=tuple(args.also_context)))
         return 0
     total_params, active_params = count_params(config)
     total_flops = sum(p.flops_per_token for p in plans)
@@ -540,6 +602,7 @@ def run_plan(args) -> int:
         "total_params": total_params,
         "active_params": active_params,
         "dtype": args.dtype,
+        "quantize": args.quantize,
         "max_context": args.max_context,
         "gpu_memory": args.gpu_memory,
         "stages": stages,

@@ -172,13 +172,14 @@ class JambaService:
                        gpus_per_stage: float = 0, cpus_per_stage: float | None = None, max_seq_len: int | None = None,
                        name: str | None = None, own_placement_group: bool = False, max_restarts: int = 3,
                        recover_timeout_s: float = 120.0, stream_interval_ms: float = 0.0,
-                       request_timeout_s: float | None = None) -> None:
+                       request_timeout_s: float | None = None, quantize: str | None = None) -> None:
         cfg = PipelineConfig(
             model, num_stages=stages, layer_split=layer_split, num_slots=num_slots, max_batch_tokens=max_batch_tokens,
             max_queue=max_queue, threads_per_stage=threads_per_stage, gpus_per_stage=gpus_per_stage,
             cpus_per_stage=cpus_per_stage, max_seq_len=max_seq_len, use_current_placement_group=not own_placement_group,
-            max_restarts=max_restarts, recover_timeout_s=recover_timeout_s,
+            max_restarts=max_restarts, recover_timeout_s=recover_timeout_s, quantize=quantize,
         )
+        self.quantize = quantize
         self.pipe = await Pipeline.start(cfg)
         self.config, self.tokenizer = self.pipe.config, self.pipe.tokenizer
         self.name = name or model.rstrip("/").split("/")[-1]
@@ -386,7 +387,7 @@ class JambaService:
             max_context=self.pipe.scheduler.max_seq_len,
             stages=[pb.StageInfo(index=i, start_layer=s, end_layer=e) for i, (s, e) in enumerate(self.pipe.splits)],
             labels=[c.id2label[i] for i in sorted(c.id2label)] if c.is_classifier else [],
-            num_slots=self.pipe.scheduler.num_slots,
+            num_slots=self.pipe.scheduler.num_slots, quantize=self.quantize or "",
         )
 
 
@@ -400,11 +401,15 @@ def build_app(args: dict[str, Any]):
     recover_timeout_s, request_timeout_s (the HTTP proxy's request timeout, if one is set: HTTP
     requests are dropped just before it), replicas, placement_strategy, autoscaling_config (a Serve autoscaling
     config; replaces replicas), health_check_period_s and health_check_timeout_s (how soon Serve
-    notices a replica whose pipeline is down, and replaces it; Serve's defaults 10 s and 30 s).
+    notices a replica whose pipeline is down, and replaces it; Serve's defaults 10 s and 30 s),
+    quantize (int8-experts, int8 or int8-with-mamba; see stages/quant.py; default: none).
     """
     args = dict(args)
     if "model" not in args:
         raise ValueError("the Jamba application needs args.model (a checkpoint directory, or 'demo')")
+    from stages.quant import check_mode
+
+    args["quantize"] = check_mode(args.get("quantize") or None)  # a bad value fails here, not in a replica
     from .service_cli import resolve_model
 
     args.setdefault("name", resolve_model(args["model"])[0])

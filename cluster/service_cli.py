@@ -56,6 +56,9 @@ def add_serve_parser(sub) -> None:
     s.add_argument("--stream-interval-ms", type=float, default=0.0,
                    help="least time between two messages of a stream; tokens produced meanwhile go out together, "
                         "which saves proxy CPU when there are many streams (default 0: every token at once)")
+    from .cli import add_quantize_arg
+
+    add_quantize_arg(s)
     s.add_argument("--threads-per-stage", type=int, default=1)
     s.add_argument("--cpus-per-stage", type=float, default=None, help="Ray CPUs reserved per stage (default: threads)")
     s.add_argument("--gpus-per-stage", type=float, default=0)
@@ -129,6 +132,7 @@ def app_args(args, name: str, path: str) -> dict:
         "gpus_per_stage": args.gpus_per_stage, "max_restarts": args.max_restarts,
         "recover_timeout_s": args.recover_timeout, "health_check_period_s": args.health_check_period,
         "stream_interval_ms": args.stream_interval_ms, "request_timeout_s": args.http_request_timeout,
+        "quantize": args.quantize,
         "cpus_per_stage": args.cpus_per_stage if args.cpus_per_stage is not None else args.threads_per_stage,
     }
 

@@ -179,7 +179,7 @@ class StageInfo(_message.Message):
     def __init__(self, index: _Optional[int] = ..., start_layer: _Optional[int] = ..., end_layer: _Optional[int] = ...) -> None: ...
 
 class ModelInfoResponse(_message.Message):
-    __slots__ = ("model_name", "task", "num_layers", "hidden_size", "vocab_size", "num_experts", "num_experts_per_tok", "attn_layer_period", "attn_layer_offset", "max_context", "stages", "labels", "num_slots")
+    __slots__ = ("model_name", "task", "num_layers", "hidden_size", "vocab_size", "num_experts", "num_experts_per_tok", "attn_layer_period", "attn_layer_offset", "max_context", "stages", "labels", "num_slots", "quantize")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     TASK_FIELD_NUMBER: _ClassVar[int]
     NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
@@ -193,6 +193,7 @@ class ModelInfoResponse(_message.Message):
     STAGES_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
     NUM_SLOTS_FIELD_NUMBER: _ClassVar[int]
+    QUANTIZE_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     task: str
     num_layers: int
@@ -206,4 +207,5 @@ class ModelInfoResponse(_message.Message):
     stages: _containers.RepeatedCompositeFieldContainer[StageInfo]
     labels: _containers.RepeatedScalarFieldContainer[str]
     num_slots: int
-    def __init__(self, model_name: _Optional[str] = ..., task: _Optional[str] = ..., num_layers: _Optional[int] = ..., hidden_size: _Optional[int] = ..., vocab_size: _Optional[int] = ..., num_experts: _Optional[int] = ..., num_experts_per_tok: _Optional[int] = ..., attn_layer_period: _Optional[int] = ..., attn_layer_offset: _Optional[int] = ..., max_context: _Optional[int] = ..., stages: _Optional[_Iterable[_Union[StageInfo, _Mapping]]] = ..., labels: _Optional[_Iterable[str]] = ..., num_slots: _Optional[int] = ...) -> None: ...
+    quantize: str
+    def __init__(self, model_name: _Optional[str] = ..., task: _Optional[str] = ..., num_layers: _Optional[int] = ..., hidden_size: _Optional[int] = ..., vocab_size: _Optional[int] = ..., num_experts: _Optional[int] = ..., num_experts_per_tok: _Optional[int] = ..., attn_layer_period: _Optional[int] = ..., attn_layer_offset: _Optional[int] = ..., max_context: _Optional[int] = ..., stages: _Optional[_Iterable[_Union[StageInfo, _Mapping]]] = ..., labels: _Optional[_Iterable[str]] = ..., num_slots: _Optional[int] = ..., quantize: _Optional[str] = ...) -> None: ...

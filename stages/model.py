@@ -39,6 +39,10 @@ class Linear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.bias)
 
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """x @ W.T without the bias (stages.quant.Int8Linear has the same method)."""
+        return linear(x, self.weight)
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
@@ -129,7 +133,7 @@ class MambaMixer(nn.Module):
         dt, B, C = self.x_proj(u).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt, B, C = self.dt_layernorm(dt), self.b_layernorm(B), self.c_layernorm(C)
         # The bias is added before softplus, as in mamba-ssm's `delta_bias` and HF's scan.
-        delta = F.softplus(linear(dt, self.dt_proj.weight) + self.dt_proj.bias).float()  # (T, d_inner)
+        delta = F.softplus(self.dt_proj.matmul(dt) + self.dt_proj.bias).float()  # (T, d_inner)
         A = -torch.exp(self.A_log.float())  # (d_inner, d_state)
         y = selective_scan_varlen(
             u, delta, A, B.contiguous(), C.contiguous(), self.D.float(), z.contiguous(), cache.ssm[self.layer], b.cu_seqlens, b.slots
@@ -162,6 +166,13 @@ class Experts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(c.num_experts, 2 * c.intermediate_size, c.hidden_size))
         self.down_proj = nn.Parameter(torch.empty(c.num_experts, c.hidden_size, c.intermediate_size))
 
+    # One matmul per expert over the rows routed to it (stages.quant.Int8Experts has the same methods).
+    def gate_up(self, e: int, x: torch.Tensor) -> torch.Tensor:  # (n, H) -> (n, 2I)
+        return linear(x, self.gate_up_proj[e])
+
+    def down(self, e: int, x: torch.Tensor) -> torch.Tensor:  # (n, I) -> (n, H)
+        return linear(x, self.down_proj[e])
+
 
 class SparseMoE(nn.Module):
     """Softmax router, top-k experts per token, weights *not* renormalised (as Jamba was trained)."""
@@ -188,8 +199,8 @@ class SparseMoE(nn.Module):
             if n == 0:
                 continue
             idx = token[lo : lo + n]
-            gate, up = linear(x[idx], self.experts.gate_up_proj[e]).chunk(2, dim=-1)
-            h = linear(F.silu(gate) * up, self.experts.down_proj[e]) * w[lo : lo + n]
+            gate, up = self.experts.gate_up(e, x[idx]).chunk(2, dim=-1)
+            h = self.experts.down(e, F.silu(gate) * up) * w[lo : lo + n]
             out.index_add_(0, idx, h)
             lo += n
         return out
@@ -233,6 +244,7 @@ class JambaStage(nn.Module):
         if head not in ("lm", "classification"):
             raise ValueError(f"unknown head {head!r}")
         self.config, self.start, self.end, self.head = config, start, end, head
+        self.quantize: str | None = None  # set by stages.quant.quantize_modules
         self.is_first, self.is_last = start == 0, end == config.num_hidden_layers
         self.model = _Body()
         if self.is_first:

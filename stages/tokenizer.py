@@ -16,7 +16,7 @@ import re
 from datetime import datetime
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import jinja2
 import jinja2.ext
@@ -381,11 +381,12 @@ Music, art, and science grow the same way: people listen, look, measure, and try
 """
 
 
-def build_demo_tokenizer(out_dir: str | Path, vocab_size: int = 512) -> None:
-    """Train the demo byte-level BPE tokenizer and write a loadable tokenizer directory.
+def build_demo_tokenizer(out_dir: str | Path, vocab_size: int = 512, corpus: Iterable[str] | None = None) -> None:
+    """Train a byte-level BPE tokenizer and write a loadable tokenizer directory.
 
-    Deterministic: the corpus, trainer settings and special-token order are fixed, so every
-    run writes byte-identical files. ``vocab_size`` counts the special tokens.
+    corpus: the texts to learn merges from (default: the small built-in demo text). Deterministic:
+    for the same corpus, trainer settings and special-token order every run writes byte-identical
+    files. ``vocab_size`` counts the special tokens.
     """
     n_base = len(DEMO_SPECIAL_TOKENS) + len(pre_tokenizers.ByteLevel.alphabet())
     if vocab_size <= n_base:
@@ -401,10 +402,10 @@ def build_demo_tokenizer(out_dir: str | Path, vocab_size: int = 512) -> None:
         special_tokens=list(DEMO_SPECIAL_TOKENS),  # the trainer places these first: ids 0..5
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # every byte is encodable: no UNK ever
     )
-    backend.train_from_iterator(DEMO_CORPUS.splitlines(), trainer=trainer)
+    backend.train_from_iterator(DEMO_CORPUS.splitlines() if corpus is None else corpus, trainer=trainer)
     got = backend.get_vocab_size(with_added_tokens=True)
     if got != vocab_size:  # a too-small corpus stops BPE early; the model would be mis-sized
-        raise RuntimeError(f"demo corpus only supports {got} tokens, {vocab_size} requested")
+        raise RuntimeError(f"the corpus only supports {got} tokens, {vocab_size} requested")
     backend.post_processor = processors.TemplateProcessing(
         single=f"{BOS} $A:0", pair=f"{BOS} $A:0 {BOS}:1 $B:1", special_tokens=[(BOS, 1)]
     )

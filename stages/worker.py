@@ -59,11 +59,12 @@ class StageWorker:
         threads: int | None = None,
         dtype: str | None = None,
         device: str = "cpu",
+        quantize: str | None = None,
     ) -> None:
         if threads:
             torch.set_num_threads(threads)
         t0 = time.perf_counter()
-        self.stage, stats = load_stage(model_dir, start, end, dtype=dtype, device=device)
+        self.stage, stats = load_stage(model_dir, start, end, dtype=dtype, device=device, quantize=quantize)
         self.cache = self.stage.make_cache(num_slots, max_seq_len)
         p = next(self.stage.parameters())
         self.is_last, self.hidden_size = self.stage.is_last, self.stage.config.hidden_size
@@ -71,6 +72,7 @@ class StageWorker:
         self.load_info = {
             "layers": [start, end], "seconds": time.perf_counter() - t0, "bytes": stats.bytes_loaded,
             "files": len(stats.files_opened), "threads": torch.get_num_threads(), "pid": os.getpid(),
+            "quantize": quantize, "weight_bytes": stats.kept_bytes, "peak_load_bytes": stats.peak_bytes,
         }
         self.busy_seconds = 0.0
         self.steps = 0

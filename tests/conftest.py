@@ -28,11 +28,13 @@ def ray_cluster():
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    """The demo LM and demo classifier, written fresh for the module."""
-    from stages.demo import make_demo_model
+    """The trained demo LM and classifier (models/), as the fp32 copies the commands serve."""
+    from stages.demo import trained_model_dir, widen_to_fp32
 
     root = tmp_path_factory.mktemp("models")
-    return make_demo_model(root / "lm"), make_demo_model(root / "cls", task="classification")
+    widen_to_fp32(trained_model_dir("lm"), root / "lm")
+    widen_to_fp32(trained_model_dir("classification"), root / "cls")
+    return root / "lm", root / "cls"
 
 
 @pytest.fixture(scope="module")

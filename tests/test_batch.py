@@ -163,7 +163,7 @@ def score_job(ray_cluster, models, reference, tmp_path_factory):
         '{"prompt": "unterminated',  # malformed JSON
         {"id": "nofield", "max_new_tokens": 3},  # no input field
         {"id": "toolong", "input_ids": [1] * 300},  # past --max-seq-len 256
-        {"id": "range", "input_ids": [1, 2, 512]},  # vocab is 512
+        {"id": "range", "input_ids": [1, 2, 4096]},  # the demo vocabulary is 4096
     ]
     lines = good[:8] + bad[:2] + good[8:] + bad[2:]
     path = _write_jsonl(tmp / "in.jsonl", lines[:14] + [""] + lines[14:])  # a blank line keeps its number
@@ -227,7 +227,7 @@ def test_classify_parquet_input(ray_cluster, models, reference, tmp_path):
         g = got[w["id"]]
         assert g["logits"] == pytest.approx(w["logits"], abs=1e-4)
         assert g["probs"] == pytest.approx(w["probs"], abs=1e-4)
-        assert g["label"] == w["label"] and g["label"] in ("negative", "neutral", "positive")
+        assert g["label"] == w["label"] and g["label"] in ("computers", "people", "politics", "science", "songs-poems")
         assert g["source_row"] == int(w["id"][1:]) + 1
     _assert_once(out, n)
 

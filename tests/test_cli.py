@@ -149,11 +149,12 @@ def test_entry_point_errors_and_demo_model(tmp_path):
     (tmp_path / "in.jsonl").write_text('{"prompt": "hello", "max_new_tokens": 3}\n')
     r = subprocess.run([*jamba, "generate", "--input", str(tmp_path / "in.jsonl")], capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr
-    assert "random weights" in r.stderr
+    assert "no --model given: using the demo model at" in r.stderr
+    assert (tmp_path / "home" / "demo-lm" / "config.json").is_file()  # the fp32 copy of models/jamba-demo-lm
     row = json.loads(r.stdout)
     assert len(row["output_ids"]) == 3 and row["finish_reason"] == "length"
     r2 = subprocess.run([*jamba, "generate", "--input", str(tmp_path / "in.jsonl")], capture_output=True, text=True, env=env)
-    assert json.loads(r2.stdout) == row  # deterministic weights, greedy
+    assert json.loads(r2.stdout) == row  # the same weights, greedy
 
 
 def test_arguments_are_checked_before_ray_starts(tmp_path):
@@ -173,3 +174,53 @@ def test_arguments_are_checked_before_ray_starts(tmp_path):
     r = subprocess.run([*jamba, "serve", "--stages", "2", "--layer-split", "0,3,9"], capture_output=True, text=True,
                        env=env, timeout=120)
     assert r.returncode == 2 and "end at 9, the model has 8 layers" in r.stderr and "Ray" not in r.stderr, r.stderr
+
+
+def test_quantize_flag(lm_dir, tmp_path, capsys):
+    """--quantize loads int8 weights: the commands give the quantized model's results (the same as a
+    LocalRunner on load_stage(quantize=...)), and a bad value is refused naming the choices."""
+    from stages.loading import load_stage
+    from stages.runner import LocalRunner
+
+    _, path = lm_dir
+    rows = [{"input_ids": [1, 40, 41, 42, 43], "max_new_tokens": 4}, {"input_ids": [1, 7, 9], "max_new_tokens": 3}]
+    rc, out = run_cli(tmp_path, "score", path, rows, extra=["--quantize", "int8"])
+    assert rc == 0
+    ref = LocalRunner(load_stage(path, quantize="int8")[0]).score([r["input_ids"] for r in rows])
+    full = LocalRunner(load_stage(path)[0]).score([r["input_ids"] for r in rows])
+    for o, want, unq in zip(out, ref, full):
+        assert o["token_logprobs"][1:] == pytest.approx(want[1:], abs=1e-5)
+        assert o["token_logprobs"][1:] != pytest.approx(unq[1:], abs=1e-6)  # it really is quantized
+    inp = tmp_path / "in.jsonl"
+    assert main(["eval", "--model", str(path), "--input", str(inp), "--quantize", "int8-experts", "-q"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["quantize"] == "int8-experts"
+    for command in ("generate", "score", "classify", "eval", "batch score", "serve"):
+        with pytest.raises(SystemExit) as e:
+            main([*command.split(), "--input", str(inp), "--output", str(tmp_path / "o"), "--quantize", "int4"]
+                 if command != "serve" else ["serve", "--quantize", "int4"])
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert "argument --quantize: invalid choice: 'int4'" in err and "int8-experts" in err and "int8-with-mamba" in err
+
+
+def test_quantize_reaches_the_pipeline_and_serve_config(tmp_path):
+    """What jamba serve hands build_app, and a Serve config's bad value, before any replica starts."""
+    import argparse
+
+    from cluster.pipeline import PipelineConfig
+    from cluster.service import build_app
+    from cluster.service_cli import add_serve_parser, app_args
+
+    p = argparse.ArgumentParser()
+    add_serve_parser(p.add_subparsers())
+    args = p.parse_args(["serve", "--quantize", "int8-experts"])
+    assert app_args(args, "lm", "/m")["quantize"] == "int8-experts"
+    with pytest.raises(ValueError, match="unknown quantization 'fp4'; choose one of int8-experts, int8, int8-with-mamba"):
+        build_app({"model": str(tmp_path), "quantize": "fp4"})
+    assert PipelineConfig("/m", quantize="int8").quantize == "int8"
+    from cluster.batch import add_batch_parser, config_from_args
+
+    p = argparse.ArgumentParser()
+    add_batch_parser(p.add_subparsers())
+    args = p.parse_args(["batch", "score", "--input", "x.jsonl", "--output", "out", "--model", "/m", "--quantize", "int8"])
+    assert config_from_args(args).quantize == "int8"

@@ -124,6 +124,8 @@ def test_results_from_protos():
     d = info.to_dict()
     assert d["stages"][1] == {"index": 1, "start_layer": 4, "end_layer": 8} and d["model_name"] == "demo"
     json.dumps(d)
+    assert info.quantize == "" and d["quantize"] == ""  # weights as stored
+    assert model_info_from_pb(pb.ModelInfoResponse(model_name="m", quantize="int8-experts")).to_dict()["quantize"] == "int8-experts"
 
 
 def test_jamba_error():

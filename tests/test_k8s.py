@@ -97,6 +97,7 @@ def test_no_duplicate_keys(path):
 def test_manifests_exist():
     names = {p.name for p in _manifest_files()}
     for required in ("rayservice-demo.yaml", "rayservice-jamba-mini-1.6.yaml", "rayservice-jamba-large-1.6.yaml",
+                     "rayservice-jamba-large-1.6-int8-experts.yaml",
                      "rayjob-batch-score.yaml", "weights.yaml"):
         assert required in names
     assert _of_kind("RayService") and _of_kind("RayJob") and _of_kind("NetworkPolicy")
@@ -399,10 +400,11 @@ def test_resources_match_the_pipelines(f, doc, monkeypatch):
 
 def _model_config(args: dict):
     from cluster.plan import PRESETS, load_config
-    from stages.demo import demo_config
+    from stages.config import JambaConfig
+    from stages.demo import trained_model_dir
 
     if args["model"] in ("demo", "demo-classifier"):
-        return demo_config("classification" if args["model"] == "demo-classifier" else "lm")
+        return JambaConfig.from_file(trained_model_dir("classification" if args["model"] == "demo-classifier" else "lm"))
     assert args.get("name") in PRESETS, f"args.name should name the preset whose plan this is: {args.get('name')}"
     return load_config(args["name"])
 
@@ -433,7 +435,8 @@ def test_layer_splits_are_the_planners(f, doc):
         config = _model_config(args)
         gpu = bool(float(args.get("gpus_per_stage", 0)))
         ctx = int(args.get("max_seq_len") or 4096)
-        plans = make_plan(config, stages, ctx=ctx, gpu_memory=PLAN_GPU_MEMORY if gpu else None)
+        plans = make_plan(config, stages, ctx=ctx, gpu_memory=PLAN_GPU_MEMORY if gpu else None,
+                          quantize=args.get("quantize"))
         assert "layer_split" in args, f"{app['name']}: give the planner's split explicitly"
         assert parse_layer_split(args["layer_split"], config.num_hidden_layers) == [(p.start, p.end) for p in plans]
         if gpu:
@@ -456,6 +459,18 @@ def test_large_does_not_fit_on_eight_gpus():
     assert all(p.max_sequences(PLAN_GPU_MEMORY) > 0 for p in plans)
 
 
+def test_large_fits_eight_gpus_with_int8_experts():
+    """...and why rayservice-jamba-large-1.6-int8-experts.yaml takes 8: int8 experts fit 8 x 80 GiB."""
+    from cluster.plan import load_config, make_plan
+
+    plans = make_plan(load_config("jamba-large-1.6"), 8, gpu_memory=PLAN_GPU_MEMORY, quantize="int8-experts")
+    assert all(p.max_sequences(PLAN_GPU_MEMORY) >= 128 for p in plans)
+    (doc,) = [d for f, d in _of_kind("RayService") if f == "rayservice-jamba-large-1.6-int8-experts.yaml"]
+    (app,) = _serve_config(doc)["applications"]
+    assert app["args"]["quantize"] == "int8-experts" and int(app["args"]["stages"]) == 8
+    assert sum(p["GPU"] for p in _worker_pods(_cluster_spec(doc))) == 8  # one 8-GPU node
+
+
 PLAN_FILES = sorted(K8S.glob("*.plan.txt"))
 
 
@@ -464,18 +479,21 @@ def test_plan_files_are_the_planners_output(path):
     """Each k8s/*.plan.txt is `$ jamba plan ...` then its output, as the planner prints it today, and
     its split is the one a manifest uses."""
     from cluster.plan import format_plan, load_config, make_plan, parse_bytes
-    from stages.demo import demo_config
+    from stages.config import JambaConfig
+    from stages.demo import trained_model_dir
 
     command, *output = path.read_text().rstrip("\n").split("\n")
     assert command.startswith("$ jamba plan ")
     argv = shlex.split(command[2:].split("#")[0])[2:]
     opts = dict(zip(argv[::2], argv[1::2]))
     model = opts["--model"]
-    config = demo_config("lm") if model == "$JAMBA_HOME/demo-lm" else load_config(model)
+    config = JambaConfig.from_file(trained_model_dir("lm")) if model == "$JAMBA_HOME/demo-lm" else load_config(model)
     memory = parse_bytes(opts["--gpu-memory"]) if "--gpu-memory" in opts else None
     ctx = int(opts.get("--max-context", 4096))
-    plans = make_plan(config, int(opts["--stages"]), ctx=ctx, gpu_memory=memory)
-    assert "\n".join(output) == format_plan(plans, config, ctx, memory)
+    quantize = opts.get("--quantize")
+    also = tuple(int(v) for k, v in zip(argv[::2], argv[1::2]) if k == "--also-context")
+    plans = make_plan(config, int(opts["--stages"]), ctx=ctx, gpu_memory=memory, quantize=quantize)
+    assert "\n".join(output) == format_plan(plans, config, ctx, memory, quantize=quantize, also_contexts=also)
     split = ",".join(str(p.end - p.start) for p in plans)
     used = [a["args"].get("layer_split") for _, d in _of_kind("RayService") for a in _serve_config(d)["applications"]]
     assert split in used, f"{path.name}: split {split} is used by no RayService"
@@ -744,15 +762,20 @@ def test_dockerfile():
     cuda = re.search(r"ARG CUDA_VERSION=(\d+)\.(\d+)\.\d+", text)
     assert cu and cuda and cu.group(1) == "".join(cuda.groups()), "torch's CUDA build and the base image's CUDA differ"
     assert '".[gpu]"' in text
-    # Exactly the project's packages go in (protos/ with its stubs among them); no weights.
+    # Exactly the project's packages go in (protos/ with its stubs among them); of weights only
+    # the small committed demo checkpoints.
     packages = {p.split(".")[0] for p in pyproject["tool"]["setuptools"]["packages"]}  # top-level directories
     assert "protos" in packages
     copied = {m.group(1) for m in re.finditer(r"^COPY (\w+)/ \1/$", text, re.M)}
     assert copied == packages
-    assert not re.search(r"safetensors|\.bin\b|/models/\S+ ", "\n".join(line for line in lines if line.startswith("COPY")))
+    demo = re.findall(r"^COPY models/(\S+)/ /opt/jamba/models/\1/$", text, re.M)
+    assert sorted(demo) == ["jamba-demo-classifier", "jamba-demo-lm"]
+    assert "JAMBA_DEMO_MODELS=/opt/jamba/models" in text
+    others = [line for line in lines if line.startswith("COPY") and "models/jamba-demo-" not in line]
+    assert not re.search(r"safetensors|\.bin\b|models/", "\n".join(others))
     # BuildKit's per-Dockerfile ignore file: everything out, then the sources back in.
     ignore = [line.strip() for line in (K8S / "Dockerfile.dockerignore").read_text().splitlines()
               if line.strip() and not line.startswith("#")]
     assert ignore[0] == "*"
-    for package in packages:
+    for package in [*packages, "models/jamba-demo-lm", "models/jamba-demo-classifier"]:
         assert f"!{package}/" in ignore

@@ -192,7 +192,7 @@ def _chat(**kw):
 HOSTILE = [  # (name, (path, body), status, param, message fragment)
     ("empty prompt", _c(prompt=""), 400, "prompt", "prompt is empty"),
     ("no prompts", _c(prompt=[]), 400, "prompt", "prompt is empty"),
-    ("token id too big", _c(prompt=[1, 512]), 400, "prompt", "out of range [0, 512)"),
+    ("token id too big", _c(prompt=[1, 4096]), 400, "prompt", "out of range [0, 4096)"),
     ("negative token id", _c(prompt=[1, -5]), 400, "prompt", "out of range"),
     ("huge token id", _c(prompt=[2**62]), 400, "prompt", "out of range"),
     ("mixed prompt list", _c(prompt=[[1], "x"]), 400, "prompt", "prompt must be a string, a list of strings"),

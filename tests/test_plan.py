@@ -308,3 +308,36 @@ def test_format_plan_without_gpu_memory():
     text = format_plan(make_plan(c, 3, ctx=64), c, ctx=64)
     assert len(STAGE_ROW.findall(text)) == 3
     assert "sequences" not in text and "pipeline efficiency" in text
+
+
+# ---- int8 weights (--quantize) ---------------------------------------------------------------------
+@pytest.mark.parametrize("mode", ["int8-experts", "int8", "int8-with-mamba"])
+@pytest.mark.parametrize("config", [small_config(), small_config(mamba_proj_bias=True, num_experts=1, num_experts_per_tok=1),
+                                    load_config("jamba-mini-1.6")], ids=["small", "dense-bias", "mini"])
+def test_quantized_weight_bytes_match_the_quantized_model(config, mode):
+    """Plan bytes = the bytes of a quantized stage's tensors (int8, fp32 scales, the rest in bf16)."""
+    from cluster.plan import stage_weight_bytes
+    from stages.quant import quantize_modules
+
+    n = config.num_hidden_layers
+    for start, end in [(0, n), (0, 3), (3, n)]:
+        with torch.device("meta"):
+            stage = quantize_modules(JambaStage(config, start, end), mode)
+        # int8 weights 1 byte, their scales float32, everything else bf16
+        want = sum(t.numel() * (1 if t.dtype == torch.int8 else 4 if name.endswith("_scale") else 2)
+                   for name, t in stage.state_dict().items())
+        assert stage_weight_bytes(config, start, end, 2, mode) == want, (start, end)
+        assert stage_weight_bytes(config, start, end, 2) == 2 * stage_params(config, start, end)
+
+
+def test_large_fits_eight_gpus_with_int8_experts():
+    """Jamba-Large-1.6 in bf16 needs 16 x 80 GiB; with int8 experts 8 x 80 GiB hold it, with room
+    for hundreds of 4K-token sequences and a dozen 256K-token ones."""
+    c = load_config("jamba-large-1.6")
+    plans = make_plan(c, 8, gpu_memory=80 * GiB, quantize="int8-experts")
+    assert all(p.max_sequences(80 * GiB) > 0 for p in plans)
+    assert min(p.max_sequences(80 * GiB) for p in plans) >= 256
+    out = format_plan(plans, c, 4096, 80 * GiB, quantize="int8-experts", also_contexts=(262144,))
+    assert "weights int8 in the experts" in out
+    m = re.search(r"the same split at 262144 tokens: (\d+) sequences", out)
+    assert m and int(m.group(1)) >= 8

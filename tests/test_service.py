@@ -82,7 +82,7 @@ def test_score_and_classify_equal_offline(service, reference):
     for g, w in zip(got, ref_cls.classify([tok.encode(p) for p in PROMPTS])):
         assert g.logits == pytest.approx(w, abs=1e-4)
         assert g.label == info.labels[max(range(len(w)), key=w.__getitem__)]
-    assert info.task == "classification" and info.labels == ["negative", "neutral", "positive"]
+    assert info.task == "classification" and info.labels == ["computers", "people", "politics", "science", "songs-poems"]
 
 
 def test_model_info(service):
@@ -90,6 +90,7 @@ def test_model_info(service):
         info = c.model_info()
     assert info.task == "causal-lm" and info.num_layers == 8
     assert [(s.start_layer, s.end_layer) for s in info.stages] == [(0, 3), (3, 8)]
+    assert info.quantize == ""  # weights as stored (jamba serve --quantize would name the mode)
 
 
 BAD = [  # (application, call, kwargs, code, message fragment)
@@ -215,7 +216,7 @@ def _hostile_table():
         ("no prompts", "Generate", _gen([]), inv, "prompts is empty"),
         ("empty token ids", "Generate", _gen([P(token_ids=T(ids=[]))]), inv, "prompts[0].token_ids is empty"),
         ("negative token id", "Generate", _gen([P(token_ids=T(ids=[1, -5]))]), inv, "out of range"),
-        ("token id too big", "Generate", _gen([P(token_ids=T(ids=[1, 512]))]), inv, "out of range [0, 512)"),
+        ("token id too big", "Generate", _gen([P(token_ids=T(ids=[1, 4096]))]), inv, "out of range [0, 4096)"),
         ("huge token id", "Generate", _gen([P(token_ids=T(ids=[2**62]))]), inv, "out of range"),
         ("prompt over context", "Score", pb.ScoreRequest(inputs=[P(token_ids=T(ids=[1] * 5000))]), inv, "more than the context"),
         ("max_new_tokens 0", "Generate", _gen(max_new_tokens=0), inv, "params.max_new_tokens"),
@@ -236,7 +237,7 @@ def _hostile_table():
         ("empty chat", "Generate", _gen([P(chat=C(messages=[]))]), inv, "prompts[0].chat has no messages"),
         ("chat role empty", "Generate", _gen([P(chat=C(messages=[M(role="", content="x")]))]), inv, "prompts[0].chat"),
         ("10,000 prompts", "Generate", _gen([P(text="hi")] * 10_000), inv, "at most 256"),
-        ("second prompt bad", "Generate", _gen([P(text="ok"), P(token_ids=T(ids=[700]))]), inv, "prompts[1].token_ids"),
+        ("second prompt bad", "Generate", _gen([P(text="ok"), P(token_ids=T(ids=[5000]))]), inv, "prompts[1].token_ids"),
         ("classify on an LM", "Classify", pb.ClassifyRequest(inputs=[P(text="hi")]), fp, "Classify is not available"),
         ("empty classify", "Classify", pb.ClassifyRequest(inputs=[]), fp, "Classify is not available"),
         ("score with no inputs", "Score", pb.ScoreRequest(inputs=[]), inv, "inputs is empty"),

@@ -91,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", help="checkpoint directory (default: the demo model, written to a temporary directory)")
     ap.add_argument("--dtype", action="append", help="dtype(s) to warm (default: as stored); repeatable")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--quantize", action="append", default=[], metavar="MODE",
+                    help="also warm the int8 matmul of a stage quantized with MODE (stages/quant.py); repeatable")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     use_kernel_cache()  # before anything imports the numba kernels
@@ -103,9 +105,10 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model or make_demo_model(Path(tmp) / "demo-lm")
         for dtype in args.dtype or [None]:
-            stage, _ = load_stage(model, dtype=dtype, device=args.device)
-            print(f"warmed {model} ({dtype or 'as stored'}, {args.device}) in {warm_up(stage):.1f}s; "
-                  f"cache: {os.environ.get('JAMBA_KERNEL_CACHE') or 'the tools defaults'}")
+            for quantize in [None, *args.quantize]:
+                stage, _ = load_stage(model, dtype=dtype, device=args.device, quantize=quantize)
+                print(f"warmed {model} ({dtype or 'as stored'}{', ' + quantize if quantize else ''}, {args.device}) in "
+                      f"{warm_up(stage):.1f}s; cache: {os.environ.get('JAMBA_KERNEL_CACHE') or 'the tools defaults'}")
     return 0
 
 

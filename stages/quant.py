@@ -1,0 +1,270 @@
+"""8-bit weights: symmetric int8 per output channel, weight-only (activations stay in the model's dtype).
+
+A weight W (out, in) is stored as int8 `q` (out, in) and a float32 `scale` (out,), with
+scale = max|W[o, :]| / 127 and q = round(W / scale), so W ~= q * scale[:, None] to within
+scale / 2 per entry. The scale factors out of every output's dot product, so a linear layer is
+
+    y[t, o] = scale[o] * sum_k x[t, k] * q[o, k]        (+ bias[o])
+
+which is what the fast paths compute: the int8 weights are read (a quarter of float32's bytes,
+half of bf16's) and widened inside the matmul, and never exist at full precision in memory.
+`int8_linear_reference` is the plain semantics, dequantize then matmul; every fast path is
+tested against it (tests/test_quant.py).
+
+Modes (`load_stage(..., quantize=MODE)`):
+
+    int8-experts      the MoE experts only (gate_up_proj (E, 2I, H), down_proj (E, H, I)), per
+                      expert and output channel, like vLLM's experts_int8. Experts are most of
+                      Jamba's bytes (87% of Jamba-Large's parameters) and run few tokens each.
+    int8              every linear layer but the Mamba mixer's, the router and the head: attention
+                      q/k/v/o, the dense MLPs and the experts. The Mamba projections feed a
+                      recurrence that carries their errors along the whole sequence, the router's
+                      errors flip expert choices, and these are a small share of the bytes.
+    int8-with-mamba   int8 plus the Mamba in_proj/x_proj/dt_proj/out_proj, for the quality
+                      experiment (how much does quantizing Mamba hurt?), not for serving.
+
+Backends for `int8_linear`:
+    CUDA  Triton kernel (stages/kernels/triton_int8.py): int8 tiles widened in registers, fp32 accumulation.
+    CPU   numba kernel for skinny inputs (decode steps, T <= 32): each int8 weight row is widened
+          once and dotted with every token; longer inputs (prefill) dequantize a block of output
+          rows at a time and run sgemm on it, so the float copy is a few MB whatever the layer.
+          JAMBA_INT8_KERNEL=triton sends CPU tensors to the Triton kernel too (with TRITON_INTERPRET=1:
+          how tests run the whole model through it). torch's own `torch._weight_int8pack_mm` (fp32 x, int8 W, scales of x's dtype) was
+          measured first and is 3-15x *slower* than fp32 sgemm on these shapes (2 cores: 21 vs
+          3.9 ms at T=1, 595 vs 32 ms at T=32 for 4096x4096), so it is not used.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+
+from .model import Experts, JambaStage, Linear, linear
+
+MODES = ("int8-experts", "int8", "int8-with-mamba")
+
+# Leaves of the Linear layers each mode quantizes, by the module holding them (see quantized_param).
+_ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+_MLP = ("gate_proj", "up_proj", "down_proj")
+_MAMBA = ("in_proj", "x_proj", "dt_proj", "out_proj")
+
+
+def check_mode(mode: str | None) -> str | None:
+    """`mode` if it is a quantization mode (or None: full precision); a clear error otherwise."""
+    if mode is None or mode in MODES:
+        return mode
+    raise ValueError(f"unknown quantization {mode!r}; choose one of {', '.join(MODES)} (or none)")
+
+
+# ---------------------------------------------------------------------------
+# Quantize / dequantize
+# ---------------------------------------------------------------------------
+
+
+# Rows quantized at a time, in float32: bounds the working copies (a few of this many elements)
+# whatever the size of the tensor (a fused (E, 2I, H) expert tensor of Jamba-Large is 13 GB in bf16).
+QUANT_CHUNK_ELEMS = 1 << 22
+
+
+def quantize_int8(w: torch.Tensor, device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 per output channel: w (..., out, in) -> q int8 (..., out, in), scale fp32 (..., out),
+    on `device` (default w's). Leading dimensions (experts) are independent: each (expert, output
+    channel) row has its own scale."""
+    device = w.device if device is None else torch.device(device)
+    q = torch.empty(w.shape, dtype=torch.int8, device=device)
+    scale = torch.empty(w.shape[:-1], dtype=torch.float32, device=device)
+    quantize_int8_into(w, q, scale)
+    return q, scale
+
+
+def quantize_int8_into(w: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> None:
+    """quantize_int8, writing into q (..., out, in) int8 and scale (..., out) float32 (views are fine).
+
+    Works a block of rows at a time: each block is copied to q's device in float32, so a tensor
+    read from a memory-mapped checkpoint is never widened whole, on the host or on the GPU."""
+    rows_w = w.reshape(-1, w.shape[-1])  # (R, in); a view for contiguous w
+    R, C = rows_w.shape
+    q_rows, s_rows = q.view(R, C), scale.view(R)
+    step = max(1, QUANT_CHUNK_ELEMS // max(C, 1))
+    for lo in range(0, R, step):
+        blk = rows_w[lo : lo + step].to(device=q.device, dtype=torch.float32)  # (rows, in)
+        absmax = blk.abs().amax(dim=-1)  # (rows,)
+        # An all-zero row gets scale 1: q = 0 and dequantizes to exact zeros instead of 0/0 = NaN.
+        s = torch.where(absmax > 0, absmax / 127.0, torch.ones_like(absmax))
+        q_rows[lo : lo + step] = torch.round(blk / s[:, None]).clamp_(-127, 127).to(torch.int8)  # not div_: blk may be w itself
+        s_rows[lo : lo + step] = s
+
+
+def dequantize_int8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """q (..., out, in) int8, scale (..., out) -> q * scale in `dtype` (computed in float32)."""
+    return (q.float() * scale.float()[..., None]).to(dtype)
+
+
+def int8_linear_reference(
+    x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The semantics: dequantize to x's dtype, then the model's ordinary linear. x (T, in) -> (T, out)."""
+    return linear(x, dequantize_int8(qweight, scale, x.dtype), bias)
+
+
+# ---------------------------------------------------------------------------
+# Fast paths
+# ---------------------------------------------------------------------------
+
+# Up to this many tokens the numba kernel (weights read once, as int8) beats dequantize + sgemm;
+# beyond it the GEMM is compute-bound and MKL's blocking wins.
+_CPU_SKINNY_MAX_T = 32
+# Output rows dequantized at a time on the prefill path: 1024 rows of a 4096-wide input. Large
+# enough that the few ops per block (widen, scale, GEMM) are not dominated by waking the thread pool.
+_CPU_DEQUANT_BYTES = 16 << 20
+
+
+def int8_linear(
+    x: torch.Tensor,  # (T, in) float32 / bf16 / fp16
+    qweight: torch.Tensor,  # (out, in) int8
+    scale: torch.Tensor,  # (out,) float32
+    bias: torch.Tensor | None = None,  # (out,)
+) -> torch.Tensor:  # (T, out), x's dtype
+    """x @ (qweight * scale[:, None]).T + bias, without a full-precision copy of the weight."""
+    if x.device.type == "cuda" or (x.device.type == "cpu" and os.environ.get("JAMBA_INT8_KERNEL") == "triton"):
+        from .kernels import triton_int8
+
+        return triton_int8.int8_linear_triton(x, qweight, scale, bias)
+    if x.device.type != "cpu" or x.dim() != 2:
+        return int8_linear_reference(x, qweight, scale, bias)
+    T = x.shape[0]
+    if T <= _CPU_SKINNY_MAX_T:
+        from .kernels import numba_int8
+
+        out = numba_int8.int8_matmul_cpu(x, qweight, scale)  # (T, out) float32
+        if bias is not None:
+            out = out + bias.float()
+        return out.to(x.dtype)
+    return _int8_linear_blocked(x, qweight, scale, bias)
+
+
+def _int8_linear_blocked(x, qweight, scale, bias):
+    """Prefill on CPU: dequantize a block of output rows, sgemm it, next block. (T, in) -> (T, out)."""
+    N, K = qweight.shape
+    rows = max(64, _CPU_DEQUANT_BYTES // (4 * K))
+    out = torch.empty(x.shape[0], N, dtype=x.dtype)
+    for lo in range(0, N, rows):
+        # = dequantize_int8 (float32 products, then x's dtype), in two ops and one allocation for fp32
+        w = qweight[lo : lo + rows].float().mul_(scale[lo : lo + rows, None]).to(x.dtype)  # (rows, in)
+        b = None if bias is None else bias[lo : lo + rows]
+        out[:, lo : lo + rows] = linear(x, w, b)
+    return out
+
+
+# ---------------------------------------------------------------------------
+# Modules
+# ---------------------------------------------------------------------------
+
+
+class Int8Linear(nn.Module):
+    """A Linear whose weight is int8 (out, in) with float32 per-row scales `weight_scale` (out,).
+
+    State dict names: `weight` (int8) and `weight_scale` beside the original `bias`."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8))
+        self.register_buffer("weight_scale", torch.empty(out_features, dtype=torch.float32))
+        self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return int8_linear(x, self.weight, self.weight_scale, self.bias)
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """x @ W.T without the bias (see Linear.matmul)."""
+        return int8_linear(x, self.weight, self.weight_scale)
+
+
+class Int8Experts(nn.Module):
+    """Experts with int8 weights and a scale per (expert, output channel):
+    gate_up_proj (E, 2I, H) + gate_up_proj_scale (E, 2I), down_proj (E, H, I) + down_proj_scale (E, H)."""
+
+    def __init__(self, num_experts: int, hidden: int, intermediate: int) -> None:
+        super().__init__()
+        E, H, I = num_experts, hidden, intermediate
+        self.register_buffer("gate_up_proj", torch.empty(E, 2 * I, H, dtype=torch.int8))
+        self.register_buffer("gate_up_proj_scale", torch.empty(E, 2 * I, dtype=torch.float32))
+        self.register_buffer("down_proj", torch.empty(E, H, I, dtype=torch.int8))
+        self.register_buffer("down_proj_scale", torch.empty(E, H, dtype=torch.float32))
+
+    def gate_up(self, e: int, x: torch.Tensor) -> torch.Tensor:  # (n, H) -> (n, 2I)
+        return int8_linear(x, self.gate_up_proj[e], self.gate_up_proj_scale[e])
+
+    def down(self, e: int, x: torch.Tensor) -> torch.Tensor:  # (n, I) -> (n, H)
+        return int8_linear(x, self.down_proj[e], self.down_proj_scale[e])
+
+
+def quantized_param(name: str, mode: str | None) -> bool:
+    """Whether parameter `name` (HF naming) is stored int8 under `mode`."""
+    if mode is None:
+        return False
+    parts = name.split(".")
+    if ".experts." in name and parts[-1] in ("gate_up_proj", "down_proj"):
+        return True
+    if mode == "int8-experts" or len(parts) < 3 or parts[-1] != "weight":
+        return False
+    owner, leaf = parts[-3], parts[-2]  # e.g. self_attn, q_proj
+    if owner == "self_attn" and leaf in _ATTENTION or owner == "feed_forward" and leaf in _MLP:
+        return True
+    return mode == "int8-with-mamba" and owner == "mamba" and leaf in _MAMBA
+
+
+def quantize_modules(stage: JambaStage, mode: str | None) -> JambaStage:
+    """Swap the modules `mode` quantizes for their int8 versions, in place (on a meta-device stage
+    before loading, or on a loaded one; the new modules' tensors are empty until loaded)."""
+    check_mode(mode)
+    if mode is None:
+        return stage
+    c = stage.config
+    for mod_name, mod in list(stage.named_modules()):
+        if isinstance(mod, Experts):
+            new = Int8Experts(c.num_experts, c.hidden_size, c.intermediate_size)
+        elif isinstance(mod, Linear) and quantized_param(f"{mod_name}.weight", mode):
+            new = Int8Linear(mod.in_features, mod.out_features, bias=mod.bias is not None)
+        else:
+            continue
+        parent_name, _, leaf = mod_name.rpartition(".")
+        new = new.to(mod.gate_up_proj.device if isinstance(mod, Experts) else mod.weight.device)
+        setattr(stage.get_submodule(parent_name) if parent_name else stage, leaf, new)
+    stage.quantize = mode
+    return stage
+
+
+def quantize_stage(stage: JambaStage, mode: str | None) -> JambaStage:
+    """Quantize a loaded full-precision stage in place (tests and tools; load_stage quantizes while loading)."""
+    state = {n: t.detach() for n, t in stage.state_dict().items()}
+    quantize_modules(stage, mode)
+    new_state = {}
+    for n, t in state.items():
+        if quantized_param(n, mode):
+            new_state[n], new_state[scale_name(n)] = quantize_int8(t)
+        else:
+            new_state[n] = t
+    stage.load_state_dict(new_state, assign=True, strict=True)
+    return stage
+
+
+def scale_name(name: str) -> str:
+    """The state-dict name of a quantized tensor's scales: `x.weight` -> `x.weight_scale`,
+    `experts.gate_up_proj` -> `experts.gate_up_proj_scale`."""
+    return name + "_scale"
+
+
+def dequantized_state(stage: JambaStage) -> dict[str, torch.Tensor]:
+    """A quantized stage's weights as a full-precision state dict (int8 * scale), for a plain JambaStage:
+    the reference the quantized stage must match to float32 rounding."""
+    state = stage.state_dict()
+    out = {}
+    for n, t in state.items():
+        if n.endswith("_scale"):
+            continue
+        out[n] = dequantize_int8(t, state[scale_name(n)]) if t.dtype == torch.int8 else t
+    return out
