@@ -30,6 +30,12 @@ else. Prints progress on stderr and a Markdown summary on stdout, ready for BENC
    the stages' pairs use (P2P/NVLink, or SHM when they cannot see each other's device). With
    --smoke, gloo on CPU stands in for NCCL.
 
+6. 8-bit weights (issue 14): the Triton dequantize-in-the-matmul kernel (stages/kernels/triton_int8.py)
+   against the dequantize-then-matmul reference on CUDA (bf16 activations; T = 1, 16, 512 tokens
+   against 4096x4096 and 14336x4096 weights), its time against bf16 `F.linear` on the same shapes
+   (decode is bandwidth-bound: int8 reads half of bf16's bytes), and decode tokens/s of the
+   section-2 model with int8 experts against bf16, with the same greedy tokens over 8 steps.
+
 Targets (issue 12): decode at batch 1 >= 60% of peak HBM bandwidth; 32K-token prefill >= 50x the
 reference loop. Any section that fails prints its error and the script goes on.
 
@@ -414,6 +420,57 @@ def check_dataplane(stage, quick: bool):
                    f"; 2-stage pipeline over {nccl}: greedy outputs identical for {same}/8")
 
 
+# ---- 6. 8-bit weights ---------------------------------------------------------------------------
+@section("8-bit weights: Triton int8 matmul and an int8-experts stage")
+def check_int8(stage, quick: bool):
+    import copy
+
+    from stages.quant import int8_linear, int8_linear_reference, quantize_int8, quantize_stage
+
+    g = torch.Generator().manual_seed(0)
+    shapes = [(4096, 4096), (14336, 4096)] if DEV == "cuda" else [(96, 64)]
+    worst = 0.0
+    for N, K in shapes:
+        q, scale = quantize_int8(torch.randn(N, K, generator=g).to(DEV))
+        w_bf16 = (q.float() * scale[:, None]).to(torch.bfloat16)
+        for T in (1, 16, 512):
+            x = torch.randn(T, K, generator=g).to(DEV, torch.bfloat16)
+            got, want = int8_linear(x, q, scale).float(), int8_linear_reference(x, q, scale).float()
+            err = ((got - want).abs().max() / want.abs().max()).item()
+            worst = max(worst, err)
+            t_q = timed(lambda: int8_linear(x, q, scale), 3 if quick else 10)
+            t_b = timed(lambda: F.linear(x, w_bf16), 3 if quick else 10)
+            log(f"   {N}x{K}, T={T}: int8 {t_q * 1e6:.0f} us, bf16 {t_b * 1e6:.0f} us ({t_b / t_q:.2f}x); "
+                f"max rel error vs reference {err:.1e}")
+            summary.append(f"- int8 matmul {N}x{K}, T={T}: **{t_b / t_q:.2f}x** the speed of bf16 F.linear "
+                           f"({t_q * 1e6:.0f} vs {t_b * 1e6:.0f} us)")
+    summary.append(f"- int8 Triton kernel vs dequantize-then-matmul on {DEV}: max relative error **{worst:.1e}** "
+                   f"({'ok' if worst < 2e-2 else 'TOO LARGE'}: bf16 output rounding is ~4e-3)")
+    qstage = quantize_stage(copy.deepcopy(stage), "int8-experts")
+    steps, B = (2 if DEV == "cpu" else 8), SIZES[DEV]["batches"][1]
+    V, P = stage.config.vocab_size, SIZES[DEV]["prompt"]
+    prompts = torch.randint(3, V, (B * P,), generator=g).to(DEV)
+    out = {}
+    for name, st in (("bf16", stage), ("int8-experts", qstage)):
+        cache = st.make_cache(B, P + 2 * steps + 8)
+        slots = [cache.allocate() for _ in range(B)]
+        tok = st(prompts, cache, slots, [P] * B).argmax(-1)
+        toks = [tok]
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            tok = st(tok, cache, slots, [1] * B).argmax(-1)
+            toks.append(tok)
+        sync()
+        out[name] = ((time.perf_counter() - t0) / steps, torch.stack(toks).cpu())
+        log(f"   decode batch {B}, {name}: {out[name][0] * 1e3:.2f} ms/step")
+        del cache
+    same = (out["bf16"][1] == out["int8-experts"][1]).float().mean().item()
+    summary.append(f"- decode batch {B} with int8 experts: **{out['bf16'][0] / out['int8-experts'][0]:.2f}x** bf16's "
+                   f"tokens/s; greedy tokens equal to bf16's: {same * 100:.0f}% (random weights: near-ties flip)")
+    del qstage
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer repetitions and steps")
@@ -447,6 +504,7 @@ def main() -> None:
     log(f"   {n_params / 1e9:.2f}B parameters; kernels warmed up in {warm_up(stage):.1f}s")
     check_prefill(stage, args.quick)
     check_decode(stage, peak, copy_gbs, args.quick)
+    check_int8(stage, args.quick)
     if not args.skip_pipeline:
         check_pipeline(stage, args.quick)
         check_dataplane(stage, args.quick)
