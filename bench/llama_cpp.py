@@ -8,7 +8,7 @@ Jamba support and `gguf-py`), about 12 minutes here:
     cd llama_cpp_python-*/vendor/llama.cpp
     cmake -B build -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF -DGGML_NATIVE=ON
     cmake --build build -j2 --target llama-bench llama-batched-bench
-    pip install sentencepiece   # the converter reads a tokenizer.model
+    pip install -e '.[bench]'   # sentencepiece: the converter reads a tokenizer.model
     .venv/bin/python bench/model_vs_hf.py --llama-cpp llama_cpp_python-*/vendor/llama.cpp
 
 `measure(hf_dir, llama_dir, threads)` converts the checkpoint to an F32 GGUF (a small
