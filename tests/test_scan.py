@@ -258,6 +258,253 @@ def test_ref_scan_matches_transformers():
         _close(st[0], h_hf[0], atol=1e-5, rtol=1e-5 if fn is reference.selective_scan_varlen_ref else RTOL)
 
 
+# --- snapshots: the state in the middle of a call ------------------------------
+
+# Rows: a decode row, a fresh prompt, an empty row, a prompt on top of a stored state, a
+# 2-token row (shorter than the conv state) on top of one. Packed tokens: row 0 [0], row 1
+# [1, 10), row 3 [10, 16), row 4 [16, 18).
+SNAP_LENS = [1, 9, 0, 6, 2]
+SNAP_FRESH = 1  # this row starts a new sequence: zero states
+# The decode row's only token; row 1's first, a middle and its last token; row 3's first two
+# (among the first K-2 for K = 4: the snapshot reaches back into the stored conv state); row 4's
+# first and last (one token before the end reaches back too).
+SNAP_TOK = [0, 1, 4, 9, 10, 11, 16, 17]
+SNAP_S = 16
+
+
+def _snap_case(seed):
+    """cu_seqlens, slots (B,), snap_tok, snap_dst: distinct slots, disjoint from `slots`, unordered."""
+    g = torch.Generator().manual_seed(seed)
+    cu = torch.zeros(len(SNAP_LENS) + 1, dtype=torch.int64)
+    cu[1:] = torch.cumsum(torch.tensor(SNAP_LENS, dtype=torch.int64), 0)
+    perm = torch.randperm(SNAP_S, generator=g)
+    slots, dst = perm[: len(SNAP_LENS)], perm[len(SNAP_LENS):len(SNAP_LENS) + len(SNAP_TOK)]
+    return cu, slots, torch.tensor(SNAP_TOK, dtype=torch.int64), dst
+
+
+def _row_of(cu, t):
+    return int(torch.searchsorted(cu[1:], torch.tensor(t), right=True))
+
+
+def _solo_snapshots(run, pool0, cu, slots, tok):
+    """What each snapshot must hold: the reference on the token's row alone, from the row's initial
+    state, up to and including the token (a separate call). run(lo, hi, pool, slot) does it."""
+    out = []
+    for t in tok.tolist():
+        b = _row_of(cu, t)
+        lo, slot = int(cu[b]), int(slots[b])
+        pool = pool0.clone()
+        run(lo, t + 1, pool, slot)
+        out.append(pool[slot])
+    return torch.stack(out)
+
+
+def _conv_solo(x, w, b, pool0, cu, slots, tok):
+    def run(lo, hi, pool, slot):
+        reference.causal_conv1d_varlen_ref(x[lo:hi], w, b, pool, torch.tensor([0, hi - lo]), torch.tensor([slot]))
+
+    return _solo_snapshots(run, pool0, cu, slots, tok)
+
+
+def _scan_solo(args, pool0, cu, slots, tok):
+    u, dt, A, B, C, Dv, z = args
+
+    def run(lo, hi, pool, slot):
+        rows = lambda a: None if a is None else a[lo:hi]  # noqa: E731
+        reference.selective_scan_varlen_ref(rows(u), rows(dt), A, rows(B), rows(C), Dv, rows(z), pool,
+                                            torch.tensor([0, hi - lo]), torch.tensor([slot]))
+
+    return _solo_snapshots(run, pool0, cu, slots, tok)
+
+
+def _conv_snap_inputs(D, K, dtype, seed):
+    cu, slots, tok, dst = _snap_case(seed)
+    x, w, b, st = _conv_inputs(int(cu[-1]), D, K, SNAP_S, seed=seed + 1, dtype=dtype)
+    st[slots[SNAP_FRESH]] = 0
+    return x, w, b, st, cu, slots, tok, dst
+
+
+def _scan_snap_inputs(D, N, seed):
+    cu, slots, tok, dst = _snap_case(seed)
+    u, dt, A, B, C, Dv, z, st = _scan_inputs(int(cu[-1]), D, N, SNAP_S, seed=seed + 1)
+    st[slots[SNAP_FRESH]] = 0
+    return (u, dt, A, B, C, Dv, z), st, cu, slots, tok, dst
+
+
+def check_conv_snapshots(fn, x, w, b, st, cu, slots, tok, dst):
+    """fn with snapshots: each equals the reference's solo run (exactly: conv states are copies of
+    inputs); y and every other slot are bit-identical to fn without snapshots."""
+    st_plain, st_snap = st.clone(), st.clone()
+    y_plain = fn(x, w, b, st_plain, cu, slots)
+    y_snap = fn(x, w, b, st_snap, cu, slots, tok, dst)
+    assert torch.equal(y_snap, y_plain)
+    assert st_snap.dtype == st.dtype
+    assert torch.equal(st_snap[dst], _conv_solo(x, w, b, st, cu, slots, tok))
+    rest = torch.ones(SNAP_S, dtype=torch.bool)
+    rest[dst] = False
+    assert torch.equal(st_snap[rest], st_plain[rest])  # the rows' final states and untouched slots
+
+
+def check_scan_snapshots(fn, args, st, cu, slots, tok, dst, **tol):
+    """fn with snapshots: each matches the reference's solo run (to `tol`); y and every other slot
+    are bit-identical to fn without snapshots."""
+    u, dt, A, B, C, Dv, z = args
+    st_plain, st_snap = st.clone(), st.clone()
+    y_plain = fn(u, dt, A, B, C, Dv, z, st_plain, cu, slots)
+    y_snap = fn(u, dt, A, B, C, Dv, z, st_snap, cu, slots, tok, dst)
+    assert torch.equal(y_snap, y_plain)
+    _close(st_snap[dst], _scan_solo(args, st, cu, slots, tok), **tol)
+    rest = torch.ones(SNAP_S, dtype=torch.bool)
+    rest[dst] = False
+    assert torch.equal(st_snap[rest], st_plain[rest])
+    # the snapshot at a row's last token is that row's final state
+    for k, t in enumerate(tok.tolist()):
+        b = _row_of(cu, t)
+        if t == int(cu[b + 1]) - 1:
+            assert torch.equal(st_snap[dst[k]], st_snap[slots[b]])
+
+
+@pytest.mark.parametrize("impl", ["ref", "cpu"])
+@pytest.mark.parametrize("K", [2, 3, 4])
+def test_conv_snapshots(impl, K):
+    fn = getattr(numba_cpu if impl == "cpu" else reference, f"causal_conv1d_varlen_{impl}")
+    check_conv_snapshots(fn, *_conv_snap_inputs(40, K, torch.float32, seed=30 + K))
+
+
+@pytest.mark.parametrize("impl", ["ref", "cpu"])
+def test_conv_snapshots_bf16(impl):
+    # bf16 x and pool (the model's case): snapshots are bf16, exact copies of inputs.
+    fn = getattr(numba_cpu if impl == "cpu" else reference, f"causal_conv1d_varlen_{impl}")
+    check_conv_snapshots(fn, *_conv_snap_inputs(40, 4, torch.bfloat16, seed=34))
+    # float32 x into a bf16 pool: snapshots rounded to the pool's dtype, like the final states.
+    x, w, b, st, cu, slots, tok, dst = _conv_snap_inputs(40, 4, torch.float32, seed=35)
+    check_conv_snapshots(fn, x, w, b, st.bfloat16(), cu, slots, tok, dst)
+
+
+@pytest.mark.parametrize("impl", ["ref", "cpu"])
+@pytest.mark.parametrize("N", [16, 5])
+def test_scan_snapshots(impl, N):
+    fn = getattr(numba_cpu if impl == "cpu" else reference, f"selective_scan_varlen_{impl}")
+    tol = dict(atol=1e-6, rtol=1e-5) if impl == "ref" else {}  # the reference: the same arithmetic
+    check_scan_snapshots(fn, *_scan_snap_inputs(40, N, seed=36 + N), **tol)
+
+
+def test_scan_snapshots_without_D_and_z():
+    args, st, cu, slots, tok, dst = _scan_snap_inputs(40, 16, seed=37)
+    args = args[:5] + (None, None)
+    for fn in (reference.selective_scan_varlen_ref, numba_cpu.selective_scan_varlen_cpu):
+        check_scan_snapshots(fn, args, st, cu, slots, tok, dst)
+
+
+def test_scan_snapshots_numba_pool_not_direct():
+    # A pool the numba kernel cannot write into directly (not contiguous) goes through the
+    # float32 scratch copy, snapshot slots included: same results, bit for bit.
+    args, st, cu, slots, tok, dst = _scan_snap_inputs(40, 16, seed=38)
+    direct = st.clone()
+    strided = torch.empty(st.shape[0], st.shape[2], st.shape[1]).transpose(1, 2)  # (S, D, N), not contiguous
+    strided.copy_(st)
+    y_direct = numba_cpu.selective_scan_varlen_cpu(*args, direct, cu, slots, tok, dst)
+    y_strided = numba_cpu.selective_scan_varlen_cpu(*args, strided, cu, slots, tok, dst)
+    assert torch.equal(y_strided, y_direct) and torch.equal(strided, direct)
+    _close(direct[dst], _scan_solo(args, st, cu, slots, tok))
+
+
+def test_snapshots_sequence_matches_chunked_calls():
+    # A snapshot mid-chunk is where a later call would resume: continuing from it over the rest
+    # of the row reproduces the row's final state and outputs (numba: bit for bit).
+    K, D, N = 4, 40, 16
+    x, w, b, cst, cu, slots, _, _ = _conv_snap_inputs(D, K, torch.float32, seed=39)
+    args, hst, _, _, _, _ = _scan_snap_inputs(D, N, seed=39)
+    row, cut = 3, 12  # row 3 owns tokens 10..15: snapshot after token 12, resume at 13
+    lo, hi, slot = int(cu[row]), int(cu[row + 1]), int(slots[row])
+    dst = next(s for s in range(SNAP_S) if s not in slots.tolist())
+    tok, dst_t = torch.tensor([cut]), torch.tensor([dst])
+    c_full, h_full = cst.clone(), hst.clone()
+    yc = numba_cpu.causal_conv1d_varlen_cpu(x, w, b, c_full, cu, slots, tok, dst_t)
+    ys = numba_cpu.selective_scan_varlen_cpu(*args, h_full, cu, slots, tok, dst_t)
+    # resume from the snapshot slot with the row's remaining tokens
+    rest = torch.tensor([0, hi - cut - 1])
+    yc_rest = numba_cpu.causal_conv1d_varlen_cpu(x[cut + 1:hi], w, b, c_full, rest, torch.tensor([dst]))
+    u, dt, A, B, C, Dv, z = args
+    ys_rest = numba_cpu.selective_scan_varlen_cpu(u[cut + 1:hi], dt[cut + 1:hi], A, B[cut + 1:hi], C[cut + 1:hi], Dv,
+                                                  z[cut + 1:hi], h_full, rest, torch.tensor([dst]))
+    assert torch.equal(yc_rest, yc[cut + 1:hi]) and torch.equal(c_full[dst], c_full[slot])
+    assert torch.equal(ys_rest, ys[cut + 1:hi]) and torch.equal(h_full[dst], h_full[slot])
+    assert lo < cut < hi - 1
+
+
+def test_no_snapshots_none_or_empty():
+    x, w, b, st, cu, slots, _, _ = _conv_snap_inputs(24, 4, torch.float32, seed=40)
+    args, hst, _, _, _, _ = _scan_snap_inputs(24, 16, seed=40)
+    empty = torch.zeros(0, dtype=torch.int64)
+    for fn in (reference.causal_conv1d_varlen_ref, numba_cpu.causal_conv1d_varlen_cpu):
+        outs = []
+        for snaps in ((), (None, None), (empty, empty)):
+            s = st.clone()
+            outs.append((fn(x, w, b, s, cu, slots, *snaps), s))
+        assert all(torch.equal(y, outs[0][0]) and torch.equal(s, outs[0][1]) for y, s in outs)
+    for fn in (reference.selective_scan_varlen_ref, numba_cpu.selective_scan_varlen_cpu):
+        outs = []
+        for snaps in ((), (None, None), (empty, empty)):
+            s = hst.clone()
+            outs.append((fn(*args, s, cu, slots, *snaps), s))
+        assert all(torch.equal(y, outs[0][0]) and torch.equal(s, outs[0][1]) for y, s in outs)
+
+
+def bad_snapshot_requests(cu, slots):
+    """(snap_tok, snap_dst, message) triples every implementation must reject with ValueError."""
+    T = int(cu[-1])
+    free = [s for s in range(SNAP_S) if s not in slots.tolist()]
+    t = lambda *v: torch.tensor(v, dtype=torch.int64)  # noqa: E731
+    return [
+        (t(0, 3), t(free[0]), "same length"),
+        (None, t(free[0]), "same length"),
+        (t(2), None, "same length"),
+        (t(T), t(free[0]), r"in \[0, "),
+        (t(-1), t(free[0]), r"in \[0, "),
+        (t(3, 3), t(free[0], free[1]), "strictly ascending"),
+        (t(5, 2), t(free[0], free[1]), "strictly ascending"),
+        (t(2), t(SNAP_S), "slots of the state pool"),
+        (t(2), t(-1), "slots of the state pool"),
+        (t(2, 5), t(free[0], free[0]), "distinct"),
+        (t(2, 5), t(free[0], int(slots[3])), "this call's slots"),
+        (torch.tensor([2.0]), t(free[0]), "integer"),
+        (t(2, 5)[None], t(free[0], free[1])[None], "1-D"),
+        ([2], t(free[0]), "1-D int64 tensor"),
+    ]
+
+
+def test_bad_snapshots_rejected():
+    x, w, b, st, cu, slots, _, _ = _conv_snap_inputs(8, 4, torch.float32, seed=41)
+    args, hst, _, _, _, _ = _scan_snap_inputs(8, 4, seed=41)
+    for tok, dst, msg in bad_snapshot_requests(cu, slots):
+        for fn in (reference.causal_conv1d_varlen_ref, numba_cpu.causal_conv1d_varlen_cpu):
+            s = st.clone()
+            with pytest.raises(ValueError, match=msg):
+                fn(x, w, b, s, cu, slots, tok, dst)
+            assert torch.equal(s, st)  # rejected before anything is written
+        for fn in (reference.selective_scan_varlen_ref, numba_cpu.selective_scan_varlen_cpu):
+            s = hst.clone()
+            with pytest.raises(ValueError, match=msg):
+                fn(*args, s, cu, slots, tok, dst)
+            assert torch.equal(s, hst)
+
+
+@pytest.mark.parametrize("backend", ["torch", "numba", "triton"])  # triton: interpreted here
+def test_dispatcher_passes_snapshots(monkeypatch, backend):
+    monkeypatch.setenv("JAMBA_KERNELS", backend)
+    x, w, b, st, cu, slots, tok, dst = _conv_snap_inputs(24, 4, torch.float32, seed=42)
+    s = st.clone()
+    kernels.causal_conv1d_varlen(x, w, b, s, cu, slots, snap_tok=tok, snap_dst=dst)
+    assert torch.equal(s[dst], _conv_solo(x, w, b, st, cu, slots, tok))
+    args, hst, _, _, _, _ = _scan_snap_inputs(24, 16, seed=42)
+    h = hst.clone()
+    kernels.selective_scan_varlen(*args, h, cu, slots, snap_tok=tok, snap_dst=dst)
+    _close(h[dst], _scan_solo(args, hst, cu, slots, tok))
+    with pytest.raises(ValueError, match="this call's slots"):
+        kernels.selective_scan_varlen(*args, h, cu, slots, snap_tok=tok[:1], snap_dst=slots[:1])
+
+
 # --- dispatcher ---------------------------------------------------------------
 
 
@@ -401,6 +648,36 @@ def test_mamba_ssm_failure_falls_back(monkeypatch):
            reference.causal_conv1d_varlen_ref(x, w, b, st_ref, cu, slots))
     _close(st, st_ref)
     assert "causal_conv1d_update" not in ops  # not retried
+
+
+def test_mamba_ssm_snapshots_go_to_triton(monkeypatch):
+    # mamba-ssm takes no snapshots: a decode step that asks for one runs on Triton (interpreted
+    # here); with none asked for (None or empty) it still takes the mamba-ssm path.
+    monkeypatch.setenv("JAMBA_KERNELS", "mamba_ssm")
+    calls = []
+    ops = {
+        "causal_conv1d_update": lambda *a, **k: calls.append("conv") or _fake_causal_conv1d_update(*a, **k),
+        "selective_state_update": lambda *a, **k: calls.append("scan") or _fake_selective_state_update(*a, **k),
+    }
+    monkeypatch.setattr(mamba_ssm, "_ops", ops)
+    S, D, N, K = 9, 16, 4, 4
+    cu, slots = _rows([1, 1, 1], S, seed=43)
+    dst = next(s for s in range(S) if s not in slots.tolist())
+    x, w, b, st = _conv_inputs(3, D, K, S, seed=44)
+    u, dt, A, B, C, Dv, z, hs = _scan_inputs(3, D, N, S, seed=45)
+    empty = torch.zeros(0, dtype=torch.int64)
+    for tok, dsts, expect_calls in ((torch.tensor([1]), torch.tensor([dst]), []), (empty, empty, ["conv", "scan"])):
+        calls.clear()
+        c, c_ref, h, h_ref = st.clone(), st.clone(), hs.clone(), hs.clone()
+        _close(kernels.causal_conv1d_varlen(x, w, b, c, cu, slots, snap_tok=tok, snap_dst=dsts),
+               reference.causal_conv1d_varlen_ref(x, w, b, c_ref, cu, slots, tok, dsts))
+        _close(c, c_ref)
+        _close(kernels.selective_scan_varlen(u, dt, A, B, C, Dv, z, h, cu, slots, snap_tok=tok, snap_dst=dsts),
+               reference.selective_scan_varlen_ref(u, dt, A, B, C, Dv, z, h_ref, cu, slots, tok, dsts))
+        _close(h, h_ref)
+        if len(tok):  # the decode row's only token: the snapshot is its new state
+            assert torch.equal(c[dst], c[slots[1]]) and torch.equal(h[dst], h[slots[1]])
+        assert calls == expect_calls
 
 
 def test_numba_warm_up_runs():

@@ -18,7 +18,18 @@ if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
 
 from stages import kernels  # noqa: E402
 from stages.kernels import reference, triton_gpu  # noqa: E402
-from tests.test_scan import _close, _conv_inputs, _rows, _scan_inputs  # noqa: E402
+from tests.test_scan import (  # noqa: E402
+    _close,
+    _conv_inputs,
+    _conv_snap_inputs,
+    _rows,
+    _scan_inputs,
+    _scan_snap_inputs,
+    _scan_solo,
+    bad_snapshot_requests,
+    check_conv_snapshots,
+    check_scan_snapshots,
+)
 
 D_INNER, D_STATE, D_CONV = 8192, 16, 4  # Jamba-Mini-1.6
 # One call mixing every kind of row: fresh prompts, chunks on top of cached state, decode rows,
@@ -118,6 +129,47 @@ def test_scan_extreme_time_steps():
     _close(triton_gpu.selective_scan_varlen_triton(u, dt, A, B, C, Dv, z, st_tri, cu, slots),
            reference.selective_scan_varlen_ref(u, dt, A, B, C, Dv, z, st_ref, cu, slots))
     _close(st_tri, st_ref)
+
+
+# --- snapshots: the state in the middle of a call (see tests/test_scan.py) --------------------
+# Rows: decode, fresh prompt, empty, prompt and 2-token row on top of stored state; snapshots at
+# first, middle and last tokens of rows, and among a row's first K-2 tokens. Small widths with
+# small blocks: several programs per row, partial blocks.
+
+
+@pytest.mark.parametrize("K", [2, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_conv_snapshots(small_blocks, K, dtype):
+    check_conv_snapshots(triton_gpu.causal_conv1d_varlen_triton, *_conv_snap_inputs(72, K, dtype, seed=50 + K))
+
+
+@pytest.mark.parametrize("N", [16, 5])
+def test_scan_snapshots(small_blocks, N):
+    check_scan_snapshots(triton_gpu.selective_scan_varlen_triton, *_scan_snap_inputs(72, N, seed=52 + N))
+
+
+def test_scan_snapshots_match_numba(small_blocks):
+    from stages.kernels import numba_cpu
+
+    args, st, cu, slots, tok, dst = _scan_snap_inputs(72, 16, seed=54)
+    args = args[:5] + (None, None)  # also without D and z
+    h_tri, h_cpu = st.clone(), st.clone()
+    _close(triton_gpu.selective_scan_varlen_triton(*args, h_tri, cu, slots, tok, dst),
+           numba_cpu.selective_scan_varlen_cpu(*args, h_cpu, cu, slots, tok, dst))
+    _close(h_tri, h_cpu)
+    _close(h_tri[dst], _scan_solo(args, st, cu, slots, tok))
+
+
+def test_bad_snapshots_rejected():
+    x, w, b, st, cu, slots, _, _ = _conv_snap_inputs(8, 4, torch.float32, seed=55)
+    args, hst, _, _, _, _ = _scan_snap_inputs(8, 4, seed=55)
+    for tok, dst, msg in bad_snapshot_requests(cu, slots):
+        c, h = st.clone(), hst.clone()
+        with pytest.raises(ValueError, match=msg):
+            triton_gpu.causal_conv1d_varlen_triton(x, w, b, c, cu, slots, tok, dst)
+        with pytest.raises(ValueError, match=msg):
+            triton_gpu.selective_scan_varlen_triton(*args, h, cu, slots, tok, dst)
+        assert torch.equal(c, st) and torch.equal(h, hst)
 
 
 # --- chunked prefill, then decode steps == the full forward ---------------------------------

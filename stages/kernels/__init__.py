@@ -40,6 +40,28 @@ Backends, one file each, every one checked against the reference in tests/test_s
 
 An unknown value is an error, as is a backend that cannot run on the tensors' device: a fast
 path is never swapped for the per-token loop behind the user's back.
+
+Snapshots. Prefix caching keeps the Mamba state of a sequence at block boundaries (every 64
+tokens, say), so a later request sharing that prefix can start from it instead of recomputing
+it. A boundary usually falls inside a prefill chunk, so both varlen kernels can also write the
+state *in the middle of* a call::
+
+    snap_tok   (K',) int64  strictly ascending packed token indices in [0, T)
+    snap_dst   (K',) int64  distinct slots of the same pool, none of them in this call's `slots`
+
+After the call pool[snap_dst[k]] holds the state of the row owning token snap_tok[k] right
+after that token: exactly what the row's slot would hold had the call ended there. For the conv
+that is the last K-1 conv inputs up to and including the token (reaching back into the row's
+stored state for a token among its first K-2), in the pool's dtype; for the scan it is h after
+the token, float32. y and the rows' final states are the same, bit for bit, with or without
+snapshots. None or empty tensors: no snapshots (the default). They may be on the CPU or the
+kernels' device. A bad request (lengths differ, a token out of range or out of order, a
+destination out of the pool, repeated or among `slots`) is a ValueError; checking it reads the
+indices on the CPU, a device sync when they or `slots` are on a GPU, so only calls that ask for
+snapshots pay it (snapshots.py). The numba kernels write snapshots inside their loops; Triton's
+scan does too, while its conv gathers them with a few torch ops beforehand (a conv snapshot is a
+copy of K-1 inputs, no arithmetic); JAMBA_KERNELS=mamba_ssm sends a call with snapshots to
+Triton. `selective_state_update` takes none.
 warmup.py compiles every kernel a stage will use before it serves (see `warm_up`).
 """
 
@@ -50,6 +72,7 @@ import os
 import torch
 
 from .reference import causal_conv1d_varlen_ref, selective_scan_varlen_ref, selective_state_update_ref
+from .snapshots import wanted as _snapshots_wanted
 
 __all__ = [
     "BACKENDS",
@@ -106,21 +129,24 @@ def causal_conv1d_varlen(
     conv_states: torch.Tensor,  # (S, D, K-1), updated in place
     cu_seqlens: torch.Tensor,  # (B+1,) int64
     slots: torch.Tensor,  # (B,) int64
+    snap_tok: torch.Tensor | None = None,  # (K',) int64 ascending packed token indices
+    snap_dst: torch.Tensor | None = None,  # (K',) int64 pool slots for the snapshots, not in `slots`
 ) -> torch.Tensor:  # (T, D), x's dtype, SiLU applied
-    """Causal depthwise conv1d + SiLU over packed rows, from and into each row's conv state."""
+    """Causal depthwise conv1d + SiLU over packed rows, from and into each row's conv state;
+    conv_states[snap_dst[k]] gets the row's conv state right after token snap_tok[k]."""
     kind = backend(x.device)
     if kind == "numba":
-        return _numba().causal_conv1d_varlen_cpu(x, weight, bias, conv_states, cu_seqlens, slots)
+        return _numba().causal_conv1d_varlen_cpu(x, weight, bias, conv_states, cu_seqlens, slots, snap_tok, snap_dst)
     if kind == "torch":
-        return causal_conv1d_varlen_ref(x, weight, bias, conv_states, cu_seqlens, slots)
-    if kind == "mamba_ssm":
+        return causal_conv1d_varlen_ref(x, weight, bias, conv_states, cu_seqlens, slots, snap_tok, snap_dst)
+    if kind == "mamba_ssm" and not _snapshots_wanted(snap_tok, snap_dst):
         from . import mamba_ssm
 
         if mamba_ssm.all_rows_single_token(cu_seqlens, x.shape[0]):
             y = mamba_ssm.conv_decode(x, weight, bias, conv_states, slots)
             if y is not None:
                 return y
-    return _triton().causal_conv1d_varlen_triton(x, weight, bias, conv_states, cu_seqlens, slots)
+    return _triton().causal_conv1d_varlen_triton(x, weight, bias, conv_states, cu_seqlens, slots, snap_tok, snap_dst)
 
 
 def selective_scan_varlen(
@@ -134,22 +160,26 @@ def selective_scan_varlen(
     ssm_states: torch.Tensor,  # (S, D, N) float32, updated in place
     cu_seqlens: torch.Tensor,  # (B+1,) int64
     slots: torch.Tensor,  # (B,) int64
+    snap_tok: torch.Tensor | None = None,  # (K',) int64 ascending packed token indices
+    snap_dst: torch.Tensor | None = None,  # (K',) int64 pool slots for the snapshots, not in `slots`
 ) -> torch.Tensor:  # (T, D), u's dtype
     """Mamba-1 selective scan over packed rows, from and into each row's SSM state:
-    h = exp(delta*A) * h + delta*B*u;  y = (h @ C + D*u) * silu(z)."""
+    h = exp(delta*A) * h + delta*B*u;  y = (h @ C + D*u) * silu(z).
+    ssm_states[snap_dst[k]] gets the row's h right after token snap_tok[k]."""
     kind = backend(u.device)
+    args = (u, delta, A, B, C, D, z, ssm_states, cu_seqlens, slots, snap_tok, snap_dst)
     if kind == "numba":
-        return _numba().selective_scan_varlen_cpu(u, delta, A, B, C, D, z, ssm_states, cu_seqlens, slots)
+        return _numba().selective_scan_varlen_cpu(*args)
     if kind == "torch":
-        return selective_scan_varlen_ref(u, delta, A, B, C, D, z, ssm_states, cu_seqlens, slots)
-    if kind == "mamba_ssm":
+        return selective_scan_varlen_ref(*args)
+    if kind == "mamba_ssm" and not _snapshots_wanted(snap_tok, snap_dst):  # mamba-ssm takes no snapshots
         from . import mamba_ssm
 
         if mamba_ssm.all_rows_single_token(cu_seqlens, u.shape[0]):
             y = mamba_ssm.scan_decode(u, delta, A, B, C, D, z, ssm_states, slots)
             if y is not None:
                 return y
-    return _triton().selective_scan_varlen_triton(u, delta, A, B, C, D, z, ssm_states, cu_seqlens, slots)
+    return _triton().selective_scan_varlen_triton(*args)
 
 
 def selective_state_update(

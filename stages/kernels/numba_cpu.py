@@ -19,6 +19,8 @@ import torch
 from numba import prange
 from numba.extending import intrinsic
 
+from .snapshots import check_snapshots
+
 # ---------------------------------------------------------------------------
 # Kernels
 #
@@ -119,16 +121,19 @@ def _check_rows(cu, slots, T, S):
 
 
 @_njit(**_KERNEL_OPTS)
-def _conv_varlen_kernel(x, weight, bias, states, cu, slots, y, block):
+def _conv_varlen_kernel(x, weight, bias, states, cu, slots, snap_tok, snap_dst, y, block):
     """Causal conv + SiLU over packed rows; float32 everywhere.
 
     x (T, D), weight (D, K), bias (D,), states (S, D, K-1) in place, cu (B+1,),
-    slots (B,), y (T, D) output, block = channels per parallel task.
+    slots (B,), snap_tok, snap_dst (K',) snapshots (ascending tokens; empty for none):
+    states[snap_dst[k]] = the row's state right after token snap_tok[k]; y (T, D)
+    output, block = channels per parallel task.
     """
     T, D = x.shape
     K = weight.shape[1]
     W = K - 1  # state width
     nrows = slots.shape[0]
+    nsnap = snap_tok.shape[0]
     nblocks = (D + block - 1) // block
     for c in prange(nblocks):
         d0 = c * block
@@ -140,6 +145,7 @@ def _conv_varlen_kernel(x, weight, bias, states, cu, slots, y, block):
             for j in range(nd):
                 wT[k, j] = weight[d0 + j, k]
         bias_c = bias[d0:d0 + nd]
+        nxt = 0  # next snapshot: tokens ascend with the rows, so one pointer serves them all
         for b in range(nrows):
             start = cu[b]
             L = cu[b + 1] - start
@@ -177,6 +183,21 @@ def _conv_varlen_kernel(x, weight, bias, states, cu, slots, y, block):
                 yt = y[start + t, d0:d0 + nd]
                 for j in range(nd):
                     yt[j] = _silu(acc[j])
+            # (s) snapshots after token p of the row: entries p+1 .. p+W of concat(state, x_row),
+            #     read (like (c)) before (c) overwrites the stored state.
+            while nxt < nsnap and snap_tok[nxt] < start + L:
+                p = snap_tok[nxt] - start
+                sn = states[snap_dst[nxt], d0:d0 + nd]
+                for i in range(W):
+                    q = p + 1 + i
+                    if q < W:
+                        for j in range(nd):
+                            sn[j, i] = st[j, q]
+                    else:
+                        xq = x[start + q - W, d0:d0 + nd]
+                        for j in range(nd):
+                            sn[j, i] = xq[j]
+                nxt += 1
             # (c) new state = last K-1 entries of concat(state, x_row).  Entry q of the
             #     concatenation is state[q] if q < W else x[start + q - W].  Going i upward
             #     only reads state columns q = L + i >= i not yet overwritten (shift left).
@@ -192,15 +213,18 @@ def _conv_varlen_kernel(x, weight, bias, states, cu, slots, y, block):
 
 
 @_njit(**_KERNEL_OPTS)
-def _scan_varlen_kernel(u, delta, A, B, C, Dskip, z, gate, states, cu, slots, y, block):
+def _scan_varlen_kernel(u, delta, A, B, C, Dskip, z, gate, states, cu, slots, snap_tok, snap_dst, y, block):
     """Selective scan over packed rows; float32 everywhere.
 
     u, delta, z, y (T, D); A (D, N); B, C (T, N); Dskip (D,); gate: multiply by silu(z)
-    or not; states (S, D, N) in place; cu (B+1,), slots (B,); block = channels per task.
+    or not; states (S, D, N) in place; cu (B+1,), slots (B,); snap_tok, snap_dst (K',)
+    snapshots (ascending tokens; empty for none): states[snap_dst[k]] = h after token
+    snap_tok[k]; block = channels per task.
     """
     T, D = u.shape
     N = A.shape[1]
     nrows = slots.shape[0]
+    nsnap = snap_tok.shape[0]
     nblocks = (D + block - 1) // block
     for c in prange(nblocks):
         d0 = c * block
@@ -214,6 +238,7 @@ def _scan_varlen_kernel(u, delta, A, B, C, Dskip, z, gate, states, cu, slots, y,
             for n in range(N):
                 a2[n, j] = A[d0 + j, n] * _LOG2E
         D_c = Dskip[d0:d0 + nd]
+        nxt = 0  # next snapshot: tokens ascend with the rows, so one pointer serves them all
         for b in range(nrows):
             start = cu[b]
             end = cu[b + 1]
@@ -248,6 +273,13 @@ def _scan_varlen_kernel(u, delta, A, B, C, Dskip, z, gate, states, cu, slots, y,
                 else:
                     for j in range(nd):
                         y_t[j] = acc[j] + u_t[j] * D_c[j]
+                if nxt < nsnap and snap_tok[nxt] == t:  # a snapshot of h after this token
+                    sn = states[snap_dst[nxt], d0:d0 + nd]
+                    for n in range(N):
+                        hn = h[n]
+                        for j in range(nd):
+                            sn[j, n] = hn[j]
+                    nxt += 1
             for n in range(N):  # store it back
                 hn = h[n]
                 for j in range(nd):
@@ -294,25 +326,31 @@ def _block_size(D: int, nthreads: int) -> int:
     return max(16, min(256, block - block % 16))
 
 
+_NO_SNAPSHOTS = np.zeros(0, np.int64)
+
+
 class _PoolView:
     """The state pool as a float32 contiguous numpy array the kernel may write to.
 
     If the pool already is float32 and contiguous the kernel writes into it directly.
-    Otherwise (e.g. bf16 conv states) the rows' slots are gathered into a float32
-    scratch pool indexed 0..B-1 and written back, rounded to the pool's dtype, by commit().
+    Otherwise (e.g. bf16 conv states) the rows' slots, then the snapshots' (`snap_dst`),
+    are gathered into a float32 scratch pool indexed 0..B-1, B..B+K'-1 and written back,
+    rounded to the pool's dtype, by commit().
     """
 
-    def __init__(self, pool: torch.Tensor, slots: np.ndarray):
+    def __init__(self, pool: torch.Tensor, slots: np.ndarray, snap_dst: np.ndarray = _NO_SNAPSHOTS):
         self.pool = pool
         self.direct = pool.dtype == torch.float32 and pool.is_contiguous() and not pool.requires_grad
         if self.direct:
             self.array = pool.numpy()
             self.slots = slots
+            self.snap_dst = snap_dst
         else:
-            self.idx = torch.from_numpy(slots)
+            self.idx = torch.from_numpy(np.concatenate([slots, snap_dst]))
             self.scratch = pool.detach().index_select(0, self.idx).to(torch.float32).contiguous()
             self.array = self.scratch.numpy()
             self.slots = np.arange(len(slots), dtype=np.int64)
+            self.snap_dst = np.arange(len(slots), len(slots) + len(snap_dst), dtype=np.int64)
 
     def commit(self) -> None:
         if not self.direct:
@@ -320,7 +358,8 @@ class _PoolView:
                 self.pool.index_copy_(0, self.idx, self.scratch.to(self.pool.dtype))
 
 
-def causal_conv1d_varlen_cpu(x, weight, bias, conv_states, cu_seqlens, slots) -> torch.Tensor:
+def causal_conv1d_varlen_cpu(x, weight, bias, conv_states, cu_seqlens, slots, snap_tok=None, snap_dst=None
+                             ) -> torch.Tensor:
     """numba version of `causal_conv1d_varlen_ref` (CPU tensors only); same arguments."""
     T, D = x.shape
     K = weight.shape[1]
@@ -331,17 +370,20 @@ def causal_conv1d_varlen_cpu(x, weight, bias, conv_states, cu_seqlens, slots) ->
     nthreads = _set_numba_threads(T * D * K)
     cu, sl = _np64(cu_seqlens), _np64(slots)
     _check_rows(cu, sl, T, conv_states.shape[0])
+    snaps = check_snapshots(snap_tok, snap_dst, T, conv_states.shape[0], sl)
+    snap_tok_np, snap_dst_np = (_NO_SNAPSHOTS, _NO_SNAPSHOTS) if snaps is None else (s.numpy() for s in snaps)
 
     bias_np = np.zeros(D, np.float32) if bias is None else _np32(bias)  # (D,)
-    pool = _PoolView(conv_states, sl)
+    pool = _PoolView(conv_states, sl, snap_dst_np)
     y = torch.empty((T, D), dtype=torch.float32)
-    _conv_varlen_kernel(_np32(x), _np32(weight), bias_np, pool.array, cu, pool.slots, y.numpy(),
-                        _block_size(D, nthreads))
+    _conv_varlen_kernel(_np32(x), _np32(weight), bias_np, pool.array, cu, pool.slots, snap_tok_np, pool.snap_dst,
+                        y.numpy(), _block_size(D, nthreads))
     pool.commit()
     return y if x.dtype == torch.float32 else y.to(x.dtype)
 
 
-def selective_scan_varlen_cpu(u, delta, A, B, C, D, z, ssm_states, cu_seqlens, slots) -> torch.Tensor:
+def selective_scan_varlen_cpu(u, delta, A, B, C, D, z, ssm_states, cu_seqlens, slots, snap_tok=None, snap_dst=None
+                              ) -> torch.Tensor:
     """numba version of `selective_scan_varlen_ref` (CPU tensors only); same arguments."""
     T, Dm = u.shape
     N = A.shape[1]
@@ -354,15 +396,17 @@ def selective_scan_varlen_cpu(u, delta, A, B, C, D, z, ssm_states, cu_seqlens, s
     nthreads = _set_numba_threads(T * Dm * N)
     cu, sl = _np64(cu_seqlens), _np64(slots)
     _check_rows(cu, sl, T, ssm_states.shape[0])
+    snaps = check_snapshots(snap_tok, snap_dst, T, ssm_states.shape[0], sl)
+    snap_tok_np, snap_dst_np = (_NO_SNAPSHOTS, _NO_SNAPSHOTS) if snaps is None else (s.numpy() for s in snaps)
 
     u_np = _np32(u)  # (T, D)
     D_np = np.zeros(Dm, np.float32) if D is None else _np32(D)  # (D,)
     gate = z is not None
     z_np = _np32(z) if gate else u_np  # (T, D); not read when gate is False
-    pool = _PoolView(ssm_states, sl)
+    pool = _PoolView(ssm_states, sl, snap_dst_np)
     y = torch.empty((T, Dm), dtype=torch.float32)
     _scan_varlen_kernel(u_np, _np32(delta), _np32(A), _np32(B), _np32(C), D_np, z_np, gate,
-                        pool.array, cu, pool.slots, y.numpy(), _block_size(Dm, nthreads))
+                        pool.array, cu, pool.slots, snap_tok_np, pool.snap_dst, y.numpy(), _block_size(Dm, nthreads))
     pool.commit()
     return y if u.dtype == torch.float32 else y.to(u.dtype)
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .snapshots import check_snapshots
+
 
 def causal_conv1d_varlen_ref(
     x: torch.Tensor,  # (T, D)
@@ -18,6 +20,8 @@ def causal_conv1d_varlen_ref(
     conv_states: torch.Tensor,  # (S, D, K-1), updated in place
     cu_seqlens: torch.Tensor,  # (B+1,) int64
     slots: torch.Tensor,  # (B,) int64
+    snap_tok: torch.Tensor | None = None,  # (K',) int64 ascending packed token indices
+    snap_dst: torch.Tensor | None = None,  # (K',) int64 pool slots, not among `slots`
 ) -> torch.Tensor:  # (T, D), x's dtype
     """Causal depthwise conv of width K followed by SiLU, per row, from the stored state.
 
@@ -25,10 +29,14 @@ def causal_conv1d_varlen_ref(
     time, and y[t] = silu(bias + sum_k weight[:, k] * input[t + k]) for every
     new token t -- i.e. ``F.conv1d(input, weight.unsqueeze(1), bias, groups=D)``
     with no padding.  The state becomes the last K-1 entries of that input.
+    Snapshot k: conv_states[snap_dst[k]] becomes the K-1 entries of that input
+    ending at token snap_tok[k] (the state had the row ended there).
     """
     T, D = x.shape
     K = weight.shape[1]
     assert K >= 2, "conv width must be at least 2"
+    snaps = check_snapshots(snap_tok, snap_dst, T, conv_states.shape[0], slots)
+    snap = {} if snaps is None else dict(zip(snaps[0].tolist(), snaps[1].tolist()))  # token -> slot
     w = weight.float().unsqueeze(1)  # (D, 1, K): depthwise filters for F.conv1d
     b_ = None if bias is None else bias.float()
     y = torch.empty_like(x)
@@ -40,6 +48,10 @@ def causal_conv1d_varlen_ref(
         inp = torch.cat([conv_states[slot].float(), x[start:end].float().t()], dim=1)  # (D, K-1+L)
         out = F.conv1d(inp.unsqueeze(0), w, b_, groups=D)[0]  # (D, L)
         y[start:end] = F.silu(out).t().to(x.dtype)
+        for t in range(start, end):
+            if t in snap:  # inp column K-1+p holds token p = t - start of the row
+                p = t - start
+                conv_states[snap[t]] = inp[:, p + 1:p + K].to(conv_states.dtype)
         conv_states[slot] = inp[:, -(K - 1):].to(conv_states.dtype)
     return y
 
@@ -55,6 +67,8 @@ def selective_scan_varlen_ref(
     ssm_states: torch.Tensor,  # (S, D, N) float32, updated in place
     cu_seqlens: torch.Tensor,  # (B+1,) int64
     slots: torch.Tensor,  # (B,) int64
+    snap_tok: torch.Tensor | None = None,  # (K',) int64 ascending packed token indices
+    snap_dst: torch.Tensor | None = None,  # (K',) int64 pool slots, not among `slots`
 ) -> torch.Tensor:  # (T, D), u's dtype
     """Mamba-1 selective scan, token by token, from the stored state.
 
@@ -64,7 +78,11 @@ def selective_scan_varlen_ref(
         h      = exp(delta[t] * A) * h + (delta[t] * B[t]) * u[t]     # (D, N)
         y[t]   = h @ C[t] + D * u[t]
         y[t]  *= silu(z[t])
+
+    Snapshot k: ssm_states[snap_dst[k]] becomes h right after token snap_tok[k].
     """
+    snaps = check_snapshots(snap_tok, snap_dst, u.shape[0], ssm_states.shape[0], slots)
+    snap = {} if snaps is None else dict(zip(snaps[0].tolist(), snaps[1].tolist()))  # token -> slot
     A = A.float()
     Dv = None if D is None else D.float()
     y = torch.empty_like(u)
@@ -83,6 +101,8 @@ def selective_scan_varlen_ref(
             if z is not None:
                 yt = yt * F.silu(z[t].float())
             y[t] = yt.to(u.dtype)
+            if t in snap:
+                ssm_states[snap[t]] = h.to(ssm_states.dtype)
         ssm_states[slot] = h.to(ssm_states.dtype)
     return y
 

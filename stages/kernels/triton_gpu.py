@@ -28,6 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .snapshots import check_snapshots, conv_snapshots
+
 
 # ---------------------------------------------------------------------------
 # Kernels
@@ -121,7 +123,7 @@ def _conv_state_kernel(
     tl.store(base + j[None, :] * stride_s_k, new, mask=ok)  # an empty row writes back its old state, bit for bit
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_snap"])
 def _selective_scan_varlen_kernel(
     u_ptr,  # (T, D)
     delta_ptr,  # (T, D)
@@ -134,6 +136,10 @@ def _selective_scan_varlen_kernel(
     y_ptr,  # (T, D) output
     cu_ptr,  # (B+1,) int64
     slot_ptr,  # (B,) int64
+    snap_tok_ptr,  # (K',) int64 ascending packed token indices, or unused
+    snap_dst_ptr,  # (K',) int64 slots the snapshots go to, or unused
+    snap_first_ptr,  # (B,) int64 index of each row's first snapshot (K' if none after its start), or unused
+    n_snap,
     Dm,
     N,
     stride_u_t,
@@ -147,6 +153,7 @@ def _selective_scan_varlen_kernel(
     stride_y_t,
     HAS_D: tl.constexpr,
     HAS_Z: tl.constexpr,
+    HAS_SNAP: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -165,6 +172,11 @@ def _selective_scan_varlen_kernel(
         Dv = tl.load(D_ptr + d, mask=d_ok, other=0.0).to(tl.float32)
     s_ptrs = state_ptr + slot * stride_s_slot + d[:, None] * stride_s_d + n[None, :]
     h = tl.load(s_ptrs, mask=dn_ok, other=0.0).to(tl.float32)  # (BD, BN) the row's state so far
+    if HAS_SNAP:  # the row's next snapshot: its token (-1: none left) and destination slot
+        s_off = d[:, None] * stride_s_d + n[None, :]  # (BD, BN)
+        k = tl.load(snap_first_ptr + b)
+        snap_t = tl.load(snap_tok_ptr + k, mask=k < n_snap, other=-1)
+        snap_s = tl.load(snap_dst_ptr + k, mask=k < n_snap, other=0)
     # Pointers to the row's first token; each step moves them on by one token.
     dt_p = delta_ptr + start * stride_dt_t + d  # (BD,)
     u_p = u_ptr + start * stride_u_t + d
@@ -172,7 +184,7 @@ def _selective_scan_varlen_kernel(
     y_p = y_ptr + start * stride_y_t + d
     B_p = B_ptr + start * stride_B_t + n  # (BN,)
     C_p = C_ptr + start * stride_C_t + n
-    for _ in range(start, end):
+    for t in range(start, end):
         dt = tl.load(dt_p, mask=d_ok, other=0.0).to(tl.float32)  # (BD,)
         ut = tl.load(u_p, mask=d_ok, other=0.0).to(tl.float32)
         Bt = tl.load(B_p, mask=n_ok, other=0.0).to(tl.float32)  # (BN,)
@@ -186,6 +198,12 @@ def _selective_scan_varlen_kernel(
             zt = tl.load(z_p, mask=d_ok, other=0.0).to(tl.float32)
             yt = yt * (zt / (1.0 + tl.exp(-zt)))  # silu(z)
         tl.store(y_p, yt.to(y_ptr.dtype.element_ty), mask=d_ok)
+        if HAS_SNAP:
+            if snap_t == t:  # h after token t is the row's next snapshot
+                tl.store(state_ptr + snap_s * stride_s_slot + s_off, h.to(state_ptr.dtype.element_ty), mask=dn_ok)
+                k += 1
+                snap_t = tl.load(snap_tok_ptr + k, mask=k < n_snap, other=-1)
+                snap_s = tl.load(snap_dst_ptr + k, mask=k < n_snap, other=0)
         dt_p += stride_dt_t
         u_p += stride_u_t
         z_p += stride_z_t
@@ -230,7 +248,8 @@ def _index(t: torch.Tensor, device) -> torch.Tensor:
     return t.to(device=device, dtype=torch.int64).contiguous()
 
 
-def causal_conv1d_varlen_triton(x, weight, bias, conv_states, cu_seqlens, slots) -> torch.Tensor:
+def causal_conv1d_varlen_triton(x, weight, bias, conv_states, cu_seqlens, slots, snap_tok=None, snap_dst=None
+                                ) -> torch.Tensor:
     """Triton version of `causal_conv1d_varlen_ref`; same arguments."""
     T, D = x.shape
     K = weight.shape[1]
@@ -240,8 +259,11 @@ def causal_conv1d_varlen_triton(x, weight, bias, conv_states, cu_seqlens, slots)
         raise ValueError(f"conv_states must be (S, {D}, {K - 1}), got {tuple(conv_states.shape)}")
     x = _rows_last(x)
     cu, sl = _index(cu_seqlens, x.device), _index(slots, x.device)
+    snaps = check_snapshots(snap_tok, snap_dst, T, conv_states.shape[0], slots)
     if T == 0:
         return torch.empty_like(x)
+    if snaps is not None:  # from the rows' stored states, before the kernels update them
+        snap = conv_snapshots(x, conv_states, cu, sl, snaps[0])
     y = _kernel_out(x, (T, D))
     # Row of each packed token: how many row ends lie at or before it (empty rows included).
     tok = torch.arange(T, device=x.device, dtype=torch.int64)
@@ -260,10 +282,13 @@ def causal_conv1d_varlen_triton(x, weight, bias, conv_states, cu_seqlens, slots)
         conv_states.stride(0), conv_states.stride(1), conv_states.stride(2),
         K=K, BLOCK_D=blk["conv_d"], BLOCK_W=triton.next_power_of_2(K - 1),
     )
+    if snaps is not None:
+        conv_states.index_copy_(0, snaps[1].to(conv_states.device), snap)
     return y.to(x.dtype)
 
 
-def selective_scan_varlen_triton(u, delta, A, B, C, D, z, ssm_states, cu_seqlens, slots) -> torch.Tensor:
+def selective_scan_varlen_triton(u, delta, A, B, C, D, z, ssm_states, cu_seqlens, slots, snap_tok=None, snap_dst=None
+                                 ) -> torch.Tensor:
     """Triton version of `selective_scan_varlen_ref`; same arguments."""
     T, Dm = u.shape
     N = A.shape[1]
@@ -276,17 +301,26 @@ def selective_scan_varlen_triton(u, delta, A, B, C, D, z, ssm_states, cu_seqlens
     u, delta, A, B, C = (_rows_last(t) for t in (u, delta, A, B, C))
     z = None if z is None else _rows_last(z)
     cu, sl = _index(cu_seqlens, u.device), _index(slots, u.device)
+    snaps = check_snapshots(snap_tok, snap_dst, T, ssm_states.shape[0], slots)
     nrows = sl.shape[0]
     if nrows == 0 or T == 0:
         return torch.empty_like(u)
+    if snaps is None:
+        snap_tok_d = snap_dst_d = snap_first = sl  # not read
+        n_snap = 0
+    else:
+        snap_tok_d, snap_dst_d = (s.to(u.device) for s in snaps)
+        snap_first = torch.searchsorted(snap_tok_d, cu[:-1])  # (B,) first snapshot at or after each row's start
+        n_snap = snap_tok_d.shape[0]
     y = _kernel_out(u, (T, Dm))
     blk = _blocks(u, T, Dm)
     _selective_scan_varlen_kernel[(nrows, triton.cdiv(Dm, blk["scan_d"]))](
         u, delta, A, B, C, u if D is None else D, u if z is None else z, ssm_states, y, cu, sl,
+        snap_tok_d, snap_dst_d, snap_first, n_snap,
         Dm, N, u.stride(0), delta.stride(0), A.stride(0), B.stride(0), C.stride(0),
         0 if z is None else z.stride(0), ssm_states.stride(0), ssm_states.stride(1), y.stride(0),
-        HAS_D=D is not None, HAS_Z=z is not None, BLOCK_D=blk["scan_d"], BLOCK_N=triton.next_power_of_2(N),
-        num_warps=blk["scan_warps"],
+        HAS_D=D is not None, HAS_Z=z is not None, HAS_SNAP=snaps is not None,
+        BLOCK_D=blk["scan_d"], BLOCK_N=triton.next_power_of_2(N), num_warps=blk["scan_warps"],
     )
     return y.to(u.dtype)
 
