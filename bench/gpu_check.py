@@ -9,8 +9,9 @@ else. Prints progress on stderr and a Markdown summary on stdout, ready for BENC
 
 1. Parity: the Triton kernels (stages/kernels/triton_gpu.py) against the torch references on
    CUDA, at Jamba-Mini widths (d_inner 8192, d_state 16, conv 4), on one call mixing fresh
-   prompts, chunks on top of cached state, decode rows and empty rows, fp32 and bf16; and a
-   sequence fed as chunks then decode steps against one reference pass.
+   prompts, chunks on top of cached state, decode rows and empty rows, fp32 and bf16, taking
+   mid-chunk state snapshots (prefix caching) as well, with the same outputs bit for bit as
+   without; and a sequence fed as chunks then decode steps against one reference pass.
 2. A random ~1.5B-parameter Jamba in bf16 (hidden 2048, 16 layers: 2 attention, 14 Mamba with
    d_inner 4096; 4 experts top-2 on every other layer): prefill tokens/s at 2K and 32K tokens (one
    sequence), against the reference loop (JAMBA_KERNELS=torch, measured at 2K tokens: the loop
@@ -133,27 +134,43 @@ def _inputs(T, D, N, K, S, dtype, g):
 def check_parity():
     from stages.kernels import triton_gpu as tg
 
-    D, N, K, S = SIZES[DEV]["d_inner"], 16, 4, 12
-    lens = [9, 1, 0, 2, 1, 30, 3, 0, 1, SIZES[DEV]["long_row"]]  # fresh / cached prompts, decode rows, empty rows
+    D, N, K, S = SIZES[DEV]["d_inner"], 16, 4, 16
+    long_row = SIZES[DEV]["long_row"]
+    lens = [9, 1, 0, 2, 1, 30, 3, 0, 1, long_row]  # fresh / cached prompts, decode rows, empty rows
     cu = torch.zeros(len(lens) + 1, dtype=torch.int64)
     cu[1:] = torch.cumsum(torch.tensor(lens), 0)
     g = torch.Generator().manual_seed(0)
-    slots = torch.randperm(S, generator=g)[: len(lens)]
-    cu, slots = cu.to(DEV), slots.to(DEV)
+    perm = torch.randperm(S, generator=g)
+    slots, snap_dst = perm[: len(lens)], perm[len(lens):]  # snapshots go to the 6 other slots
+    c_ = cu.tolist()  # snapshots: a fresh row's first token, a cached row's first (conv: from the state),
+    snap_tok = torch.tensor([c_[0], c_[3], c_[5] + 7, c_[6] - 1, c_[9] + min(63, long_row - 2), c_[10] - 1])
+    cu, slots, snap_tok, snap_dst = cu.to(DEV), slots.to(DEV), snap_tok.to(DEV), snap_dst.to(DEV)
     T = int(cu[-1])
+    keep = torch.ones(S, dtype=torch.bool, device=DEV)
+    keep[snap_dst] = False
     ok = True
     for dtype, (atol, rtol) in ((torch.float32, (1e-4, 1e-4)), (torch.bfloat16, (2e-2, 1.6e-2))):
         x, w, b, cst, u, dt, A, B, C, Dv, z, hst = _inputs(T, D, N, K, S, dtype, g)
         cst[slots[0]] = 0  # a fresh prompt
         hst[slots[0]] = 0
         c_ref, c_tri, h_ref, h_tri = cst.clone(), cst.clone(), hst.clone(), hst.clone()
-        yc_ref = reference.causal_conv1d_varlen_ref(x, w, b, c_ref, cu, slots)
+        c_snap, h_snap = cst.clone(), hst.clone()
+        # The reference takes the snapshots too (its outputs do not depend on them: tests/test_scan.py).
+        yc_ref = reference.causal_conv1d_varlen_ref(x, w, b, c_ref, cu, slots, snap_tok, snap_dst)
         yc_tri = tg.causal_conv1d_varlen_triton(x, w, b, c_tri, cu, slots)
-        ys_ref = reference.selective_scan_varlen_ref(u, dt, A, B, C, Dv, z, h_ref, cu, slots)
+        yc_snap = tg.causal_conv1d_varlen_triton(x, w, b, c_snap, cu, slots, snap_tok, snap_dst)
+        ys_ref = reference.selective_scan_varlen_ref(u, dt, A, B, C, Dv, z, h_ref, cu, slots, snap_tok, snap_dst)
         ys_tri = tg.selective_scan_varlen_triton(u, dt, A, B, C, Dv, z, h_tri, cu, slots)
+        ys_snap = tg.selective_scan_varlen_triton(u, dt, A, B, C, Dv, z, h_snap, cu, slots, snap_tok, snap_dst)
         sync()
-        for what, got, want, exact in (("conv y", yc_tri, yc_ref, False), ("conv state", c_tri, c_ref, True),
-                                       ("scan y", ys_tri, ys_ref, False), ("scan state", h_tri, h_ref, False)):
+        same = (torch.equal(yc_snap, yc_tri) and torch.equal(c_snap[keep], c_tri[keep]) and torch.equal(ys_snap, ys_tri)
+                and torch.equal(h_snap[keep], h_tri[keep]))
+        ok &= same
+        log(f"   {str(dtype)[6:]:8s} with snapshots: y and final states {'bit-identical' if same else 'DIFFER: FAIL'}")
+        for what, got, want, exact in (("conv y", yc_tri, yc_ref, False), ("conv state", c_tri[keep], c_ref[keep], True),
+                                       ("scan y", ys_tri, ys_ref, False), ("scan state", h_tri[keep], h_ref[keep], False),
+                                       ("conv snaps", c_snap[snap_dst], c_ref[snap_dst], True),
+                                       ("scan snaps", h_snap[snap_dst], h_ref[snap_dst], False)):
             err = (got.float() - want.float()).abs()
             tol = atol + rtol * want.float().abs()
             good = bool(torch.equal(got, want)) if exact else bool((err <= tol).all())
@@ -182,7 +199,8 @@ def check_parity():
     good = e1 < 1e-4 and e2 < 1e-3 and e3 < 1e-3
     ok &= good
     log(f"   chunks + decode vs one pass: conv {e1:.2e}, scan {e2:.2e}, state {e3:.2e} {'ok' if good else 'FAIL'}")
-    summary.append(f"- parity on {DEV} (d_inner {D}, mixed rows, fp32 and bf16; chunks + decode vs one pass): "
+    summary.append(f"- parity on {DEV} (d_inner {D}, mixed rows, fp32 and bf16, with and without state snapshots; "
+                   f"chunks + decode vs one pass): "
                    f"**{'pass' if ok else 'FAIL'}**")
 
 

@@ -6,7 +6,8 @@ plus torch's own first-call costs. Paid inside the first request, that is a firs
 times slower than the next. `warm_up(stage)` pays it at start instead, before the worker or the
 runner reports ready, by running the stage's own forward on a throwaway cache: prompt rows from
 a fresh state, a chunk on top of cached state beside a decode row, then a pure decode step, in
-the stage's dtype and on its device, through whatever backend JAMBA_KERNELS selects.
+the stage's dtype and on its device, through whatever backend JAMBA_KERNELS selects; and one scan
+taking a state snapshot (prefix caching), which Triton compiles as a variant of its own.
 
 The compiled code is kept on disk, so only the first start on a machine compiles:
 
@@ -76,12 +77,33 @@ def warm_up(stage) -> float:
     stage(tokens(8), cache, [a, b], [5, 3])  # two prompts from a fresh state
     stage(tokens(3), cache, [a, b], [1, 2])  # a decode row beside a chunk on top of cached state
     stage(tokens(2), cache, [a, b], [1, 1])  # a pure decode step (JAMBA_KERNELS=mamba_ssm's path)
+    if cache.ssm:  # the scan taking snapshots (prefix caching) is a Triton variant of its own
+        _warm_scan_snapshots(c, cache.ssm[next(iter(cache.ssm))], a, b, p, g)
     if p.device.type == "cuda":
         torch.cuda.synchronize(p.device)
     seconds = time.perf_counter() - t0
     log.info("kernels warmed up in %.2fs (layers [%d, %d), %s on %s)", seconds, stage.start, stage.end,
              str(p.dtype).removeprefix("torch."), p.device)
     return seconds
+
+
+def _warm_scan_snapshots(c, ssm_states: torch.Tensor, row_slot: int, snap_slot: int, p: torch.Tensor,
+                         g: torch.Generator) -> None:
+    """One scan with a snapshot, with the arguments a Mamba layer passes (stages/model.py: u, B, C,
+    z in the stage's dtype, delta, A, D float32), on a throwaway cache's SSM pool."""
+    from . import selective_scan_varlen
+
+    T, D, N = 3, c.mamba_d_inner, c.mamba_d_state
+
+    def rand(*shape, dtype=p.dtype):
+        return (0.1 * torch.randn(*shape, generator=g)).to(p.device, dtype)
+
+    selective_scan_varlen(
+        rand(T, D), rand(T, D, dtype=torch.float32).abs(), -rand(D, N, dtype=torch.float32).abs(), rand(T, N),
+        rand(T, N), rand(D, dtype=torch.float32), rand(T, D), ssm_states,
+        torch.tensor([0, T], device=p.device), torch.tensor([row_slot], device=p.device),
+        snap_tok=torch.tensor([1]), snap_dst=torch.tensor([snap_slot]),
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
