@@ -75,6 +75,7 @@ class Completion:
     logprobs: list[float] | None
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int = 0  # prompt tokens the server took from its prefix cache
 
 
 @dataclass
@@ -128,6 +129,10 @@ class ModelInfo:
     labels: list[str] = field(default_factory=list)
     num_slots: int = 0
     quantize: str = ""  # "" (weights as stored), "int8-experts", "int8" or "int8-with-mamba"
+    block_size: int = 0  # tokens per KV block
+    num_blocks: int = 0  # KV blocks per stage
+    num_snapshots: int = 0  # Mamba-state snapshots per stage (prefix cache)
+    prefix_cache: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict; stages become {"index", "start_layer", "end_layer"} objects."""
@@ -280,7 +285,8 @@ def score_request(inputs: Sequence[PromptLike]) -> pb.ScoreRequest:
 def completion_from_pb(c: pb.Completion, logprobs: bool) -> Completion:
     return Completion(output_ids=list(c.output_ids), text=c.text, finish_reason=c.finish_reason,
                       logprobs=list(c.logprobs) if logprobs else None,
-                      prompt_tokens=c.usage.prompt_tokens, completion_tokens=c.usage.completion_tokens)
+                      prompt_tokens=c.usage.prompt_tokens, completion_tokens=c.usage.completion_tokens,
+                      cached_tokens=c.usage.cached_tokens)
 
 
 def delta_from_pb(d: pb.TokenDelta, logprobs: bool) -> Delta:
@@ -304,5 +310,6 @@ def model_info_from_pb(m: pb.ModelInfoResponse) -> ModelInfo:
         vocab_size=m.vocab_size, num_experts=m.num_experts, num_experts_per_tok=m.num_experts_per_tok,
         attn_layer_period=m.attn_layer_period, attn_layer_offset=m.attn_layer_offset, max_context=m.max_context,
         stages=[Stage(s.index, s.start_layer, s.end_layer) for s in m.stages], labels=list(m.labels),
-        num_slots=m.num_slots, quantize=m.quantize,
+        num_slots=m.num_slots, quantize=m.quantize, block_size=m.block_size, num_blocks=m.num_blocks,
+        num_snapshots=m.num_snapshots, prefix_cache=m.prefix_cache,
     )

@@ -119,6 +119,10 @@ class BatchConfig:
     num_slots: int = 32
     max_batch_tokens: int = 2048
     max_seq_len: int | None = None
+    block_size: int = 64
+    num_blocks: int | None = None
+    num_snapshots: int | None = None
+    prefix_cache: bool = True
     dtype: str | None = None
     quantize: str | None = None  # int8-experts | int8 | int8-with-mamba (stages/quant.py)
     batch_size: int = 256  # rows per batch, and per committed part
@@ -781,7 +785,8 @@ def run_job(cfg: BatchConfig) -> dict:
                             max_seq_len=cfg.max_seq_len, max_batch_tokens=cfg.max_batch_tokens,
                             max_queue=max(1024, cfg.batch_size * cfg.calls_per_actor), threads_per_stage=cfg.threads_per_stage,
                             cpus_per_stage=cps, gpus_per_stage=cfg.gpus_per_stage, placement_strategy=cfg.placement_strategy,
-                            dtype=cfg.dtype, quantize=cfg.quantize)
+                            dtype=cfg.dtype, quantize=cfg.quantize, block_size=cfg.block_size,
+                            num_blocks=cfg.num_blocks, num_snapshots=cfg.num_snapshots, prefix_cache=cfg.prefix_cache)
             sink = ray.remote(num_cpus=0)(ProgressSink).remote()
             out = ds.map_batches(
                 BatchWorker, batch_size=cfg.batch_size, batch_format="pyarrow", num_cpus=0,
@@ -885,7 +890,9 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-slots", type=int, default=32, help="sequences in flight per pipeline")
     p.add_argument("--max-batch-tokens", type=int, default=2048,
                    help="token budget of one microbatch; longer prompts go through in chunks")
-    p.add_argument("--max-seq-len", type=int, default=None, help="longest prompt (+ new tokens); default min(context, 4096)")
+    from .cli import add_cache_args
+
+    add_cache_args(p)
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="cast weights (default: as stored)")
     from .cli import add_quantize_arg
 
@@ -912,6 +919,7 @@ def config_from_args(args) -> BatchConfig:
     keys = set(BatchConfig.__dataclass_fields__) - {"extra"}
     kw = {k: getattr(args, k) for k in keys if hasattr(args, k)}
     kw["inputs"] = args.input
+    kw["num_blocks"], kw["num_snapshots"] = args.kv_blocks, args.prefix_snapshots
     return BatchConfig(**kw)
 
 

@@ -69,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
         s.add_argument("--max-batch-tokens", type=int, default=2048, help="token budget of one forward step")
         s.add_argument("--num-slots", type=int, default=32, help="sequences in flight at once")
+        add_cache_args(s)
         g = s.add_argument_group("pipeline (Ray)", "with --stages, rows run through a pipeline of Ray actor stages")
         g.add_argument("--stages", type=int, default=None, help="number of pipeline stages (default: one process, no Ray)")
         g.add_argument("--layer-split", help="layers per stage ('9,9,...') or boundaries ('0,9,...,72'); default: balanced")
@@ -103,6 +104,28 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_parser(sub)
     add_client_parser(sub)
     return p
+
+
+def add_cache_args(p: argparse.ArgumentParser, max_seq_len: bool = True) -> None:
+    """The paged KV cache and the prefix cache (cluster/pipeline.py:PipelineConfig, stages/paging.py)."""
+    g = p.add_argument_group("cache", "attention KV in blocks taken as tokens arrive; prompts that share a prefix "
+                                      "of whole blocks compute it once (Mamba states restored from snapshots)")
+    if max_seq_len:
+        g.add_argument("--max-seq-len", type=int, default=None,
+                       help="longest prompt + new tokens (default: the model's context, capped by the KV pool)")
+    g.add_argument("--block-size", type=int, default=64, help="tokens per KV block and prefix-cache block (default 64)")
+    g.add_argument("--kv-blocks", type=int, default=None,
+                   help="KV blocks per stage (default: num-slots x min(context, 4096) tokens' worth)")
+    g.add_argument("--prefix-snapshots", type=int, default=None,
+                   help="Mamba-state snapshots each stage keeps for the prefix cache (default 2 x num-slots)")
+    g.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false",
+                   help="compute every prompt in full (the answers are the same either way)")
+
+
+def cache_config(args) -> dict:
+    """PipelineConfig's cache fields from the arguments of `add_cache_args`."""
+    return {"max_seq_len": getattr(args, "max_seq_len", None), "block_size": args.block_size,
+            "num_blocks": args.kv_blocks, "num_snapshots": args.prefix_snapshots, "prefix_cache": args.prefix_cache}
 
 
 def add_quantize_arg(p: argparse.ArgumentParser) -> None:
@@ -161,7 +184,8 @@ def open_runner(args):
     except FileNotFoundError:
         tokenizer = None
         log.warning("%s has no tokenizer.json: rows must give input_ids", model_dir)
-    yield LocalRunner(stage, tokenizer, num_slots=args.num_slots, max_batch_tokens=args.max_batch_tokens)
+    yield LocalRunner(stage, tokenizer, num_slots=args.num_slots, max_batch_tokens=args.max_batch_tokens,
+                      prefix_cache=args.prefix_cache, block_size=args.block_size)
 
 
 def _check_head(task: str, config, model_dir) -> None:
@@ -199,7 +223,7 @@ def _pipeline_runner(args, model_dir: str):
                 model_dir, num_stages=args.stages, layer_split=args.layer_split, num_slots=args.num_slots,
                 max_batch_tokens=args.max_batch_tokens, threads_per_stage=args.threads_per_stage,
                 gpus_per_stage=args.gpus_per_stage, placement_strategy=args.placement_strategy, dtype=args.dtype,
-                quantize=args.quantize, transport=args.transport))
+                quantize=args.quantize, transport=args.transport, **cache_config(args)))
             yield pipe
         finally:
             if pipe is not None:

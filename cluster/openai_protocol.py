@@ -224,15 +224,23 @@ class Completions:
         self.id = f"cmpl-{uuid.uuid4().hex}"
         self.created = int(time.time())
         self.completion_tokens = 0
+        self.cached: dict[int, int] = {}  # choice index -> its prompt tokens found in the prefix cache
         self.include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
     def _head(self) -> dict:
         return {"id": self.id, "object": self.object, "created": self.created, "model": self.model}
 
+    def _finished(self, index: int, final: FinishEvent) -> None:
+        self.completion_tokens += len(final.output_ids)
+        self.cached[index] = final.cached_tokens
+
     def usage(self) -> dict:
         prompt = sum(len(ids) for _, ids in self.prompts)
+        # A prompt's tokens count as cached if none of its n choices had to compute them.
+        n = self.req.n
+        cached = sum(min(self.cached.get(i * n + j, 0) for j in range(n)) for i in range(len(self.prompts)))
         return {"prompt_tokens": prompt, "completion_tokens": self.completion_tokens,
-                "total_tokens": prompt + self.completion_tokens}
+                "total_tokens": prompt + self.completion_tokens, "prompt_tokens_details": {"cached_tokens": cached}}
 
     def _logprobs(self, ids: list[int], lps: list[float | None], text_before: str = "",
                   echo: tuple | None = None) -> dict | None:
@@ -254,7 +262,7 @@ class Completions:
             text = (echo[0] if echo else "") + (f.text or "")
             lp = self._logprobs(f.output_ids, list(f.logprobs or []), echo=echo)
             choices.append({"index": index, "text": text, "logprobs": lp, "finish_reason": f.finish_reason})
-            self.completion_tokens += len(f.output_ids)
+            self._finished(index, f)
         return {**self._head(), "choices": choices, "usage": self.usage()}
 
     def start(self) -> list[dict]:
@@ -277,7 +285,7 @@ class Completions:
         tokens = [ev for ev in events if isinstance(ev, TokenEvent)]
         final = events[-1] if isinstance(events[-1], FinishEvent) else None
         if final is not None:
-            self.completion_tokens += len(final.output_ids)
+            self._finished(index, final)
         text = "".join(t.text for t in tokens)
         if not text and final is None and self.req.logprobs is None:
             return []  # text held back (part of a character, or maybe a stop string): nothing to say yet
@@ -311,7 +319,7 @@ class ChatCompletions(Completions):
             choices.append({"index": index, "message": {"role": "assistant", "content": f.text or ""},
                             "logprobs": self._content_logprobs(f.output_ids, list(f.logprobs or [])),
                             "finish_reason": f.finish_reason})
-            self.completion_tokens += len(f.output_ids)
+            self._finished(index, f)
         return {**self._head(), "choices": choices, "usage": self.usage()}
 
     def _head(self) -> dict:
@@ -335,7 +343,7 @@ class ChatCompletions(Completions):
         if text or lp:
             out.append(self._delta(index, {"content": text}, lp, None))
         if final is not None:
-            self.completion_tokens += len(final.output_ids)
+            self._finished(index, final)
             out.append(self._delta(index, {}, None, final.finish_reason))
         return out
 

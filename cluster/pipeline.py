@@ -30,6 +30,7 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from stages.config import JambaConfig
+from stages.paging import BlockManager, blocks_for
 from stages.quant import check_mode
 from stages.runner import GenerationResult
 from stages.sampling import SamplingParams
@@ -52,7 +53,14 @@ class PipelineConfig:
     num_stages: int = 1
     layer_split: str | list[tuple[int, int]] | None = None  # "9,9,..." counts or boundaries; default: balanced
     num_slots: int = 32
-    max_seq_len: int | None = None  # default: min(model context, 4096)
+    # Paged KV cache (stages/cache.py) and prefix cache (stages/paging.py). The default pool holds
+    # num_slots x min(context, 4096) tokens (what contiguous slots of 4096 took); a sequence may
+    # use any share of it, up to max_seq_len (default: the model's context, capped by the pool).
+    max_seq_len: int | None = None
+    block_size: int = 64  # tokens per KV block, and the prefix cache's granularity
+    num_blocks: int | None = None  # KV blocks per attention layer on each stage
+    prefix_cache: bool = True
+    num_snapshots: int | None = None  # Mamba-state snapshots per stage for the prefix cache (default 2 x slots)
     max_batch_tokens: int = 512
     max_queue: int = 1024
     threads_per_stage: int = 1
@@ -79,11 +87,28 @@ class PipelineConfig:
     worker_kwargs: dict = field(default_factory=dict)
 
 
+def resolve_paging(cfg: PipelineConfig, config: JambaConfig) -> dict:
+    """max_seq_len, block_size, num_blocks and num_snapshots, defaults filled in and checked."""
+    bs = cfg.block_size
+    if bs < 1:
+        raise ValueError(f"block_size must be positive, got {bs}")
+    context = config.max_position_embeddings
+    num_blocks = cfg.num_blocks or cfg.num_slots * blocks_for(min(context, 4096), bs)
+    max_seq_len = cfg.max_seq_len or min(context, num_blocks * bs)
+    if max_seq_len > num_blocks * bs:
+        raise ValueError(f"max_seq_len {max_seq_len} does not fit in the KV cache: {num_blocks} blocks of {bs} tokens "
+                         f"hold {num_blocks * bs} tokens (raise the number of blocks or lower max_seq_len)")
+    num_snapshots = (2 * cfg.num_slots if cfg.num_snapshots is None else cfg.num_snapshots) if cfg.prefix_cache else 0
+    return {"max_seq_len": max_seq_len, "block_size": bs, "num_blocks": num_blocks, "num_snapshots": num_snapshots}
+
+
 def _memory_note(info: dict) -> str:
     if "peak_load_bytes" not in info:  # a synthetic worker
         return ""
     mode = f", {info['quantize']}" if info.get("quantize") else ""
-    return f"; {info['weight_bytes'] / 1e6:.1f} MB of weights{mode}, at most {info['peak_load_bytes'] / 1e6:.1f} MB held while loading"
+    return (f"; {info['weight_bytes'] / 1e6:.1f} MB of weights{mode}, at most {info['peak_load_bytes'] / 1e6:.1f} MB held "
+            f"while loading; cache {info['cache_bytes'] / 1e6:.1f} MB ({info['num_blocks']} KV blocks of "
+            f"{info['block_size']} tokens, {info['num_snapshots']} Mamba snapshots)")
 
 
 def import_class(path: str):
@@ -156,7 +181,8 @@ class Pipeline:
         transport = resolve_transport(cfg.transport, cfg.gpus_per_stage)
         import_class(cfg.worker_cls)  # a bad path fails here, before anything is placed
         check_mode(cfg.quantize)  # so does an unknown quantization
-        max_seq_len = cfg.max_seq_len or min(config.max_position_embeddings, 4096)
+        paging = resolve_paging(cfg, config)
+        max_seq_len = paging.pop("max_seq_len")
         cpus = cfg.threads_per_stage if cfg.cpus_per_stage is None else cfg.cpus_per_stage
         bundle = {"CPU": cpus}
         if cfg.gpus_per_stage:
@@ -187,7 +213,7 @@ class Pipeline:
                             scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i + offset),
                             **cfg.actor_options)
                 args = (cfg.model_dir, s, e, cfg.num_slots, max_seq_len, cfg.threads_per_stage, cfg.dtype, device)
-                kwargs = dict(cfg.worker_kwargs, **({"quantize": cfg.quantize} if cfg.quantize else {}))
+                kwargs = dict(cfg.worker_kwargs, paging=paging, **({"quantize": cfg.quantize} if cfg.quantize else {}))
                 actors.append(StageActor.options(**opts).remote(cfg.worker_cls, args, kwargs, i, len(splits)))
             infos = await asyncio.gather(*[a.info.remote() for a in actors])
             wheres = await asyncio.gather(*[a.where.remote() for a in actors])
@@ -210,10 +236,12 @@ class Pipeline:
             tokenizer = Tokenizer.from_dir(cfg.model_dir)
         except FileNotFoundError:
             tokenizer = None
+        pages = BlockManager(paging["num_blocks"], paging["block_size"], paging["num_snapshots"],
+                             prefix_cache=cfg.prefix_cache, salt=f"{cfg.model_dir}|{cfg.dtype}|{cfg.quantize}")
         scheduler = Scheduler(
             dataplane.send, len(actors), cfg.num_slots, max_seq_len, config.vocab_size, config.eos_token_ids,
             config.pad_token_id, tokenizer, cfg.max_batch_tokens, cfg.max_queue, cfg.depth,
-            recover=dataplane.rebuild, recover_timeout=cfg.recover_timeout_s,
+            recover=dataplane.rebuild, recover_timeout=cfg.recover_timeout_s, pages=pages,
         )
         log.info("pipeline of %d stage(s) ready in %.1fs", len(actors), time.perf_counter() - t0)
         return cls(cfg, config, splits, pg if owned else None, actors, dataplane, scheduler, tokenizer, infos)
@@ -228,7 +256,8 @@ class Pipeline:
     async def generate_full(self, prompt: list[int], params: SamplingParams) -> GenerationResult:
         async for ev in self.scheduler.generate(prompt, params):
             if isinstance(ev, FinishEvent):
-                return GenerationResult(ev.output_ids, ev.finish_reason, ev.text, ev.logprobs, ev.prompt_tokens)
+                return GenerationResult(ev.output_ids, ev.finish_reason, ev.text, ev.logprobs, ev.prompt_tokens,
+                                        ev.cached_tokens)
         raise RuntimeError("generation ended without a finish event")
 
     async def score(self, prompt: list[int], deadline: float | None = None) -> list[float | None]:

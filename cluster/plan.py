@@ -29,6 +29,10 @@ The cost model (closed form from the config; shapes in the comments of each func
               overweights the last stage, the safe side). Norms and activations are ignored.
     cache     bytes per sequence at context ctx (`HybridCache.bytes_per_slot`): K and V grow
               with ctx on attention layers only; a Mamba layer's conv + SSM state is fixed.
+              The KV cache is paged (stages/cache.py), so a sequence takes only the blocks its
+              tokens fill; with --gpu-memory the plan also says how many short sequences fit
+              beside one of the full context, after the prefix cache's Mamba snapshots
+              (--prefix-snapshots per stage, each one sequence's Mamba state) are set aside.
 
 `partition` finds the contiguous split that minimises the largest stage compute exactly (dynamic
 programming over split points), breaks ties by minimising the largest stage's weight bytes, and
@@ -255,6 +259,13 @@ def stage_flops(c: JambaConfig, start: int, end: int, ctx: int) -> int:
     return total + (head_flops(c) if end == c.num_hidden_layers else 0)
 
 
+def stage_block_bytes(c: JambaConfig, start: int, end: int, block_size: int, dtype_bytes: int) -> int:
+    """K and V bytes of one paged block of `block_size` tokens on the stage's attention layers."""
+    from stages.cache import HybridCache
+
+    return HybridCache.bytes_per_block(c, range(start, end), block_size, dtype_bytes)
+
+
 def stage_cache_bytes(c: JambaConfig, start: int, end: int, ctx: int, dtype_bytes: int) -> int:
     """Cache bytes one sequence of `ctx` tokens occupies on the stage (the SSM state is float32)."""
     from stages.cache import HybridCache  # imports torch; kept out of `jamba --help`
@@ -403,6 +414,8 @@ class StagePlan:
     weight_bytes: int  # parameters x dtype bytes (int8 + fp32 scales where quantized)
     cache_bytes_per_seq: int  # one sequence at the plan's context
     flops_per_token: int
+    kv_bytes_per_block: int = 0  # K and V of one paged block on this stage's attention layers
+    snapshot_bytes: int = 0  # one sequence's Mamba states here (a slot's, or a prefix-cache snapshot's)
 
     @property
     def num_layers(self) -> int:
@@ -429,6 +442,7 @@ def make_plan(
     gpu_memory: int | None = None,
     reserve_fraction: float = 0.1,
     quantize: str | None = None,
+    block_size: int = 64,
 ) -> list[StagePlan]:
     """Plan `num_stages` stages: from `layer_split` if given (a spec or ranges), else by `partition`.
 
@@ -470,8 +484,24 @@ def make_plan(
             weight_bytes=stage_weight_bytes(config, start, end, dtype_bytes, quantize),
             cache_bytes_per_seq=stage_cache_bytes(config, start, end, ctx, dtype_bytes),
             flops_per_token=stage_flops(config, start, end, ctx),
+            kv_bytes_per_block=stage_block_bytes(config, start, end, block_size, dtype_bytes),
+            snapshot_bytes=stage_cache_bytes(config, start, end, 0, dtype_bytes),
         ))
     return plans
+
+
+def paged_sequences(plans: list[StagePlan], gpu_memory: int, ctx: int, short: int, block_size: int,
+                    num_snapshots: int, reserve_fraction: float = 0.1) -> int:
+    """With the paged cache: how many `short`-token sequences fit beside one of `ctx` tokens on
+    every stage, once weights and `num_snapshots` Mamba snapshots are set aside (-1: not even the
+    long one fits). Each sequence takes its blocks plus its slot's Mamba state."""
+    fit = []
+    for p in plans:
+        free = int(gpu_memory * (1 - reserve_fraction)) - p.weight_bytes - num_snapshots * p.snapshot_bytes
+        long_seq = -(-ctx // block_size) * p.kv_bytes_per_block + p.snapshot_bytes
+        short_seq = -(-short // block_size) * p.kv_bytes_per_block + p.snapshot_bytes
+        fit.append(-1 if free < long_seq else (free - long_seq) // max(1, short_seq))
+    return min(fit)
 
 
 def format_plan(
@@ -483,6 +513,8 @@ def format_plan(
     quantize: str | None = None,
     dtype_bytes: int = 2,
     also_contexts: tuple[int, ...] = (),
+    block_size: int = 64,
+    num_snapshots: int = 64,
 ) -> str:
     """A table of the stages, then a summary: parameters, compute balance, and what fits; with
     `also_contexts`, how many sequences of each of those lengths fit the same split."""
@@ -525,6 +557,12 @@ def format_plan(
                     at = dataclasses.replace(p, cache_bytes_per_seq=stage_cache_bytes(config, p.start, p.end, other, dtype_bytes))
                     fit.append(at.max_sequences(gpu_memory, reserve_fraction))
                 lines.append(f"the same split at {other} tokens: {min(fit)} sequences in flight (bounded by the fullest stage)")
+            snaps = max(p.snapshot_bytes for p in plans) * num_snapshots
+            longest = max((ctx, *also_contexts))
+            paged = paged_sequences(plans, gpu_memory, longest, 512, block_size, num_snapshots, reserve_fraction)
+            lines.append(f"paged KV cache ({block_size}-token blocks; {num_snapshots} prefix-cache snapshots per stage, "
+                         f"at most {snaps / 2**20:.0f} MiB): one {longest}-token sequence "
+                         + (f"and {paged} more of 512 tokens fit at once" if paged >= 0 else "does not fit"))
         else:
             worst = max(plans, key=lambda p: p.weight_bytes)
             lines.append(
@@ -573,6 +611,9 @@ def add_plan_parser(subparsers) -> argparse.ArgumentParser:
                    help="plan for int8 weights (int8 + an fp32 scale per output channel), as `jamba serve --quantize`")
     p.add_argument("--also-context", type=int, action="append", default=[], metavar="TOKENS",
                    help="also print how many sequences of this many tokens fit the same split (repeatable)")
+    p.add_argument("--block-size", type=int, default=64, help="tokens per paged KV block (default 64)")
+    p.add_argument("--prefix-snapshots", type=int, default=64,
+                   help="Mamba-state snapshots per stage set aside for the prefix cache (default 64)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.set_defaults(func=run_plan)
     return p
@@ -582,10 +623,11 @@ def run_plan(args) -> int:
     config = load_config(args.model)
     dtype_bytes = DTYPE_BYTES[args.dtype]
     plans = make_plan(config, args.stages, args.layer_split, ctx=args.max_context, dtype_bytes=dtype_bytes,
-                      gpu_memory=args.gpu_memory, quantize=args.quantize)
+                      gpu_memory=args.gpu_memory, quantize=args.quantize, block_size=args.block_size)
     if not args.json:
         print(format_plan(plans, config, args.max_context, args.gpu_memory, quantize=args.quantize,
-                          dtype_bytes=dtype_bytes, also_contexts=tuple(args.also_context)))
+                          dtype_bytes=dtype_bytes, also_contexts=tuple(args.also_context),
+                          block_size=args.block_size, num_snapshots=args.prefix_snapshots))
         return 0
     total_params, active_params = count_params(config)
     total_flops = sum(p.flops_per_token for p in plans)
@@ -596,6 +638,10 @@ def run_plan(args) -> int:
         if args.gpu_memory is not None:
             d["max_sequences"] = p.max_sequences(args.gpu_memory)
         stages.append(d)
+    paged = {"block_size": args.block_size, "prefix_snapshots": args.prefix_snapshots}
+    if args.gpu_memory is not None:
+        paged["short_sequences_beside_one_long"] = paged_sequences(
+            plans, args.gpu_memory, args.max_context, 512, args.block_size, args.prefix_snapshots)
     print(json.dumps({
         "model": args.model,
         "num_layers": config.num_hidden_layers,
@@ -606,5 +652,6 @@ def run_plan(args) -> int:
         "max_context": args.max_context,
         "gpu_memory": args.gpu_memory,
         "stages": stages,
+        "paged": paged,
     }, indent=2))
     return 0

@@ -13,11 +13,21 @@ Slot allocations and frees ride in the next microbatch's header, so they cost no
 The scheduler knows nothing of Ray, gRPC or the transport: it is given `send(header, token_ids) ->
 awaitable answer bytes`, which runs one microbatch through all stages (cluster/dataplane.py).
 
+It also owns the stages' KV blocks and Mamba snapshots (stages/paging.py:BlockManager): a
+request is admitted when a slot is free and the blocks its prompt needs are available, takes
+its cached prefix from the prefix cache on admission, and gets blocks as its tokens arrive.
+When a running request needs a block and none is left, the most recently admitted request not
+in flight is *preempted*: its slot and blocks are given back and it waits to be replayed.
+
+Replay (after a preemption, and for every live request after a recovery) prefills the prompt
+plus the tokens produced so far again (through the prefix cache, so usually only a few blocks).
+Sampling is a pure function of (seed, token index), so the continuation is exactly what an
+undisturbed run would have produced; streams only see a pause.
+
 Recovery: when a microbatch fails because a stage died, the scheduler stops issuing work, lets
 the other in-flight microbatches settle, awaits `recover()` (the pipeline brings its stages
-back), and then rebuilds every live request's cache by prefilling its prompt plus the tokens it
-has produced so far. Sampling is a pure function of (seed, token index), so the continuation is
-exactly what an undisturbed run would have produced; streams only see a pause.
+back), forgets the prefix cache (a restarted stage's pools are empty) and replays every live
+request.
 """
 
 from __future__ import annotations
@@ -33,6 +43,7 @@ from typing import AsyncIterator, Awaitable, Callable
 import msgpack
 import torch
 
+from stages.paging import BlockManager, SeqPages, blocks_for
 from stages.runner import SequenceState, pooling_position
 from stages.sampling import SamplingParams
 
@@ -74,6 +85,7 @@ class FinishEvent:
     text: str | None
     prompt_tokens: int
     logprobs: list[float] | None = None
+    cached_tokens: int = 0  # prompt tokens taken from the prefix cache
 
 
 @dataclass(eq=False)
@@ -94,6 +106,9 @@ class _Request:
     decoder: object | None = None  # streaming detokenizer
     text: str = ""  # text the decoder has released
     emitted: int = 0  # characters of it streamed so far
+    pages: SeqPages | None = None  # its blocks and prefix hashes
+    sent_blocks: int = 0  # block table entries the stages have been sent
+    cached_tokens: int = 0
 
     @property
     def tokens(self) -> list[int]:
@@ -120,6 +135,7 @@ class Scheduler:
         depth: int | None = None,
         recover: Callable[[], Awaitable[None]] | None = None,
         recover_timeout: float = 120.0,
+        pages: BlockManager | None = None,
     ) -> None:
         self.send, self.num_stages = send, num_stages
         self.recover, self.recover_timeout = recover, recover_timeout
@@ -129,11 +145,20 @@ class Scheduler:
         self.eos_ids, self.pad_token_id, self.tokenizer = eos_ids, pad_token_id, tokenizer
         self.max_batch_tokens, self.max_queue = max_batch_tokens, max_queue
         self.depth = depth or num_stages
+        # Default: blocks for every slot at max_seq_len (no waiting for blocks), no prefix cache.
+        self.pages = pages or BlockManager(num_slots * blocks_for(max_seq_len, 64), 64, 0, prefix_cache=False)
+        if self.pages.num_blocks * self.pages.block_size < max_seq_len:  # else a lone request could starve
+            raise ValueError(f"the KV cache holds {self.pages.num_blocks * self.pages.block_size} tokens, less than "
+                             f"max_seq_len {max_seq_len}")
+        self.preemptions = 0
+        self.prefill_tokens = 0  # prompt (and replayed) tokens the stages computed
         self.free_slots = list(range(num_slots - 1, -1, -1))
         self.waiting: deque[_Request] = deque()
         self.active: list[_Request] = []
         self.to_alloc: list[int] = []
         self.to_free: list[int] = []
+        self.to_blocks: list[list[int]] = []  # [slot, index, block, ...] for the next header
+        self.to_restore: list[list[int]] = []  # [slot, snapshot, tokens]
         self.in_flight = 0
         self.wakeup = asyncio.Event()
         self.closed = False
@@ -208,7 +233,9 @@ class Scheduler:
     def stats(self) -> dict:
         return {"waiting": len(self.waiting), "active": len(self.active), "slots_in_use": self.num_slots - len(self.free_slots),
                 "num_slots": self.num_slots, "in_flight": self.in_flight, "microbatches": self.microbatches,
-                "recoveries": len(self.recoveries), "recovering": self.recovering}
+                "recoveries": len(self.recoveries), "recovering": self.recovering, "preemptions": self.preemptions,
+                "prefill_tokens": self.prefill_tokens,
+                "cache": self.pages.info()}
 
     async def close(self, drain_timeout: float = 30.0) -> None:
         """Stop admitting work, let in-flight microbatches return, fail whatever is left."""
@@ -232,6 +259,7 @@ class Scheduler:
         if len(prompt) + max_new_tokens > self.max_seq_len:
             raise ValueError(f"prompt of {len(prompt)} tokens plus max_new_tokens {max_new_tokens} exceeds the "
                              f"pipeline's max sequence length {self.max_seq_len}")
+
 
     def _enqueue(self, req: _Request) -> None:
         # Waiting requests that free slots will take at once do not count against the bound.
@@ -269,17 +297,83 @@ class Scheduler:
                 r.future.set_exception(err)
             self.abort(r)
 
+    def _hit_limit(self, req: _Request) -> int:
+        """Tokens a cached prefix may cover: all but the last one fed (its output is needed);
+        for classify, up to the pooled position; none for score (it needs every position)."""
+        if req.kind == "generate":
+            return len(req.tokens) - 1
+        return req.pool if req.kind == "classify" else 0
+
     def _admit(self) -> None:
+        """Admit waiting requests in order while there are slots and blocks. A request whose
+        next prompt block another request is computing waits for it (it will be cached)."""
+        held = []
+        watermark = 1 + self.pages.num_blocks // 100  # kept free for running requests' next tokens
         while self.waiting and self.free_slots:
             req = self.waiting.popleft()
+            if req.pages is None:
+                req.pages = self.pages.new_sequence(req.prompt)
+            limit = self._hit_limit(req)
+            if self.pages.waits_for_claim(req.pages, limit):
+                held.append(req)
+                continue
+            snap = self.pages.admit(req.pages, limit)
+            if not self.pages.can_grow(req.pages, len(req.tokens) + watermark * self.pages.block_size) and self.active:
+                self.pages.release(req.pages)  # not now: wait for running requests to give blocks back
+                held.append(req)
+                break
             req.slot = self.free_slots.pop()
+            req.fed = req.cached_tokens = req.pages.cached_tokens
+            req.sent_blocks = 0
             self.to_alloc.append(req.slot)
+            if snap is not None:
+                self._send_blocks(req)
+                self.to_restore.append([req.slot, snap, req.fed])
             self.active.append(req)
+        self.waiting.extendleft(reversed(held))
+
+    def _send_blocks(self, req: _Request) -> None:
+        new = req.pages.blocks[req.sent_blocks:]
+        if new:
+            self.to_blocks.append([req.slot, req.sent_blocks, *new])
+            req.sent_blocks = len(req.pages.blocks)
+
+    def _grow(self, req: _Request, tokens: int) -> bool:
+        """Blocks for `tokens` tokens of `req`, preempting the youngest idle requests if needed."""
+        while not self.pages.can_grow(req.pages, tokens):
+            victim = next((v for v in reversed(self.active)
+                           if v is not req and not v.in_flight and not v.done and v.pages.blocks), None)
+            if victim is None:
+                return False
+            self._preempt(victim)
+        self.pages.grow(req.pages, tokens)
+        self._send_blocks(req)
+        return True
+
+    def _preempt(self, req: _Request) -> None:
+        """Give back `req`'s slot and blocks; it waits at the head of the queue to be replayed."""
+        log.info("preempting a %s request (%d tokens) to free KV blocks", req.kind, len(req.tokens))
+        self.preemptions += 1
+        self._reset(req)
+        self.active.remove(req)
+        self.waiting.appendleft(req)
+
+    def _reset(self, req: _Request) -> None:
+        """Forget `req`'s place in the caches; it will be replayed from its first token."""
+        if req.pages is not None:
+            self.pages.release(req.pages)
+        if req.slot >= 0:
+            self.to_free.append(req.slot)
+            self.free_slots.append(req.slot)
+            req.slot = -1
+        req.fed, req.in_flight, req.scores, req.sent_blocks = 0, False, [], 0
 
     def _release(self, req: _Request) -> None:
         if req in self.active:
             self.active.remove(req)
             self.finished_at.append(time.time())
+        if req.pages is not None:
+            self.pages.release(req.pages)
         if req.slot >= 0:
             self.to_free.append(req.slot)
             self.free_slots.append(req.slot)
@@ -325,15 +419,19 @@ class Scheduler:
             self._fail_all(self.error)
             return
         t1 = time.perf_counter()
-        # Every stage restarts these sequences from scratch: free (harmless on a restarted
-        # stage), allocate (zeroes the state), and replay prompt + output so far.
+        # Every stage restarts these sequences from scratch: their slots are freed (harmless on
+        # a restarted stage), the prefix cache is forgotten (the restarted stage's blocks and
+        # snapshots are empty), and they are admitted again to replay prompt + output so far.
         live = [r for r in self.active if not r.done]
+        for r in [r for r in self.active if r.done]:  # aborted while their microbatch was failing
+            self._release(r)
         for r in live:
-            r.fed, r.in_flight = 0, False
-            r.scores = []
-        slots = [r.slot for r in live]
-        self.to_free = sorted(set(self.to_free) | set(slots))
-        self.to_alloc = slots
+            self._reset(r)
+        self.active = []
+        self.waiting.extendleft(reversed(live))
+        self.pages.clear()
+        self.to_free = sorted(set(self.to_free))
+        self.to_alloc, self.to_blocks, self.to_restore = [], [], []
         self.recoveries.append({"cause": type(cause).__name__, "reload_seconds": t1 - t0,
                                 "replayed_requests": len(live), "replayed_tokens": sum(len(r.tokens) for r in live),
                                 "detected_at": detected_at, "recovered_at": time.time()})
@@ -351,23 +449,37 @@ class Scheduler:
         decode = [r for r in ready if r.pending == 1 and r.fed >= len(r.prompt)]
         prefill = [r for r in ready if not (r.pending == 1 and r.fed >= len(r.prompt))]
         max_rows = max(1, math.ceil(sum(1 for r in self.active if not r.done) / self.depth))
-        rows, ids, budget = [], [], self.max_batch_tokens
+        rows, ids, budget, snaps = [], [], self.max_batch_tokens, []
         for r in decode[:max_rows]:
-            rows.append(self._row(r, 1, ids))
-            budget -= 1
+            if r.slot >= 0 and self._grow(r, r.fed + 1):
+                rows.append(self._row(r, 1, ids, snaps, len(rows)))
+                budget -= 1
         for r in prefill:
             if budget <= 0:
                 break
+            if r.done or r.slot < 0:  # preempted above, to make room for a decode row
+                continue
             n = min(r.pending, budget)
-            rows.append(self._row(r, n, ids))
+            if not self._grow(r, r.fed + n):
+                n = len(r.pages.blocks) * self.pages.block_size - r.fed + self.pages.available_blocks * self.pages.block_size
+                if n <= 0 or not self._grow(r, r.fed + n):
+                    continue
+            rows.append(self._row(r, n, ids, snaps, len(rows)))
             budget -= n
-        header = msgpack.packb({"free": self.to_free, "alloc": self.to_alloc, "rows": [row[1] for row in rows]})
-        self.to_free, self.to_alloc = [], []
+            self.prefill_tokens += n
+        if not rows and not self.to_free:
+            return None
+        header = {"free": self.to_free, "alloc": self.to_alloc, "rows": [row[1] for row in rows]}
+        for key, value in (("blocks", self.to_blocks), ("restore", self.to_restore), ("snapshots", snaps)):
+            if value:
+                header[key] = value
+        self.to_free, self.to_alloc, self.to_blocks, self.to_restore = [], [], [], []
         self.microbatches += 1
-        return [row[0] for row in rows], header, torch.tensor(ids, dtype=torch.long)
+        return [row[0] for row in rows], msgpack.packb(header), torch.tensor(ids, dtype=torch.long)
 
-    def _row(self, r: _Request, n: int, ids: list[int]):
+    def _row(self, r: _Request, n: int, ids: list[int], snaps: list, index: int):
         start = r.fed
+        snaps.extend([index, offset, snap] for offset, snap in self.pages.snapshots_for(r.pages, start, n))
         ids.extend(r.tokens[start : start + n])
         end = start + n
         if r.kind == "generate":
@@ -402,6 +514,7 @@ class Scheduler:
         for (r, n), res in zip(rows, answer):
             r.in_flight = False
             r.fed += n
+            self.pages.commit(r.pages, r.fed)
             if r.cancelled:
                 self._release(r)
                 continue
@@ -436,7 +549,8 @@ class Scheduler:
         res = s.result()  # its text is cut before a stop string; what was streamed is a prefix of it
         tail = res.text[r.emitted :] if res.text is not None else ""
         r.events.put_nowait(TokenEvent(token, text + tail, lp))
-        r.events.put_nowait(FinishEvent(res.finish_reason, res.output_ids, res.text, res.prompt_tokens, res.logprobs))
+        r.events.put_nowait(FinishEvent(res.finish_reason, res.output_ids, res.text, res.prompt_tokens, res.logprobs,
+                                        min(r.cached_tokens, len(r.prompt))))
         r.done = True
         self._release(r)
 

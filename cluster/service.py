@@ -110,7 +110,7 @@ def sampling_params(p: pb.SamplingParams, vocab_size: int) -> SamplingParams:
 def completion(ev: FinishEvent) -> pb.Completion:
     return pb.Completion(
         output_ids=ev.output_ids, text=ev.text or "", finish_reason=ev.finish_reason, logprobs=ev.logprobs or [],
-        usage=pb.Usage(prompt_tokens=ev.prompt_tokens, completion_tokens=len(ev.output_ids)),
+        usage=pb.Usage(prompt_tokens=ev.prompt_tokens, completion_tokens=len(ev.output_ids), cached_tokens=ev.cached_tokens),
     )
 
 
@@ -145,6 +145,8 @@ class Metrics:
     stage_busy: metrics.Gauge
     pipeline_up: metrics.Gauge
     recoveries: metrics.Gauge
+    prefix_queries: metrics.Counter
+    prefix_hits: metrics.Counter
 
     @classmethod
     def create(cls) -> "Metrics":
@@ -160,6 +162,9 @@ class Metrics:
             metrics.Gauge("jamba_stage_busy_seconds", "seconds each stage spent computing", tag_keys=("stage",)),
             metrics.Gauge("jamba_pipeline_up", "1 while the replica's pipeline serves (or is recovering), 0 once it failed"),
             metrics.Gauge("jamba_stage_recoveries", "stage failures this replica's pipeline recovered from"),
+            # hit rate = rate(hits) / rate(queries), as vLLM's prefix_cache_{queries,hits} counters
+            metrics.Counter("jamba_prefix_cache_queries_total", "prompt tokens looked up in the prefix cache"),
+            metrics.Counter("jamba_prefix_cache_hits_total", "prompt tokens found in the prefix cache (not computed)"),
         )
 
 
@@ -172,12 +177,15 @@ class JambaService:
                        gpus_per_stage: float = 0, cpus_per_stage: float | None = None, max_seq_len: int | None = None,
                        name: str | None = None, own_placement_group: bool = False, max_restarts: int = 3,
                        recover_timeout_s: float = 120.0, stream_interval_ms: float = 0.0,
-                       request_timeout_s: float | None = None, quantize: str | None = None) -> None:
+                       request_timeout_s: float | None = None, quantize: str | None = None, block_size: int = 64,
+                       num_blocks: int | None = None, prefix_cache: bool = True,
+                       num_snapshots: int | None = None) -> None:
         cfg = PipelineConfig(
             model, num_stages=stages, layer_split=layer_split, num_slots=num_slots, max_batch_tokens=max_batch_tokens,
             max_queue=max_queue, threads_per_stage=threads_per_stage, gpus_per_stage=gpus_per_stage,
             cpus_per_stage=cpus_per_stage, max_seq_len=max_seq_len, use_current_placement_group=not own_placement_group,
             max_restarts=max_restarts, recover_timeout_s=recover_timeout_s, quantize=quantize,
+            block_size=block_size, num_blocks=num_blocks, prefix_cache=prefix_cache, num_snapshots=num_snapshots,
         )
         self.quantize = quantize
         self.pipe = await Pipeline.start(cfg)
@@ -202,8 +210,13 @@ class JambaService:
         return build_openai_app(self)
 
     async def _report_stats(self) -> None:
+        counted = {"prompt_tokens": 0, "cached_tokens": 0}
         while True:
             s = self.pipe.scheduler.stats()
+            for key, counter in (("prompt_tokens", self.metrics.prefix_queries), ("cached_tokens", self.metrics.prefix_hits)):
+                if s["cache"][key] > counted[key]:
+                    counter.inc(s["cache"][key] - counted[key])
+                counted[key] = s["cache"][key]
             self.metrics.queue_depth.set(s["waiting"])
             self.metrics.slots_in_use.set(s["slots_in_use"])
             self.metrics.recoveries.set(s["recoveries"])
@@ -378,7 +391,7 @@ class JambaService:
         return await self._guard("Score", grpc_context, body())
 
     async def ModelInfo(self, request: pb.ModelInfoRequest, grpc_context: RayServegRPCContext) -> pb.ModelInfoResponse:
-        c = self.config
+        c, pages = self.config, self.pipe.scheduler.pages
         return pb.ModelInfoResponse(
             model_name=self.name, task="classification" if c.is_classifier else "causal-lm",
             num_layers=c.num_hidden_layers, hidden_size=c.hidden_size, vocab_size=c.vocab_size,
@@ -388,6 +401,8 @@ class JambaService:
             stages=[pb.StageInfo(index=i, start_layer=s, end_layer=e) for i, (s, e) in enumerate(self.pipe.splits)],
             labels=[c.id2label[i] for i in sorted(c.id2label)] if c.is_classifier else [],
             num_slots=self.pipe.scheduler.num_slots, quantize=self.quantize or "",
+            block_size=pages.block_size, num_blocks=pages.num_blocks, num_snapshots=pages.num_snapshots,
+            prefix_cache=pages.prefix_cache,
         )
 
 
@@ -402,7 +417,9 @@ def build_app(args: dict[str, Any]):
     requests are dropped just before it), replicas, placement_strategy, autoscaling_config (a Serve autoscaling
     config; replaces replicas), health_check_period_s and health_check_timeout_s (how soon Serve
     notices a replica whose pipeline is down, and replaces it; Serve's defaults 10 s and 30 s),
-    quantize (int8-experts, int8 or int8-with-mamba; see stages/quant.py; default: none).
+    quantize (int8-experts, int8 or int8-with-mamba; see stages/quant.py; default: none),
+    block_size, num_blocks, prefix_cache (default true) and num_snapshots (the paged KV cache and the
+    prefix cache; see cluster/pipeline.py:PipelineConfig).
     """
     args = dict(args)
     if "model" not in args:

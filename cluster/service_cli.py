@@ -51,6 +51,9 @@ def add_serve_parser(sub) -> None:
                    help="how long the applications may take to be placed and loaded before the command gives up "
                         "and exits non-zero (default 600)")
     s.add_argument("--num-slots", type=int, default=32)
+    from .cli import add_cache_args
+
+    add_cache_args(s)
     s.add_argument("--max-batch-tokens", type=int, default=512)
     s.add_argument("--max-queue", type=int, default=1024)
     s.add_argument("--stream-interval-ms", type=float, default=0.0,
@@ -132,7 +135,8 @@ def app_args(args, name: str, path: str) -> dict:
         "gpus_per_stage": args.gpus_per_stage, "max_restarts": args.max_restarts,
         "recover_timeout_s": args.recover_timeout, "health_check_period_s": args.health_check_period,
         "stream_interval_ms": args.stream_interval_ms, "request_timeout_s": args.http_request_timeout,
-        "quantize": args.quantize,
+        "quantize": args.quantize, "max_seq_len": args.max_seq_len, "block_size": args.block_size,
+        "num_blocks": args.kv_blocks, "prefix_cache": args.prefix_cache, "num_snapshots": args.prefix_snapshots,
         "cpus_per_stage": args.cpus_per_stage if args.cpus_per_stage is not None else args.threads_per_stage,
     }
 

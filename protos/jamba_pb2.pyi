@@ -59,12 +59,14 @@ class SamplingParams(_message.Message):
     def __init__(self, max_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[bool] = ..., ignore_eos: _Optional[bool] = ...) -> None: ...
 
 class Usage(_message.Message):
-    __slots__ = ("prompt_tokens", "completion_tokens")
+    __slots__ = ("prompt_tokens", "completion_tokens", "cached_tokens")
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     prompt_tokens: int
     completion_tokens: int
-    def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ...) -> None: ...
+    cached_tokens: int
+    def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., cached_tokens: _Optional[int] = ...) -> None: ...
 
 class Completion(_message.Message):
     __slots__ = ("output_ids", "text", "finish_reason", "logprobs", "usage")
@@ -179,7 +181,7 @@ class StageInfo(_message.Message):
     def __init__(self, index: _Optional[int] = ..., start_layer: _Optional[int] = ..., end_layer: _Optional[int] = ...) -> None: ...
 
 class ModelInfoResponse(_message.Message):
-    __slots__ = ("model_name", "task", "num_layers", "hidden_size", "vocab_size", "num_experts", "num_experts_per_tok", "attn_layer_period", "attn_layer_offset", "max_context", "stages", "labels", "num_slots", "quantize")
+    __slots__ = ("model_name", "task", "num_layers", "hidden_size", "vocab_size", "num_experts", "num_experts_per_tok", "attn_layer_period", "attn_layer_offset", "max_context", "stages", "labels", "num_slots", "quantize", "block_size", "num_blocks", "num_snapshots", "prefix_cache")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     TASK_FIELD_NUMBER: _ClassVar[int]
     NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
@@ -194,6 +196,10 @@ class ModelInfoResponse(_message.Message):
     LABELS_FIELD_NUMBER: _ClassVar[int]
     NUM_SLOTS_FIELD_NUMBER: _ClassVar[int]
     QUANTIZE_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    NUM_SNAPSHOTS_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHE_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     task: str
     num_layers: int
@@ -208,4 +214,8 @@ class ModelInfoResponse(_message.Message):
     labels: _containers.RepeatedScalarFieldContainer[str]
     num_slots: int
     quantize: str
-    def __init__(self, model_name: _Optional[str] = ..., task: _Optional[str] = ..., num_layers: _Optional[int] = ..., hidden_size: _Optional[int] = ..., vocab_size: _Optional[int] = ..., num_experts: _Optional[int] = ..., num_experts_per_tok: _Optional[int] = ..., attn_layer_period: _Optional[int] = ..., attn_layer_offset: _Optional[int] = ..., max_context: _Optional[int] = ..., stages: _Optional[_Iterable[_Union[StageInfo, _Mapping]]] = ..., labels: _Optional[_Iterable[str]] = ..., num_slots: _Optional[int] = ..., quantize: _Optional[str] = ...) -> None: ...
+    block_size: int
+    num_blocks: int
+    num_snapshots: int
+    prefix_cache: bool
+    def __init__(self, model_name: _Optional[str] = ..., task: _Optional[str] = ..., num_layers: _Optional[int] = ..., hidden_size: _Optional[int] = ..., vocab_size: _Optional[int] = ..., num_experts: _Optional[int] = ..., num_experts_per_tok: _Optional[int] = ..., attn_layer_period: _Optional[int] = ..., attn_layer_offset: _Optional[int] = ..., max_context: _Optional[int] = ..., stages: _Optional[_Iterable[_Union[StageInfo, _Mapping]]] = ..., labels: _Optional[_Iterable[str]] = ..., num_slots: _Optional[int] = ..., quantize: _Optional[str] = ..., block_size: _Optional[int] = ..., num_blocks: _Optional[int] = ..., num_snapshots: _Optional[int] = ..., prefix_cache: _Optional[bool] = ...) -> None: ...

@@ -1,13 +1,22 @@
-"""The hybrid cache of one stage: a fixed pool of sequence slots.
+"""The hybrid cache of one stage: sequence slots for the Mamba state, KV blocks for attention.
 
-Every sequence being served owns one slot. For each layer the stage holds:
+For each layer the stage holds:
 
-    attention layer:  k, v        (S, max_seq_len, n_kv_heads, head_dim)   model dtype
-    Mamba layer:      conv        (S, d_inner, d_conv - 1)                 model dtype
-                      ssm         (S, d_inner, d_state)                    float32
+    attention layer:  k, v        (num_blocks, block_size, n_kv_heads, head_dim)   model dtype
+    Mamba layer:      conv        (S + P, d_inner, d_conv - 1)                     model dtype
+                      ssm         (S + P, d_inner, d_state)                        float32
 
-S is the number of slots. A Mamba layer's state has a fixed size whatever the context length,
-which is why Jamba's cache is small: only one layer in `attn_layer_period` grows with context.
+S is the number of sequence slots: every sequence being served owns one, and its Mamba states
+live there (a fixed size whatever the context length, which is why Jamba's cache is small).
+Attention KV is *paged*: a sequence's keys and values sit in the blocks listed in its row of
+`block_tables` (token p in block `block_tables[slot, p // block_size]`, at `p % block_size`),
+so memory is taken as tokens arrive and a slot reserves nothing for tokens it never sees.
+The P entries after the slots are Mamba-state snapshots for the prefix cache (stages/paging.py
+says which block and snapshot ids a sequence uses; the scan kernels write snapshots mid-chunk).
+
+Blocks are either given by the caller (`set_blocks`; the scheduler decides, so that every
+stage of a pipeline agrees) or, with `manage_blocks=True`, taken by the cache itself as a
+forward needs them and returned by `free`: what direct calls of a stage (tests, warm-up) use.
 
 The cache lives outside the layers, so a forward call can mix rows from any slots, and a
 stage in a pipeline owns exactly the cache of its own layers. `lengths[slot]` is the number
@@ -21,10 +30,13 @@ from dataclasses import dataclass
 import torch
 
 from .config import JambaConfig
+from .paging import blocks_for
+
+DEFAULT_BLOCK_SIZE = 64
 
 
 class CacheFullError(RuntimeError):
-    """No free slot, or a sequence would outgrow `max_seq_len`."""
+    """No free slot or block, or a sequence would outgrow `max_seq_len`."""
 
 
 @dataclass
@@ -38,8 +50,13 @@ class ForwardBatch:
     seq_lens: torch.Tensor  # (B,) int64 new tokens of each row
     start_pos: torch.Tensor  # (B,) int64 tokens already cached for each row
     cu_seqlens: torch.Tensor  # (B+1,) int64
-    token_slot: torch.Tensor  # (T,) slot of each packed token
     token_pos: torch.Tensor  # (T,) absolute position of each packed token
+    token_block: torch.Tensor  # (T,) KV block each packed token is written to
+    token_offset: torch.Tensor  # (T,) its place in that block
+    block_tables: torch.Tensor  # (B, max blocks of a row in this call) the rows' block tables
+    # Mamba snapshots to take (prefix cache): after packed token snap_tok[k], into pool entry snap_dst[k].
+    snap_tok: torch.Tensor | None
+    snap_dst: torch.Tensor | None
     # Python copies, so layers can loop over rows without device syncs.
     slots_list: list[int]
     seq_lens_list: list[int]
@@ -59,13 +76,23 @@ class HybridCache:
         max_seq_len: int,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
+        block_size: int = DEFAULT_BLOCK_SIZE,
+        num_blocks: int | None = None,
+        num_snapshots: int = 0,
+        manage_blocks: bool = True,
     ) -> None:
-        if num_slots < 1 or max_seq_len < 1:
-            raise ValueError("num_slots and max_seq_len must be positive")
+        if num_slots < 1 or max_seq_len < 1 or block_size < 1 or num_snapshots < 0:
+            raise ValueError("num_slots, max_seq_len and block_size must be positive, num_snapshots >= 0")
         self.config, self.layers = config, layers
-        self.num_slots, self.max_seq_len = num_slots, max_seq_len
+        self.num_slots, self.max_seq_len, self.block_size = num_slots, max_seq_len, block_size
+        self.max_blocks = blocks_for(max_seq_len, block_size)  # block table width
+        # Default: as many blocks as contiguous slots of max_seq_len would take (no saving, no waiting).
+        self.num_blocks = num_slots * self.max_blocks if num_blocks is None else num_blocks
+        if self.num_blocks < 1:
+            raise ValueError("num_blocks must be positive")
+        self.num_snapshots, self.manage_blocks = num_snapshots, manage_blocks
         self.dtype, self.device = dtype, torch.device(device)
-        c = config
+        c, pool = config, num_slots + num_snapshots
         self.k: dict[int, torch.Tensor] = {}
         self.v: dict[int, torch.Tensor] = {}
         self.conv: dict[int, torch.Tensor] = {}
@@ -74,14 +101,23 @@ class HybridCache:
             if c.is_attention(i):
                 # Zeroed, not empty: a batched decode reads (masked) keys past a row's length,
                 # and uninitialised memory may hold NaN, which survives a zero attention weight.
-                shape = (num_slots, max_seq_len, c.num_key_value_heads, c.head_dim)
+                shape = (self.num_blocks, block_size, c.num_key_value_heads, c.head_dim)
                 self.k[i] = torch.zeros(shape, dtype=dtype, device=self.device)
                 self.v[i] = torch.zeros(shape, dtype=dtype, device=self.device)
             else:
-                self.conv[i] = torch.zeros(num_slots, c.mamba_d_inner, c.mamba_d_conv - 1, dtype=dtype, device=self.device)
-                self.ssm[i] = torch.zeros(num_slots, c.mamba_d_inner, c.mamba_d_state, dtype=torch.float32, device=self.device)
+                self.conv[i] = torch.zeros(pool, c.mamba_d_inner, c.mamba_d_conv - 1, dtype=dtype, device=self.device)
+                self.ssm[i] = torch.zeros(pool, c.mamba_d_inner, c.mamba_d_state, dtype=torch.float32, device=self.device)
+        # Unset entries point at block 0: reads past a row's length are masked, writes never go there.
+        self.block_tables = torch.zeros(num_slots, self.max_blocks, dtype=torch.long, device=self.device)
+        self.table_lens = [0] * num_slots  # block table entries set per slot
+        self._tables_host = [[] for _ in range(num_slots)]  # the same, as Python lists (manage_blocks)
+        self._free_blocks = list(range(self.num_blocks - 1, -1, -1)) if manage_blocks else []
         self.lengths = [0] * num_slots
         self._free = set(range(num_slots))
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for d in (self.k, self.v, self.conv, self.ssm) for t in d.values())
 
     # ---- slot management ------------------------------------------------------------------
     @property
@@ -109,6 +145,10 @@ class HybridCache:
             raise ValueError(f"slot {slot} out of range 0..{self.num_slots - 1}")
         self._free.add(slot)
         self.lengths[slot] = 0
+        if self.manage_blocks:
+            self._free_blocks.extend(reversed(self._tables_host[slot]))
+            self._tables_host[slot] = []
+        self.table_lens[slot] = 0
 
     def reset(self, slot: int) -> None:
         """Forget a slot's sequence (the Mamba states must restart from zero; KV is overwritten)."""
@@ -118,9 +158,46 @@ class HybridCache:
             t[slot].zero_()
         self.lengths[slot] = 0
 
+    # ---- blocks and snapshots ---------------------------------------------------------------
+    def set_blocks(self, slot: int, index: int, blocks: list[int]) -> None:
+        """Entries index.. of the slot's block table (the caller manages blocks)."""
+        if slot in self._free or not 0 <= slot < self.num_slots:
+            raise ValueError(f"slot {slot} is not allocated")
+        if not 0 <= index <= self.table_lens[slot] or index + len(blocks) > self.max_blocks:
+            raise ValueError(f"slot {slot}: block table entries {index}..{index + len(blocks)} leave a gap or "
+                             f"exceed {self.max_blocks} blocks (max_seq_len {self.max_seq_len})")
+        if any(not 0 <= b < self.num_blocks for b in blocks):
+            raise ValueError(f"block id out of range 0..{self.num_blocks - 1}: {blocks}")
+        if blocks:
+            self.block_tables[slot, index:index + len(blocks)] = torch.tensor(blocks, dtype=torch.long)
+        self.table_lens[slot] = max(self.table_lens[slot], index + len(blocks))
+
+    def restore(self, slot: int, snapshot: int, length: int) -> None:
+        """Start the slot's Mamba states from a snapshot taken after `length` tokens (a cached
+        prefix whose KV blocks are already in the slot's block table)."""
+        if not 0 <= snapshot < self.num_snapshots:
+            raise ValueError(f"snapshot {snapshot} out of range 0..{self.num_snapshots - 1}")
+        if slot in self._free or length > self.table_lens[slot] * self.block_size:
+            raise ValueError(f"slot {slot} is not allocated or has no blocks for its {length} cached tokens")
+        src = self.num_slots + snapshot
+        for t in list(self.conv.values()) + list(self.ssm.values()):
+            t[slot] = t[src]
+        self.lengths[slot] = length
+
+    def _grow(self, slot: int, tokens: int) -> None:
+        need = blocks_for(tokens, self.block_size) - len(self._tables_host[slot])
+        if need > len(self._free_blocks):
+            raise CacheFullError(f"slot {slot} needs {need} more KV blocks, {len(self._free_blocks)} are free")
+        if need > 0:
+            new = [self._free_blocks.pop() for _ in range(need)]
+            self.set_blocks(slot, len(self._tables_host[slot]), new)
+            self._tables_host[slot].extend(new)
+
     # ---- forward bookkeeping --------------------------------------------------------------
-    def begin(self, slots: list[int], seq_lens: list[int]) -> ForwardBatch:
-        """Describe a forward call; checks the rows against the slots' state before any write."""
+    def begin(self, slots: list[int], seq_lens: list[int],
+              snapshots: list[list[tuple[int, int]]] | None = None) -> ForwardBatch:
+        """Describe a forward call; checks the rows against the slots' state before any write.
+        snapshots[b]: (offset of a token in row b, snapshot id) to copy the Mamba states into."""
         if len(slots) != len(seq_lens) or not slots:
             raise ValueError("slots and seq_lens must be non-empty and of equal length")
         if len(set(slots)) != len(slots):
@@ -135,6 +212,11 @@ class HybridCache:
                 raise CacheFullError(
                     f"slot {s}: {self.lengths[s]} cached + {n} new tokens exceeds max_seq_len {self.max_seq_len}"
                 )
+            if self.manage_blocks:
+                self._grow(s, self.lengths[s] + n)
+            elif self.lengths[s] + n > self.table_lens[s] * self.block_size:
+                raise CacheFullError(f"slot {s}: blocks for {self.table_lens[s] * self.block_size} tokens, "
+                                     f"needs {self.lengths[s] + n}")
             start.append(self.lengths[s])
         dev = self.device
         slots_t = torch.tensor(slots, dtype=torch.long, device=dev)
@@ -142,11 +224,30 @@ class HybridCache:
         start_t = torch.tensor(start, dtype=torch.long, device=dev)
         cu = torch.zeros(len(slots) + 1, dtype=torch.long, device=dev)
         torch.cumsum(lens_t, 0, out=cu[1:])
-        token_slot = torch.repeat_interleave(slots_t, lens_t)
         # position of token j of row b = start[b] + j
         offsets = torch.arange(int(cu[-1]), device=dev) - torch.repeat_interleave(cu[:-1], lens_t)
         token_pos = torch.repeat_interleave(start_t, lens_t) + offsets
-        return ForwardBatch(slots_t, lens_t, start_t, cu, token_slot, token_pos, list(slots), list(seq_lens), start)
+        nb = blocks_for(max(s + n for s, n in zip(start, seq_lens)), self.block_size)
+        tables = self.block_tables[slots_t, :nb]  # (B, nb)
+        token_row = torch.repeat_interleave(torch.arange(len(slots), device=dev), lens_t)
+        token_block = tables[token_row, token_pos // self.block_size]
+        snap_tok = snap_dst = None
+        if snapshots and any(snapshots):
+            tok, dst, cu_host = [], [], [0]
+            for n in seq_lens:
+                cu_host.append(cu_host[-1] + n)
+            for b, snaps in enumerate(snapshots):
+                for off, snap in sorted(snaps or []):
+                    if not 0 <= off < seq_lens[b] or not 0 <= snap < self.num_snapshots:
+                        raise ValueError(f"row {b}: snapshot ({off}, {snap}) out of range")
+                    tok.append(cu_host[b] + off)
+                    dst.append(self.num_slots + snap)
+            if len(set(dst)) != len(dst):
+                raise ValueError("a snapshot is written twice in one forward call")
+            snap_tok = torch.tensor(tok, dtype=torch.long, device=dev)
+            snap_dst = torch.tensor(dst, dtype=torch.long, device=dev)
+        return ForwardBatch(slots_t, lens_t, start_t, cu, token_pos, token_block, token_pos % self.block_size,
+                            tables, snap_tok, snap_dst, list(slots), list(seq_lens), start)
 
     def commit(self, batch: ForwardBatch) -> None:
         for s, n in zip(batch.slots_list, batch.seq_lens_list):
@@ -162,3 +263,15 @@ class HybridCache:
             else:
                 total += c.mamba_d_inner * (c.mamba_d_conv - 1) * dtype_bytes + c.mamba_d_inner * c.mamba_d_state * 4
         return total
+
+    @staticmethod
+    def bytes_per_block(config: JambaConfig, layers: range, block_size: int, dtype_bytes: int = 2) -> int:
+        """K and V of one block in every attention layer of `layers`."""
+        c = config
+        n_attn = sum(1 for i in layers if c.is_attention(i))
+        return n_attn * 2 * block_size * c.num_key_value_heads * c.head_dim * dtype_bytes
+
+    @staticmethod
+    def bytes_per_snapshot(config: JambaConfig, layers: range, dtype_bytes: int = 2) -> int:
+        """Conv and SSM states of every Mamba layer of `layers`: one slot's, or one snapshot's."""
+        return HybridCache.bytes_per_slot(config, [i for i in layers if not config.is_attention(i)], 0, dtype_bytes)

@@ -74,33 +74,35 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(T, self.n_heads, self.head_dim)
         k = self.k_proj(x).view(T, self.n_kv, self.head_dim)
         v = self.v_proj(x).view(T, self.n_kv, self.head_dim)
-        k_cache, v_cache = cache.k[self.layer], cache.v[self.layer]  # (S, M, n_kv, hd)
-        k_cache[b.token_slot, b.token_pos] = k.to(k_cache.dtype)
-        v_cache[b.token_slot, b.token_pos] = v.to(v_cache.dtype)
+        k_cache, v_cache = cache.k[self.layer], cache.v[self.layer]  # (num_blocks, block_size, n_kv, hd)
+        k_cache[b.token_block, b.token_offset] = k.to(k_cache.dtype)
+        v_cache[b.token_block, b.token_offset] = v.to(v_cache.dtype)
 
         out = torch.empty_like(q)  # (T, n_heads, hd)
         if b.all_decode:
-            # One batched call: each row's single query attends to its slot's whole prefix.
-            n_keys = max(b.start_pos_list) + 1
-            keys = k_cache[b.slots, :n_keys].transpose(1, 2)  # (B, n_kv, n_keys, hd)
-            vals = v_cache[b.slots, :n_keys].transpose(1, 2)
-            mask = torch.arange(n_keys, device=x.device)[None, :] <= b.start_pos[:, None]  # (B, n_keys)
+            # One batched call: each row's single query attends to its whole prefix, gathered
+            # from its blocks (the same copy the contiguous cache made, block-granular).
+            keys = k_cache[b.block_tables].flatten(1, 2).transpose(1, 2)  # (B, n_kv, nb * block_size, hd)
+            vals = v_cache[b.block_tables].flatten(1, 2).transpose(1, 2)
+            mask = torch.arange(keys.shape[2], device=x.device)[None, :] <= b.start_pos[:, None]  # (B, keys)
             o = F.scaled_dot_product_attention(
                 q[:, :, None, :], keys, vals, attn_mask=mask[:, None, None, :], enable_gqa=True
             )  # (B, n_heads, 1, hd)
             out = o[:, :, 0, :]
         else:
             # Prefill chunks differ in length; attend row by row (few attention layers, long rows).
-            for row, (slot, n, start) in enumerate(zip(b.slots_list, b.seq_lens_list, b.start_pos_list)):
-                lo = int(b.cu_seqlens[row])
+            bs = cache.block_size
+            for row, (n, start) in enumerate(zip(b.seq_lens_list, b.start_pos_list)):
+                lo, L = int(b.cu_seqlens[row]), start + n
+                blocks = b.block_tables[row, : -(-L // bs)]
                 qr = q[lo : lo + n].transpose(0, 1)[None]  # (1, n_heads, n, hd)
-                kr = k_cache[slot, : start + n].transpose(0, 1)[None]  # (1, n_kv, start+n, hd)
-                vr = v_cache[slot, : start + n].transpose(0, 1)[None]
+                kr = k_cache[blocks].flatten(0, 1)[:L].transpose(0, 1)[None]  # (1, n_kv, start+n, hd)
+                vr = v_cache[blocks].flatten(0, 1)[:L].transpose(0, 1)[None]
                 if start == 0:
                     o = F.scaled_dot_product_attention(qr, kr, vr, is_causal=True, enable_gqa=True)
                 else:
                     # Query j sits at position start+j and sees keys 0..start+j.
-                    mask = torch.arange(start + n, device=x.device)[None, :] <= (start + torch.arange(n, device=x.device))[:, None]
+                    mask = torch.arange(L, device=x.device)[None, :] <= (start + torch.arange(n, device=x.device))[:, None]
                     o = F.scaled_dot_product_attention(qr, kr, vr, attn_mask=mask, enable_gqa=True)
                 out[lo : lo + n] = o[0].transpose(0, 1)
         return self.o_proj(out.reshape(T, -1))
@@ -128,7 +130,8 @@ class MambaMixer(nn.Module):
     def forward(self, x: torch.Tensor, cache: HybridCache, b: ForwardBatch) -> torch.Tensor:
         xs, z = self.in_proj(x).chunk(2, dim=-1)  # (T, d_inner) each
         u = causal_conv1d_varlen(
-            xs.contiguous(), self.conv1d.weight[:, 0, :], self.conv1d.bias, cache.conv[self.layer], b.cu_seqlens, b.slots
+            xs.contiguous(), self.conv1d.weight[:, 0, :], self.conv1d.bias, cache.conv[self.layer], b.cu_seqlens, b.slots,
+            snap_tok=b.snap_tok, snap_dst=b.snap_dst,
         )  # (T, d_inner), SiLU applied
         dt, B, C = self.x_proj(u).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt, B, C = self.dt_layernorm(dt), self.b_layernorm(B), self.c_layernorm(C)
@@ -136,7 +139,8 @@ class MambaMixer(nn.Module):
         delta = F.softplus(self.dt_proj.matmul(dt) + self.dt_proj.bias).float()  # (T, d_inner)
         A = -torch.exp(self.A_log.float())  # (d_inner, d_state)
         y = selective_scan_varlen(
-            u, delta, A, B.contiguous(), C.contiguous(), self.D.float(), z.contiguous(), cache.ssm[self.layer], b.cu_seqlens, b.slots
+            u, delta, A, B.contiguous(), C.contiguous(), self.D.float(), z.contiguous(), cache.ssm[self.layer], b.cu_seqlens, b.slots,
+            snap_tok=b.snap_tok, snap_dst=b.snap_dst,
         )  # (T, d_inner)
         return self.out_proj(y.to(x.dtype))
 
@@ -261,9 +265,10 @@ class JambaStage(nn.Module):
     def layer_range(self) -> range:
         return range(self.start, self.end)
 
-    def make_cache(self, num_slots: int, max_seq_len: int) -> HybridCache:
+    def make_cache(self, num_slots: int, max_seq_len: int, **paging) -> HybridCache:
+        """This stage's cache; `paging`: block_size, num_blocks, num_snapshots, manage_blocks."""
         p = next(self.parameters())
-        return HybridCache(self.config, self.layer_range, num_slots, max_seq_len, dtype=p.dtype, device=p.device)
+        return HybridCache(self.config, self.layer_range, num_slots, max_seq_len, dtype=p.dtype, device=p.device, **paging)
 
     @torch.inference_mode()
     def forward(
@@ -273,12 +278,14 @@ class JambaStage(nn.Module):
         slots: list[int],
         seq_lens: list[int],
         output_index: torch.Tensor | None = None,
+        snapshots: list[list[tuple[int, int]]] | None = None,
     ) -> torch.Tensor:
         """One packed step through this stage's layers.
 
         x: (T,) token ids on the first stage, else (T, hidden) activations from the previous stage.
         Rows are consecutive runs of `seq_lens[b]` tokens, written to cache slot `slots[b]`.
-        Returns (T, hidden) activations, or on the last stage the head's output for the packed
+        `snapshots[b]` lists (offset in row b, snapshot id): copy the Mamba states after that token
+        into the snapshot (the prefix cache; see stages/paging.py). Returns (T, hidden) activations, or on the last stage the head's output for the packed
         token positions `output_index` (default: each row's last token): (K, vocab) or (K, labels).
         """
         device = self.model.layers[str(self.start)].input_layernorm.weight.device
@@ -293,7 +300,7 @@ class JambaStage(nn.Module):
                 raise ValueError("the first stage takes a 1-D tensor of token ids")
             if T and (int(x.min()) < 0 or int(x.max()) >= self.config.vocab_size):
                 raise ValueError(f"token id out of range [0, {self.config.vocab_size})")
-        b = cache.begin(slots, seq_lens)
+        b = cache.begin(slots, seq_lens, snapshots)
         h = self.model.embed_tokens(x) if self.is_first else x
         for layer in self.model.layers.values():
             h = layer(h, cache, b)

@@ -9,7 +9,12 @@ and what the last stage should return for it:
 
     header = {"free": [slot, ...],
               "alloc": [slot, ...],
+              "blocks": [[slot, index, block, block, ...], ...],   block table entries index.. of a slot
+              "restore": [[slot, snapshot, n_tokens], ...],         start from a cached prefix
+              "snapshots": [[row, offset, snapshot], ...],          Mamba states after that token
               "rows": [[slot, n_tokens, mode, arg], ...]}
+
+(blocks, restore and snapshots are optional; stages/paging.py explains them.)
 
     mode "none"     arg None                        nothing (a prompt chunk that is not the last)
          "sample"   arg [temperature, top_k, top_p, seed, step]
@@ -60,12 +65,14 @@ class StageWorker:
         dtype: str | None = None,
         device: str = "cpu",
         quantize: str | None = None,
+        paging: dict | None = None,
     ) -> None:
         if threads:
             torch.set_num_threads(threads)
         t0 = time.perf_counter()
         self.stage, stats = load_stage(model_dir, start, end, dtype=dtype, device=device, quantize=quantize)
-        self.cache = self.stage.make_cache(num_slots, max_seq_len)
+        # The scheduler hands out blocks and snapshots (paging: block_size, num_blocks, num_snapshots).
+        self.cache = self.stage.make_cache(num_slots, max_seq_len, manage_blocks=False, **(paging or {}))
         p = next(self.stage.parameters())
         self.is_last, self.hidden_size = self.stage.is_last, self.stage.config.hidden_size
         self.dtype, self.device = p.dtype, p.device
@@ -80,7 +87,9 @@ class StageWorker:
 
     def info(self) -> dict:
         return dict(self.load_info, busy_seconds=self.busy_seconds, steps=self.steps,
-                    used_slots=self.cache.used_slots, num_slots=self.cache.num_slots, rss_bytes=_rss_bytes())
+                    used_slots=self.cache.used_slots, num_slots=self.cache.num_slots, rss_bytes=_rss_bytes(),
+                    block_size=self.cache.block_size, num_blocks=self.cache.num_blocks,
+                    num_snapshots=self.cache.num_snapshots, cache_bytes=self.cache.nbytes)
 
     def step(self, h: dict, x: torch.Tensor):
         t0 = time.perf_counter()
@@ -88,18 +97,27 @@ class StageWorker:
             self.cache.free(slot)
         for slot in h["alloc"]:
             self.cache.allocate(slot)
+        for slot, index, *blocks in h.get("blocks", ()):
+            self.cache.set_blocks(slot, index, blocks)
+        for slot, snapshot, n in h.get("restore", ()):
+            self.cache.restore(slot, snapshot, n)
         rows = h["rows"]
+        snaps = None
+        if h.get("snapshots"):
+            snaps = [[] for _ in rows]
+            for row, offset, snapshot in h["snapshots"]:
+                snaps[row].append((offset, snapshot))
         if not rows:
             out = msgpack.packb([]) if self.is_last else x
         elif not self.is_last:
-            out = self.stage(x, self.cache, [r[0] for r in rows], [r[1] for r in rows])
+            out = self.stage(x, self.cache, [r[0] for r in rows], [r[1] for r in rows], snapshots=snaps)
         else:
-            out = msgpack.packb(self._last_stage(x, rows))
+            out = msgpack.packb(self._last_stage(x, rows, snaps))
         self.busy_seconds += time.perf_counter() - t0
         self.steps += 1
         return out
 
-    def _last_stage(self, x: torch.Tensor, rows: list) -> list:
+    def _last_stage(self, x: torch.Tensor, rows: list, snaps) -> list:
         # Which packed positions each row wants the head applied to.
         index, base, spans = [], 0, []
         for slot, n, mode, arg in rows:
@@ -113,7 +131,7 @@ class StageWorker:
             spans.append((lo, len(index)))
             base += n
         out = self.stage(x, self.cache, [r[0] for r in rows], [r[1] for r in rows],
-                         output_index=torch.tensor(index, dtype=torch.long))
+                         output_index=torch.tensor(index, dtype=torch.long), snapshots=snaps)
         results: list = [None] * len(rows)
         sampling = [(k, r) for k, r in enumerate(rows) if r[2] == "sample"]
         if sampling:

@@ -1,5 +1,7 @@
 """Stage failure recovery: a stage process killed mid-stream is restarted by Ray, the scheduler
-replays every live request, and every stream completes token-identical to an undisturbed run."""
+replays every live request, and every stream completes token-identical to an undisturbed run.
+The prompts share a prefix of several blocks, so the prefix cache is in use when the stage dies
+and must be forgotten: the restarted stage's blocks and snapshots are empty."""
 
 from __future__ import annotations
 
@@ -25,12 +27,13 @@ def model(models):
 @pytest.mark.parametrize("victim", [0, 1])
 def test_killed_stage_recovers_with_identical_streams(ray_cluster, model, victim):
     tok = Tokenizer.from_dir(model)
-    prompts = [tok.encode(f"Stream number {i} says") for i in range(16)]
-    want = LocalRunner(load_stage(model)[0], tok).generate(prompts, [stream_params(i) for i in range(16)])
+    shared = tok.encode("Every stream begins with the same long preamble, which the prefix cache keeps: " * 3)
+    prompts = [shared + tok.encode(f"Stream number {i} says")[1:] for i in range(16)]
+    want = LocalRunner(load_stage(model)[0], tok, prefix_cache=False).generate(prompts, [stream_params(i) for i in range(16)])
 
     async def run():
         pipe = await Pipeline.start(PipelineConfig(str(model), num_stages=2, layer_split="4,4", cpus_per_stage=0.25,
-                                                   max_batch_tokens=64))
+                                                   max_batch_tokens=64, block_size=16))
         try:
             pid = pipe.stage_info[victim]["pid"]
             tokens, finals = await streams_through_a_fault(
@@ -43,6 +46,7 @@ def test_killed_stage_recovers_with_identical_streams(ray_cluster, model, victim
 
     tokens, finals, stats, infos, pid = asyncio.run(run())
     assert stats["recoveries"] == 1
+    assert stats["cache"]["cached_tokens"] >= 15 * 16  # the preamble was computed once, before and after
     assert infos[victim]["pid"] != pid  # a new process took the stage over
     for i, (got, fin, w) in enumerate(zip(tokens, finals, want)):
         assert not isinstance(fin, BaseException), fin
