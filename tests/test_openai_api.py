@@ -168,6 +168,23 @@ def test_logprobs_echo_and_n(base_url, models, tmp_path):
     assert streamed == {i: three.choices[i].text for i in range(3)}
 
 
+def test_cached_tokens_in_usage(base_url):
+    """usage.prompt_tokens_details.cached_tokens, as OpenAI reports prompt caching: the second
+    time a long prompt comes, its full blocks come from the prefix cache; the answer is the same."""
+    c = client(base_url)
+    prompt = "A question asked twice, about the tides of a long grey sea, " * 9
+    kw = dict(model="lm", prompt=prompt, max_tokens=5, temperature=0)
+    first, again = c.completions.create(**kw), c.completions.create(**kw)
+    assert again.choices[0].text == first.choices[0].text
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    hit = (first.usage.prompt_tokens - 1) // 64 * 64
+    assert hit >= 128 and again.usage.prompt_tokens_details.cached_tokens == hit
+    chat = dict(model="lm", messages=[{"role": "user", "content": prompt}], max_tokens=3, temperature=0)
+    c.chat.completions.create(**chat)
+    chunks = list(c.chat.completions.create(**chat, stream=True, stream_options={"include_usage": True}))
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens >= 128
+
+
 def test_models_and_health(base_url):
     c = client(base_url)
     assert [m.id for m in c.models.list().data] == ["lm"]

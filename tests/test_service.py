@@ -91,6 +91,27 @@ def test_model_info(service):
     assert info.task == "causal-lm" and info.num_layers == 8
     assert [(s.start_layer, s.end_layer) for s in info.stages] == [(0, 3), (3, 8)]
     assert info.quantize == ""  # weights as stored (jamba serve --quantize would name the mode)
+    # the paged KV cache and the prefix cache, at their defaults for 40 slots of this model's 4096 tokens
+    assert (info.block_size, info.num_blocks, info.num_snapshots, info.prefix_cache) == (64, 40 * 64, 80, True)
+    assert info.max_context == 4096
+
+
+def test_prefix_cache_hits_are_reported_in_usage(service, reference):
+    """A prompt sent again takes its full blocks from the prefix cache, says so in its usage, and
+    gets the same tokens; one that shares nothing is computed in full."""
+    ref, _, tok = reference
+    prompt = tok.encode("A question asked twice, about the tides of a long grey sea, " * 9)
+    assert len(prompt) > 130
+    want = ref.generate([prompt], [SamplingParams(max_new_tokens=6, ignore_eos=True)])[0]
+    with JambaClient(service, application="lm", timeout=120) as c:
+        first = c.generate([prompt], max_new_tokens=6, ignore_eos=True)[0]
+        again = c.generate([prompt], max_new_tokens=6, ignore_eos=True)[0]
+        stream = c.generate_stream(prompt, max_new_tokens=6, ignore_eos=True)
+        list(stream)
+    assert first.output_ids == again.output_ids == stream.completion.output_ids == want.output_ids
+    assert first.cached_tokens == 0 and first.prompt_tokens == len(prompt)
+    hit = (len(prompt) - 1) // 64 * 64  # whole blocks short of the last token
+    assert again.cached_tokens == hit and stream.completion.cached_tokens == hit
 
 
 BAD = [  # (application, call, kwargs, code, message fragment)

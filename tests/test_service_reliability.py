@@ -107,6 +107,12 @@ def test_metrics_count_requests_by_status(service):
                 return float(line.rsplit(" ", 1)[1])
         return None
 
+    long = "The same long prompt, sent twice, so that its blocks come from the prefix cache. " * 5
+    with JambaClient(service, application="tiny", timeout=120) as c:
+        for _ in range(2):
+            c.generate([long], max_new_tokens=1)
+    assert until(lambda: (sample("ray_jamba_prefix_cache_hits_total") or 0) >= 64, what="prefix-cache hits")
+    assert sample("ray_jamba_prefix_cache_queries_total") >= 2 * 64
     assert until(lambda: (sample("ray_jamba_requests_total", 'code="RESOURCE_EXHAUSTED"', 'method="Generate"') or 0) >= 1,
                   what="the refusal to be counted")
     assert until(lambda: (sample("ray_jamba_requests_total", 'code="OK"', 'method="GenerateStream"') or 0) >= 1,
