@@ -10,16 +10,15 @@
    sequence in the cache memory that today's contiguous slots would take for 8 sequences;
    counted with the real allocators (a HybridCache allocated at that size, blocks taken by
    the BlockManager as the scheduler takes them), no forward passes.
-3. Decode: tokens/s of batched decode steps (batch 8 and 32, 512-token contexts), through a
-   full-model stage and through the single-process runner, in this tree and in a git worktree
-   of --baseline-ref (the last commit before paging), alternating, in the same run.
+3. Decode: tokens/s of batched decode steps (batch 8 and 32, 512-token contexts) through a
+   full-model stage, in this tree and in a git worktree of --baseline-ref (the last commit
+   before paging): two live processes that take turns, burst by burst, in the same run.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import statistics
 import subprocess
@@ -121,58 +120,61 @@ def memory(long_len: int = 65536, short_len: int = 512, slots_today: int = 8, bl
 
 
 # ---- 3. decode, this tree against a baseline ------------------------------------------------------
-DECODE_SNIPPET = r"""
-import json, sys, time, torch
+# One worker process per tree, both alive for the whole measurement: the parent has them run
+# bursts of decode steps in turn, so the drift of this noisy machine falls on both alike.
+DECODE_WORKER = r"""
+import sys, time, torch
 from stages.loading import load_stage
-from stages.runner import LocalRunner
-from stages.sampling import SamplingParams
-torch.set_num_threads(2)
-model, batch, ctx, steps = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+torch.set_num_threads(int(sys.argv[4]))
+model, batch, ctx = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 stage = load_stage(model)[0]
 g = torch.Generator().manual_seed(0)
 prompts = [torch.randint(3, 8000, (ctx,), generator=g).tolist() for _ in range(batch)]
-cache = stage.make_cache(batch, ctx + steps + 8)
+cache = stage.make_cache(batch, ctx + 4096)
 slots = [cache.allocate() for _ in prompts]
 for s, p in zip(slots, prompts):
     stage(torch.tensor(p), cache, [s], [len(p)])
 tok = torch.randint(3, 8000, (batch,), generator=g)
-stage(tok, cache, slots, [1] * batch)
-t0 = time.perf_counter()
-for _ in range(steps):
-    stage(tok, cache, slots, [1] * batch)
-stage_tps = batch * steps / (time.perf_counter() - t0)
-runner = LocalRunner(stage, num_slots=batch)
-params = [SamplingParams(max_new_tokens=steps, ignore_eos=True) for _ in prompts]
-short = [p[:16] for p in prompts]
-runner.generate(short, [SamplingParams(max_new_tokens=4, ignore_eos=True) for _ in prompts])
-t0 = time.perf_counter()
-runner.generate(short, params)
-runner_tps = batch * steps / (time.perf_counter() - t0)
-print(json.dumps({"stage": stage_tps, "runner": runner_tps}))
+for line in sys.stdin:
+    steps = int(line)
+    for s in slots:  # decode at the same context every burst
+        cache.lengths[s] = ctx
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        stage(tok, cache, slots, [1] * batch)
+    print(time.perf_counter() - t0, flush=True)
 """
 
 
-def decode_once(tree: Path, model: Path, batch: int, ctx: int, steps: int) -> dict:
-    env = dict(os.environ, PYTHONPATH=str(tree))
-    out = subprocess.run([sys.executable, "-c", DECODE_SNIPPET, str(model), str(batch), str(ctx), str(steps)],
-                         cwd=tree, env=env, capture_output=True, text=True, timeout=900)
-    if out.returncode:
-        raise RuntimeError(out.stderr[-2000:])
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-def decode(model: Path, baseline: Path, batches: list[int], ctx: int, steps: int, repeats: int) -> list[dict]:
+def decode(model: Path, baseline: Path, batches: list[int], ctx: int, rounds: int, steps: int = 8,
+           threads: int = 2) -> list[dict]:
     rows = []
     for batch in batches:
-        runs = {"paged": [], "baseline": []}
-        for _ in range(repeats):  # alternate, so drift on this noisy machine hits both alike
-            for name, tree in (("baseline", baseline), ("paged", REPO)):
-                runs[name].append(decode_once(tree, model, batch, ctx, steps))
-                print(f"  decode batch {batch} {name}: {runs[name][-1]}", file=sys.stderr)
-        # Noise here only ever slows a run down, so the best run is the steadier estimate; medians beside it.
-        for stat, fn in (("best", max), ("median", statistics.median)):
-            agg = {name: {k: fn(r[k] for r in rs) for k in ("stage", "runner")} for name, rs in runs.items()}
-            rows.append({"batch": batch, "stat": stat, **{f"{n}_{k}": v for n, d in agg.items() for k, v in d.items()}})
+        procs = {}
+        for name, tree in (("baseline", baseline), ("paged", REPO)):
+            procs[name] = subprocess.Popen(
+                [sys.executable, "-c", DECODE_WORKER, str(model), str(batch), str(ctx), str(threads)],
+                cwd=tree, env=dict(os.environ, PYTHONPATH=str(tree)), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                text=True)
+        seconds = {name: [] for name in procs}
+        try:
+            for r in range(rounds + 1):  # round 0 warms both up
+                for name, proc in procs.items():
+                    proc.stdin.write(f"{steps}\n")
+                    proc.stdin.flush()
+                    took = float(proc.stdout.readline())
+                    if r:
+                        seconds[name].append(took)
+        finally:
+            for proc in procs.values():
+                proc.stdin.close()
+                proc.wait(timeout=60)
+        tps = {name: [batch * steps / t for t in ts] for name, ts in seconds.items()}
+        ratios = [p / b for p, b in zip(tps["paged"], tps["baseline"])]  # burst by burst, side by side
+        rows.append({"batch": batch, "baseline": statistics.median(tps["baseline"]),
+                     "paged": statistics.median(tps["paged"]), "ratio": statistics.median(ratios),
+                     "ratio_q1": pct(ratios, 0.25), "ratio_q3": pct(ratios, 0.75)})
+        print(f"  decode batch {batch}: {rows[-1]}", file=sys.stderr)
     return rows
 
 
@@ -182,7 +184,7 @@ def main() -> None:
     ap.add_argument("--system", type=int, default=2048)
     ap.add_argument("--question", type=int, default=32)
     ap.add_argument("--baseline-ref", default="b7be7d2", help="commit of the contiguous cache (before paging)")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=40, help="bursts of decode steps per tree and batch size")
     ap.add_argument("--batch", type=int, action="append", default=None, help="decode batch sizes (default 8 and 32)")
     ap.add_argument("--skip", action="append", default=[], choices=["prefix", "memory", "decode"])
     args = ap.parse_args()
@@ -221,16 +223,15 @@ def main() -> None:
             base = Path(tmp) / "baseline"
             subprocess.run(["git", "worktree", "add", "--detach", "-q", str(base), args.baseline_ref], cwd=REPO, check=True)
             try:
-                rows = decode(model, base, args.batch or [8, 32], 512, 32, args.repeats)
+                rows = decode(model, base, args.batch or [8, 32], 512, args.rounds)
             finally:
                 subprocess.run(["git", "worktree", "remove", "--force", str(base)], cwd=REPO, check=False)
-            print(f"\n### Decode, 512-token contexts, 2 threads ({args.repeats} runs each, alternating)\n")
-            print("| batch | of runs | stage tok/s before | stage tok/s paged | ratio | runner tok/s before | runner tok/s paged | ratio |")
-            print("|---:|---|---:|---:|---:|---:|---:|---:|")
+            print(f"\n### Decode, 512-token contexts, 2 threads ({args.rounds} alternating bursts of 8 steps)\n")
+            print("| batch | tok/s before (contiguous) | tok/s paged | paged / before, median of bursts | quartiles |")
+            print("|---:|---:|---:|---:|---:|")
             for r in rows:
-                print(f"| {r['batch']} | {r['stat']} | {r['baseline_stage']:.0f} | {r['paged_stage']:.0f} | "
-                      f"{r['paged_stage'] / r['baseline_stage']:.2f}x | {r['baseline_runner']:.0f} | "
-                      f"{r['paged_runner']:.0f} | {r['paged_runner'] / r['baseline_runner']:.2f}x |")
+                print(f"| {r['batch']} | {r['baseline']:.0f} | {r['paged']:.0f} | {r['ratio']:.3f}x | "
+                      f"{r['ratio_q1']:.2f}-{r['ratio_q3']:.2f} |")
 
 
 if __name__ == "__main__":

@@ -360,18 +360,17 @@ class Scheduler:
 
     def _reset(self, req: _Request) -> None:
         """Forget `req`'s place in the caches; it will be replayed from its first token."""
-        if req.pages is not None:
-            self.pages.release(req.pages)
-        if req.slot >= 0:
-            self.to_free.append(req.slot)
-            self.free_slots.append(req.slot)
-            req.slot = -1
+        self._give_back(req)
         req.fed, req.in_flight, req.scores, req.sent_blocks = 0, False, [], 0
 
     def _release(self, req: _Request) -> None:
         if req in self.active:
             self.active.remove(req)
             self.finished_at.append(time.time())
+        self._give_back(req)
+
+    def _give_back(self, req: _Request) -> None:
+        """Return `req`'s blocks and slot (the stages free the slot with the next microbatch)."""
         if req.pages is not None:
             self.pages.release(req.pages)
         if req.slot >= 0:

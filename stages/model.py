@@ -80,15 +80,19 @@ class Attention(nn.Module):
 
         out = torch.empty_like(q)  # (T, n_heads, hd)
         if b.all_decode:
-            # One batched call: each row's single query attends to its whole prefix, gathered
-            # from its blocks (the same copy the contiguous cache made, block-granular).
-            keys = k_cache[b.block_tables].flatten(1, 2).transpose(1, 2)  # (B, n_kv, nb * block_size, hd)
-            vals = v_cache[b.block_tables].flatten(1, 2).transpose(1, 2)
-            mask = torch.arange(keys.shape[2], device=x.device)[None, :] <= b.start_pos[:, None]  # (B, keys)
-            o = F.scaled_dot_product_attention(
-                q[:, :, None, :], keys, vals, attn_mask=mask[:, None, None, :], enable_gqa=True
-            )  # (B, n_heads, 1, hd)
-            out = o[:, :, 0, :]
+            # One query per row against its whole prefix, gathered from its blocks. Written as
+            # two batched matmuls over each KV head's group of query heads: SDPA's CPU path for
+            # this (GQA, a mask, strided keys) expands K and V to every query head, and took 10x
+            # longer (BENCHMARKS.md, issue 16). Softmax in float32, as transformers' eager path.
+            B, G = T, self.n_heads // self.n_kv
+            keys = k_cache[b.block_tables].flatten(1, 2)  # (B, L, n_kv, hd), L = blocks * block_size
+            vals = v_cache[b.block_tables].flatten(1, 2)
+            qg = q.view(B, self.n_kv, G, self.head_dim)  # query head h uses KV head h // G
+            scores = torch.matmul(qg, keys.permute(0, 2, 3, 1)) * self.head_dim**-0.5  # (B, n_kv, G, L)
+            past = torch.arange(keys.shape[1], device=x.device)[None, :] > b.start_pos[:, None]  # (B, L)
+            scores = scores.masked_fill(past[:, None, None, :], float("-inf"))
+            weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(vals.dtype)
+            out = torch.matmul(weights, vals.transpose(1, 2)).view(B, self.n_heads, self.head_dim)  # (B, H, hd)
         else:
             # Prefill chunks differ in length; attend row by row (few attention layers, long rows).
             bs = cache.block_size
