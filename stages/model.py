@@ -83,16 +83,18 @@ class Attention(nn.Module):
             # One query per row against its whole prefix, gathered from its blocks. Written as
             # two batched matmuls over each KV head's group of query heads: SDPA's CPU path for
             # this (GQA, a mask, strided keys) expands K and V to every query head, and took 10x
-            # longer (BENCHMARKS.md, issue 16). Softmax in float32, as transformers' eager path.
+            # longer (BENCHMARKS.md, issue 16). In float32 whatever the cache's dtype: the gather
+            # copies K and V anyway, and bf16 scores would round logits to 8 bits.
             B, G = T, self.n_heads // self.n_kv
-            keys = k_cache[b.block_tables].flatten(1, 2)  # (B, L, n_kv, hd), L = blocks * block_size
-            vals = v_cache[b.block_tables].flatten(1, 2)
-            qg = q.view(B, self.n_kv, G, self.head_dim)  # query head h uses KV head h // G
+            keys = k_cache[b.block_tables].flatten(1, 2).float()  # (B, L, n_kv, hd), L = blocks * block_size
+            vals = v_cache[b.block_tables].flatten(1, 2).float()
+            qg = q.float().view(B, self.n_kv, G, self.head_dim)  # query head h uses KV head h // G
             scores = torch.matmul(qg, keys.permute(0, 2, 3, 1)) * self.head_dim**-0.5  # (B, n_kv, G, L)
             past = torch.arange(keys.shape[1], device=x.device)[None, :] > b.start_pos[:, None]  # (B, L)
             scores = scores.masked_fill(past[:, None, None, :], float("-inf"))
-            weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(vals.dtype)
-            out = torch.matmul(weights, vals.transpose(1, 2)).view(B, self.n_heads, self.head_dim)  # (B, H, hd)
+            weights = torch.softmax(scores, dim=-1)
+            o = torch.matmul(weights, vals.transpose(1, 2))  # (B, n_kv, G, hd)
+            out = o.view(B, self.n_heads, self.head_dim).to(q.dtype)
         else:
             # Prefill chunks differ in length; attend row by row (few attention layers, long rows).
             bs = cache.block_size
