@@ -31,13 +31,10 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP; see cluster/pipeline.py
     logging.basicConfig(level=logging.WARNING)
 
-    import ray
-    from ray import serve
-
-    from client import JambaClient
     from stages.demo import ensure_demo_model
 
-    from .service import build_app, grpc_options, limit_message_size
+    from .ray_log import ray_output_to_log
+    from .service import limit_message_size
 
     lm = args.model or str(ensure_demo_model("lm"))
     cls = str(ensure_demo_model("classification"))
@@ -47,6 +44,20 @@ def main(argv: list[str] | None = None) -> int:
               "expect text that reads like a fortune file, not knowledge.")
     t0 = time.perf_counter()
     limit_message_size()
+    with ray_output_to_log("demo", verbose=False, fds=(1, 2)):  # Ray's own lines go to a log file
+        _run(args, lm, cls, t0)
+    print(f"\ndone in {time.perf_counter() - t0:.1f}s; everything shut down.")
+    return 0
+
+
+def _run(args, lm: str, cls: str, t0: float) -> None:
+    import ray
+    from ray import serve
+
+    from client import JambaClient
+
+    from .service import build_app, grpc_options
+
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING,
              _node_ip_address="127.0.0.1")  # this machine alone: everything on loopback
     try:
@@ -113,8 +124,6 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         serve.shutdown()
         ray.shutdown()
-    print(f"\ndone in {time.perf_counter() - t0:.1f}s; everything shut down.")
-    return 0
 
 
 if __name__ == "__main__":

@@ -18,9 +18,13 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-# "2026-12-01 22:45:38,740\tINFO worker.py:2038 -- ..." and "[2026-12-01 22:45:51,018 E 8393 8393] core_worker.cc:..."
+# "2026-12-01 22:45:38,740\tINFO worker.py:2038 -- ...", "[2026-12-01 22:45:51,018 E 8393 8393] core_worker.cc:...",
+# lines Ray forwards from its processes, "(raylet) ..." / "(ServeController pid=21548) ..." (maybe in colour),
+# and Serve's "INFO 2026-12-02 06:05:16,006 serve 20617 -- ...".
 RAY_LINE = re.compile(rb"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}\s+(DEBUG|INFO|WARNING|ERROR|CRITICAL) \S+:\d+ -- "
-                      rb"|\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} [DIWEF] \d+ \d+\] )")
+                      rb"|\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} [DIWEF] \d+ \d+\] "
+                      rb"|(\x1b\[[\d;]*m)?\((raylet|[\w:.-]+ pid=\d+)[^)]*\)(\x1b\[0m)? "
+                      rb"|(DEBUG|INFO|WARNING|ERROR|CRITICAL) \d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} \S+ \d+ -- )")
 
 
 def log_path(command: str) -> Path:
@@ -32,20 +36,18 @@ def log_path(command: str) -> Path:
 
 
 @contextlib.contextmanager
-def ray_output_to_log(command: str, verbose: bool) -> Iterator[Path | None]:
-    """While inside, Ray's lines on stderr go to a log file (yielded; None with verbose)."""
+def ray_output_to_log(command: str, verbose: bool, fds: tuple[int, ...] = (2,)) -> Iterator[Path | None]:
+    """While inside, Ray's lines on stderr (and on the other file descriptors of `fds`: Ray prints
+    some of its processes' errors, "(raylet) ...", on stdout) go to a log file (yielded; None with
+    verbose)."""
     if verbose:
         yield None
         return
     path = log_path(command)
-    sys.stderr.flush()
-    read_end, write_end = os.pipe()
-    terminal = os.dup(2)
-    os.dup2(write_end, 2)
-    os.close(write_end)
     hidden = threading.Event()
+    saved, threads = {}, []
 
-    def pump() -> None:
+    def pump(read_end: int, terminal: int) -> None:
         with os.fdopen(read_end, "rb") as pipe, open(path, "ab") as log_file:
             for line in pipe:
                 if RAY_LINE.match(line):
@@ -55,15 +57,26 @@ def ray_output_to_log(command: str, verbose: bool) -> Iterator[Path | None]:
                 else:
                     os.write(terminal, line)
 
-    thread = threading.Thread(target=pump, name="ray-log", daemon=True)
-    thread.start()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    for fd in fds:
+        read_end, write_end = os.pipe()
+        saved[fd] = os.dup(fd)
+        os.dup2(write_end, fd)
+        os.close(write_end)
+        threads.append(threading.Thread(target=pump, args=(read_end, saved[fd]), name=f"ray-log-{fd}", daemon=True))
+        threads[-1].start()
     try:
         yield path
     finally:
+        sys.stdout.flush()
         sys.stderr.flush()
-        os.dup2(terminal, 2)  # processes Ray started may still hold the pipe; the pump ends with them
-        thread.join(timeout=1)
+        for fd, terminal in saved.items():
+            os.dup2(terminal, fd)  # processes Ray started may still hold the pipe; the pump ends with them
+        for thread in threads:
+            thread.join(timeout=1)
         if hidden.is_set():
             print(f"(Ray's messages are in {path}; -v shows them)", file=sys.stderr)
-        if not thread.is_alive():
-            os.close(terminal)
+        for thread, terminal in zip(threads, saved.values()):
+            if not thread.is_alive():
+                os.close(terminal)
