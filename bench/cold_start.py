@@ -62,7 +62,7 @@ def child_serve(model: str) -> dict:
     from ray import serve
 
     from client import JambaClient
-    from cluster.service import build_app, grpc_options, limit_message_size
+    from cluster.service import build_app, grpc_options, limit_message_size, wait_until_serving
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -74,6 +74,7 @@ def child_serve(model: str) -> dict:
                     logging_config={"log_level": "WARNING"})
         serve.run(build_app({"model": model, "name": "lm", "stages": 2, "cpus_per_stage": 0.5}),
                   name="lm", route_prefix="/lm")
+        wait_until_serving("lm")
         up = time.perf_counter() - t0
         ttft = []
         with JambaClient(f"127.0.0.1:{port}", application="lm", timeout=300) as c:

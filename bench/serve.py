@@ -32,7 +32,7 @@ from ray import serve  # noqa: E402
 
 from client import AsyncJambaClient  # noqa: E402
 from cluster.pipeline import FinishEvent, Pipeline, PipelineConfig  # noqa: E402
-from cluster.service import build_app, grpc_options  # noqa: E402
+from cluster.service import build_app, grpc_options, wait_until_serving  # noqa: E402
 from stages.demo import ensure_demo_model  # noqa: E402
 from stages.sampling import SamplingParams  # noqa: E402
 
@@ -212,6 +212,7 @@ def main() -> None:
                     logging_config={"log_level": "WARNING"})
         serve.run(build_app({"model": model, "name": "lm", "stream_interval_ms": args.stream_interval_ms, **cfg}),
                   name="lm", route_prefix="/")
+        wait_until_serving("lm")
         address = f"127.0.0.1:{direct_port if args.direct_ingress else port}"
         base_url = f"http://127.0.0.1:{http_port}/v1"
 

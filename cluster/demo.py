@@ -56,7 +56,7 @@ def _run(args, lm: str, cls: str, t0: float) -> None:
 
     from client import JambaClient
 
-    from .service import build_app, grpc_options
+    from .service import build_app, grpc_options, wait_until_serving
 
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING,
              _node_ip_address="127.0.0.1")  # this machine alone: everything on loopback
@@ -67,6 +67,8 @@ def _run(args, lm: str, cls: str, t0: float) -> None:
                   name="lm", route_prefix="/lm")
         serve.run(build_app({"model": cls, "name": "classifier", "stages": 1, "cpus_per_stage": 0.25}),
                   name="classifier", route_prefix="/classifier")
+        wait_until_serving("lm")
+        wait_until_serving("classifier")
         print(f"  service up in {time.perf_counter() - t0:.1f}s")
         address = f"127.0.0.1:{args.grpc_port}"
         with JambaClient(address, application="lm", timeout=120) as c:

@@ -8,7 +8,7 @@ JambaService instance.
     POST /v1/completions        prompt: text, token ids, or a list of either; stream: true for SSE
     POST /v1/chat/completions   messages through the checkpoint's chat template; stream: true for SSE
     GET  /v1/models, /v1/models/{model}
-    GET  /health                200 while the pipeline serves, 503 once it failed
+    GET  /health                200 while the pipeline serves; 503 while it starts, and once it failed
 
 What OpenAI's API has and this server does not (top_logprobs, penalties, logit_bias, suffix,
 tools, JSON response formats) is refused with a 400 naming the field, never ignored. Beyond
@@ -16,7 +16,7 @@ OpenAI's fields, requests may carry vLLM's `top_k`, `ignore_eos` and `stop_token
 
 Errors are OpenAI's shape, {"error": {"message", "type", "param", "code"}}: 400 for a bad field
 (param names it), 404 for an unknown model or path, 429 with Retry-After when the queue is full,
-503 when the pipeline is down, 504 past the request's deadline (Serve's --http-request-timeout).
+503 with Retry-After while the pipeline starts and when it is down, 504 past the request's deadline (Serve's --http-request-timeout).
 A stream that fails after its first event ends with an error event. A client that disconnects
 cancels its request in the replica, which aborts it and frees its slots on every stage.
 """
@@ -36,6 +36,7 @@ from stages.tokenizer import ChatTemplateError
 
 from .openai_protocol import (APIError, ChatCompletions, ChatRequest, CompletionRequest, Completions, bad,
                               choice_params, from_pipeline_error, parse, refuse_unsupported, sampling_params, sse)
+from .pipeline import NotReadyError
 from .scheduler import DeadlineExceededError, FinishEvent, QueueFullError, SchedulerClosedError
 
 log = logging.getLogger("ray.serve")
@@ -50,11 +51,18 @@ class OpenAIServer:
 
     def __init__(self, service) -> None:
         self.service = service
-        self.pipe = service.pipe
         self.name = service.name
-        self.tokenizer = service.tokenizer
         self.config = service.config
         self.created = int(time.time())
+
+    @property
+    def pipe(self):
+        """The replica's pipeline; NotReadyError (503) while it starts."""
+        return self.service.serving()
+
+    @property
+    def tokenizer(self):
+        return self.pipe.tokenizer
 
     # ---- helpers ---------------------------------------------------------------------------
     def _check_model(self, model: str) -> None:
@@ -313,7 +321,7 @@ def build_app(service) -> FastAPI:
             except APIError as e:
                 api._count(route, e.status)
                 return e.response()
-            except (QueueFullError, SchedulerClosedError, DeadlineExceededError, ValueError) as e:
+            except (NotReadyError, QueueFullError, SchedulerClosedError, DeadlineExceededError, ValueError) as e:
                 err = from_pipeline_error(e)
                 api._count(route, err.status)
                 return err.response()
@@ -326,20 +334,26 @@ def build_app(service) -> FastAPI:
     app.add_api_route("/v1/completions", guarded("POST /v1/completions", api.completions), methods=["POST"])
     app.add_api_route("/v1/chat/completions", guarded("POST /v1/chat/completions", api.chat), methods=["POST"])
 
-    @app.get("/v1/models")
-    async def models() -> dict:
-        return {"object": "list", "data": [_model_card(api)]}
+    async def models(request: Request) -> Response:
+        return JSONResponse({"object": "list", "data": [_model_card(api)]})
 
-    @app.get("/v1/models/{model:path}")
-    async def model(model: str) -> Response:
+    async def model(request: Request) -> Response:
+        model = request.path_params["model"]
         if model != api.name:
-            return APIError(404, f"the model {model!r} does not exist; this endpoint serves {api.name!r}",
-                            param="model", code="model_not_found").response()
+            raise APIError(404, f"the model {model!r} does not exist; this endpoint serves {api.name!r}",
+                           param="model", code="model_not_found")
         return JSONResponse(_model_card(api))
+
+    app.add_api_route("/v1/models", guarded("GET /v1/models", models), methods=["GET"])
+    app.add_api_route("/v1/models/{model:path}", guarded("GET /v1/models/{model}", model), methods=["GET"])
 
     @app.get("/health")
     async def health() -> Response:
-        error = service.pipe.scheduler.error
+        try:
+            pipe = service.serving()
+        except NotReadyError as e:
+            return from_pipeline_error(e).response()
+        error = pipe.scheduler.error
         if error is not None:
             return APIError(503, f"the pipeline failed: {error}", "service_unavailable",
                             code="pipeline_unavailable").response()

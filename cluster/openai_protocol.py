@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from stages.sampling import SamplingParams
 
+from .pipeline import NotReadyError
 from .scheduler import DeadlineExceededError, FinishEvent, QueueFullError, SchedulerClosedError, TokenEvent
 
 MAX_N = 16  # choices per prompt
@@ -54,6 +55,9 @@ def from_pipeline_error(e: Exception) -> APIError:
         return APIError(429, str(e), "rate_limit_error", code="rate_limit_exceeded",
                         headers={"Retry-After": str(max(1, math.ceil(e.retry_after))),
                                  "retry-after-ms": str(round(e.retry_after * 1000))})
+    if isinstance(e, NotReadyError):
+        return APIError(503, str(e), "service_unavailable", code="model_not_ready",
+                        headers={"Retry-After": str(math.ceil(e.retry_after))})
     if isinstance(e, SchedulerClosedError):
         return APIError(503, str(e), "service_unavailable", code="pipeline_unavailable")
     if isinstance(e, DeadlineExceededError):

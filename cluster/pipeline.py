@@ -70,7 +70,7 @@ class PipelineConfig:
     dtype: str | None = None
     quantize: str | None = None  # None, "int8-experts", "int8" or "int8-with-mamba" (see stages/quant.py)
     depth: int | None = None  # microbatches in flight (default: num_stages)
-    placement_timeout_s: float = 120.0
+    placement_timeout_s: float | None = 120.0  # None: wait for resources as long as it takes
     max_restarts: int = 3  # a dead stage actor is restarted by Ray (reloading its layers) this often
     recover_timeout_s: float = 120.0
     # Inside a Ray Serve replica that was given placement_group_bundles, the replica sits in
@@ -154,6 +154,62 @@ class StageActor:
         self.endpoint.stop(epoch)
 
 
+class NotReadyError(Exception):
+    """A service's pipeline does not serve yet (its stages are being placed or loaded), or it
+    failed to start: UNAVAILABLE over gRPC, 503 with Retry-After over HTTP."""
+
+    retry_after = 5.0  # seconds
+
+
+@dataclass
+class PipelinePlan:
+    """What a pipeline will ask for, worked out from the checkpoint's config alone (no Ray):
+    the checks that can fail at once, before anything is placed."""
+
+    config: JambaConfig
+    splits: list[tuple[int, int]]
+    paging: dict  # max_seq_len, block_size, num_blocks, num_snapshots
+    transport: str
+    cpus: float  # per stage bundle
+    bundle: dict
+
+
+def plan_pipeline(cfg: PipelineConfig) -> PipelinePlan:
+    config = JambaConfig.from_file(cfg.model_dir)
+    L = config.num_hidden_layers
+    if isinstance(cfg.layer_split, str):
+        from .plan import parse_layer_split
+
+        splits = parse_layer_split(cfg.layer_split, L)
+    elif cfg.layer_split:
+        splits = list(cfg.layer_split)
+    else:
+        from .plan import partition
+
+        splits = partition(config, cfg.num_stages)
+    if len(splits) != cfg.num_stages:
+        raise ValueError(f"layer split has {len(splits)} stages, but num_stages is {cfg.num_stages}")
+    transport = resolve_transport(cfg.transport, cfg.gpus_per_stage)
+    import_class(cfg.worker_cls)  # a bad path fails here, before anything is placed
+    check_mode(cfg.quantize)  # so does an unknown quantization
+    cpus = cfg.threads_per_stage if cfg.cpus_per_stage is None else cfg.cpus_per_stage
+    bundle = {"CPU": cpus, **({"GPU": cfg.gpus_per_stage} if cfg.gpus_per_stage else {})}
+    return PipelinePlan(config, splits, resolve_paging(cfg, config), transport, cpus, bundle)
+
+
+async def _gather_counting(refs: list, on_done) -> list:
+    """The results of `refs` in order, calling on_done(k) as the k-th one arrives."""
+    async def one(ref):
+        result = await ref
+        nonlocal done
+        done += 1
+        on_done(done)
+        return result
+
+    done = 0
+    return await asyncio.gather(*[one(r) for r in refs])
+
+
 class Pipeline:
     def __init__(self, cfg: PipelineConfig, config: JambaConfig, splits, pg, actors, dataplane, scheduler, tokenizer,
                  infos) -> None:
@@ -162,31 +218,16 @@ class Pipeline:
         self.tokenizer, self.stage_info = tokenizer, infos
 
     @classmethod
-    async def start(cls, cfg: PipelineConfig) -> "Pipeline":
-        config = JambaConfig.from_file(cfg.model_dir)
-        L = config.num_hidden_layers
-        if isinstance(cfg.layer_split, str):
-            from .plan import parse_layer_split
-
-            splits = parse_layer_split(cfg.layer_split, L)
-        elif cfg.layer_split:
-            splits = list(cfg.layer_split)
-        else:
-            from .plan import partition
-
-            splits = partition(config, cfg.num_stages)
-        if len(splits) != cfg.num_stages:
-            raise ValueError(f"layer split has {len(splits)} stages, but num_stages is {cfg.num_stages}")
-        device = "cuda" if cfg.gpus_per_stage else "cpu"
-        transport = resolve_transport(cfg.transport, cfg.gpus_per_stage)
-        import_class(cfg.worker_cls)  # a bad path fails here, before anything is placed
-        check_mode(cfg.quantize)  # so does an unknown quantization
-        paging = resolve_paging(cfg, config)
+    async def start(cls, cfg: PipelineConfig, progress=None, plan: "PipelinePlan | None" = None) -> "Pipeline":
+        """Place the stages, load their layers and connect the data plane. `progress(phase, detail)`,
+        if given, hears each phase as it begins ("placing", "loading", "connecting"), and the
+        loading phase again as each stage is up; a service reports it while it is not ready."""
+        plan = plan or plan_pipeline(cfg)
+        config, splits, paging = plan.config, plan.splits, dict(plan.paging)
         max_seq_len = paging.pop("max_seq_len")
-        cpus = cfg.threads_per_stage if cfg.cpus_per_stage is None else cfg.cpus_per_stage
-        bundle = {"CPU": cpus}
-        if cfg.gpus_per_stage:
-            bundle["GPU"] = cfg.gpus_per_stage
+        device = "cuda" if cfg.gpus_per_stage else "cpu"
+        cpus, bundle = plan.cpus, plan.bundle
+        say = progress or (lambda phase, detail: None)
         t0 = time.perf_counter()
         owned, offset = True, 0
         if cfg.use_current_placement_group:
@@ -196,6 +237,8 @@ class Pipeline:
                                    "(the replica's, then one per stage)")
             owned, offset = False, 1
         else:
+            say("placing", f"waiting for resources: {len(splits)} stage bundle(s) of "
+                           + ", ".join(f"{v:g} {k}" for k, v in bundle.items()) + f", {cfg.placement_strategy}")
             pg = placement_group([dict(bundle) for _ in splits], strategy=cfg.placement_strategy)
             try:
                 await asyncio.wait_for(pg.ready(), timeout=cfg.placement_timeout_s)
@@ -203,6 +246,9 @@ class Pipeline:
                 remove_placement_group(pg)
                 raise RuntimeError(f"could not place {len(splits)} stages of {bundle} with strategy "
                                    f"{cfg.placement_strategy}: not enough resources in the cluster") from None
+            except BaseException:  # cancelled: the reservation goes too
+                remove_placement_group(pg)
+                raise
         actors, dataplane = [], None
         try:
             for i, (s, e) in enumerate(splits):
@@ -215,14 +261,17 @@ class Pipeline:
                 args = (cfg.model_dir, s, e, cfg.num_slots, max_seq_len, cfg.threads_per_stage, cfg.dtype, device)
                 kwargs = dict(cfg.worker_kwargs, paging=paging, **({"quantize": cfg.quantize} if cfg.quantize else {}))
                 actors.append(StageActor.options(**opts).remote(cfg.worker_cls, args, kwargs, i, len(splits)))
-            infos = await asyncio.gather(*[a.info.remote() for a in actors])
+            say("loading", f"loading layers: 0 of {len(splits)} stage(s) up")
+            infos = await _gather_counting([a.info.remote() for a in actors],
+                                           lambda k: say("loading", f"loading layers: {k} of {len(splits)} stage(s) up"))
             wheres = await asyncio.gather(*[a.where.remote() for a in actors])
             for i, (info, where) in enumerate(zip(infos, wheres)):
                 info.update(where)
                 log.info("stage %d: layers [%d, %d) loaded %.1f MB from %d file(s) in %.2fs on node %s (%s)%s", i,
                          *info["layers"], info["bytes"] / 1e6, info["files"], info["seconds"], info["node_id"][:8],
                          info["node_ip"], _memory_note(info))
-            dataplane = DataPlane(actors, transport, ray.util.get_node_ip_address(), lambda: _wait_for_stages(actors))
+            say("connecting", f"connecting the data plane ({plan.transport})")
+            dataplane = DataPlane(actors, plan.transport, ray.util.get_node_ip_address(), lambda: _wait_for_stages(actors))
             await dataplane.start()
         except BaseException:
             if dataplane is not None:
@@ -340,4 +389,4 @@ class SyncPipeline:
             self.thread.join(timeout=10)
 
 
-__all__ = ["Pipeline", "PipelineConfig", "SyncPipeline", "TokenEvent", "FinishEvent"]
+__all__ = ["NotReadyError", "Pipeline", "PipelineConfig", "SyncPipeline", "TokenEvent", "FinishEvent"]

@@ -2,14 +2,21 @@
 
 This module translates between the protos (protos/jamba.proto) and the scheduler's own types;
 the scheduler knows nothing of gRPC. The same replica serves the OpenAI-compatible HTTP API
-(cluster/openai_api.py, through Serve's HTTP proxy) on the same pipeline. Each replica places its stages in the replica's own
-placement group (bundle 0 is the replica, bundles 1..P the stages), so R replicas are R
-independent pipelines (data parallel) that Serve load-balances and can autoscale.
+(cluster/openai_api.py, through Serve's HTTP proxy) on the same pipeline. Each replica places its
+stages in a placement group of its own, so R replicas are R independent pipelines (data
+parallel) that Serve load-balances and can autoscale.
+
+Start-up: a replica is up in seconds and places and loads its stages in the background. Until
+they serve it answers every call UNAVAILABLE (HTTP 503), saying what it waits for ("waiting for
+resources: 2 stage bundle(s) of {'CPU': 1}", "loading layers: 1 of 2 stage(s) up"), and Serve's
+router (cluster/routing.py) sends calls to ready replicas while there are any. Without this, a
+call made while the application deploys waits in Serve's proxy until a replica is up, and for
+ever if the stages cannot be placed. (start_in_background=False restores that: see build_app.)
 
 Status codes: INVALID_ARGUMENT (the message names the field), RESOURCE_EXHAUSTED (queue full; the
 message ends with "retry after N ms"), FAILED_PRECONDITION (the loaded head cannot serve the RPC),
-UNAVAILABLE (a stage died and could not be brought back; the replica then fails Serve's health
-check, and Serve replaces it with a fresh one).
+UNAVAILABLE (the pipeline is starting; or a stage died and could not be brought back, and the
+replica then fails Serve's health check, and Serve replaces it with a fresh one).
 A cancelled or expired call is cancelled in the replica, which aborts the request and frees its
 slots on every stage.
 
@@ -23,7 +30,7 @@ import asyncio
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
@@ -36,7 +43,9 @@ from protos import jamba_pb2 as pb
 from stages.sampling import SamplingParams
 from stages.tokenizer import ChatTemplateError
 
-from .pipeline import FinishEvent, Pipeline, PipelineConfig, TokenEvent
+from .pipeline import FinishEvent, NotReadyError, Pipeline, PipelineConfig, TokenEvent, plan_pipeline
+from .resources import REPLICA_CPUS
+from .routing import router_config
 from .scheduler import DeadlineExceededError, QueueFullError, SchedulerClosedError
 
 log = logging.getLogger("ray.serve")
@@ -56,6 +65,26 @@ class RequestError(Exception):
 
 def invalid(message: str) -> RequestError:
     return RequestError(grpc.StatusCode.INVALID_ARGUMENT, message)
+
+
+@dataclass
+class Startup:
+    """Where the replica's pipeline start is. A replica answers every call meanwhile, with the
+    phase it is in (Pipeline.start's progress), instead of Serve's proxy holding the call."""
+
+    phase: str = "starting"  # then placing, loading, connecting; at last ready or failed
+    detail: str = "starting the pipeline"
+    since: float = field(default_factory=time.monotonic)
+    error: str | None = None
+
+    def update(self, phase: str, detail: str) -> None:
+        if phase != self.phase:
+            log.info("pipeline start: %s", detail)
+        self.phase, self.detail = phase, detail
+
+    def state(self) -> dict:
+        return {"phase": self.phase, "detail": self.detail, "seconds": round(time.monotonic() - self.since, 1),
+                "error": self.error}
 
 
 # ---- protos -> scheduler types ----------------------------------------------------------------
@@ -160,7 +189,7 @@ class Metrics:
             metrics.Gauge("jamba_queue_depth", "requests waiting for a slot"),
             metrics.Gauge("jamba_slots_in_use", "sequence slots in use"),
             metrics.Gauge("jamba_stage_busy_seconds", "seconds each stage spent computing", tag_keys=("stage",)),
-            metrics.Gauge("jamba_pipeline_up", "1 while the replica's pipeline serves (or is recovering), 0 once it failed"),
+            metrics.Gauge("jamba_pipeline_up", "1 while the replica's pipeline serves (or is recovering); 0 while it starts, and once it failed"),
             metrics.Gauge("jamba_stage_recoveries", "stage failures this replica's pipeline recovered from"),
             # hit rate = rate(hits) / rate(queries), as vLLM's prefix_cache_{queries,hits} counters
             metrics.Counter("jamba_prefix_cache_queries_total", "prompt tokens looked up in the prefix cache"),
@@ -169,28 +198,34 @@ class Metrics:
 
 
 # ---- the deployment ------------------------------------------------------------------------------
-@serve.deployment(name="JambaService", max_ongoing_requests=4096, ray_actor_options={"num_cpus": 0.1})
-@serve.ingress()  # HTTP: the app __serve_build_asgi_app__ builds, once the pipeline is up
+@serve.deployment(name="JambaService", max_ongoing_requests=4096, ray_actor_options={"num_cpus": REPLICA_CPUS})
+@serve.ingress()  # HTTP: the app __serve_build_asgi_app__ builds
 class JambaService:
     async def __init__(self, model: str, stages: int = 1, layer_split: str | None = None, num_slots: int = 32,
                        max_batch_tokens: int = 512, max_queue: int = 1024, threads_per_stage: int = 1,
                        gpus_per_stage: float = 0, cpus_per_stage: float | None = None, max_seq_len: int | None = None,
-                       name: str | None = None, own_placement_group: bool = False, max_restarts: int = 3,
+                       name: str | None = None, start_in_background: bool = True, max_restarts: int = 3,
                        recover_timeout_s: float = 120.0, stream_interval_ms: float = 0.0,
                        request_timeout_s: float | None = None, quantize: str | None = None, block_size: int = 64,
                        num_blocks: int | None = None, prefix_cache: bool = True,
-                       num_snapshots: int | None = None) -> None:
+                       num_snapshots: int | None = None, placement_strategy: str = "PACK",
+                       placement_timeout_s: float | None = None) -> None:
         cfg = PipelineConfig(
             model, num_stages=stages, layer_split=layer_split, num_slots=num_slots, max_batch_tokens=max_batch_tokens,
             max_queue=max_queue, threads_per_stage=threads_per_stage, gpus_per_stage=gpus_per_stage,
-            cpus_per_stage=cpus_per_stage, max_seq_len=max_seq_len, use_current_placement_group=not own_placement_group,
+            cpus_per_stage=cpus_per_stage, max_seq_len=max_seq_len, use_current_placement_group=not start_in_background,
             max_restarts=max_restarts, recover_timeout_s=recover_timeout_s, quantize=quantize,
             block_size=block_size, num_blocks=num_blocks, prefix_cache=prefix_cache, num_snapshots=num_snapshots,
+            placement_strategy=placement_strategy, placement_timeout_s=placement_timeout_s,
         )
         self.quantize = quantize
-        self.pipe = await Pipeline.start(cfg)
-        self.config, self.tokenizer = self.pipe.config, self.pipe.tokenizer
         self.name = name or model.rstrip("/").split("/")[-1]
+        # A configuration that cannot work fails here, in the constructor: Serve reports the
+        # application DEPLOY_FAILED with this message, before anything is placed.
+        plan = plan_pipeline(cfg)
+        self.config = plan.config
+        self.pipe: Pipeline | None = None  # set once the pipeline serves
+        self.tokenizer = None
         # At most one stream message per interval: tokens produced meanwhile go out together.
         # Each message costs Serve's proxy and replica CPU, so with many streams on few cores an
         # interval longer than a stream's time per token trades smoothness for throughput
@@ -200,8 +235,53 @@ class JambaService:
         # request the proxy gives up on frees its slots at the same moment.
         self.request_timeout_s = request_timeout_s
         self.metrics = Metrics.create()
+        self.metrics.pipeline_up.set(0)
+        self.startup = Startup()
+        if start_in_background:
+            # The replica answers at once (UNAVAILABLE, with the phase, while its stages are placed
+            # and loaded; cluster/routing.py sends calls elsewhere when another replica is ready).
+            # Its stages get a placement group of their own, which Ray removes with the replica.
+            self._start_task = asyncio.get_running_loop().create_task(self._start(cfg, plan))
+        else:
+            # Serve placed the stages' bundles with the replica, and the replica counts as up only
+            # once its pipeline serves (what KubeRay waits for before it moves traffic to a new cluster).
+            await self._start(cfg, plan, reraise=True)
+
+    async def _start(self, cfg: PipelineConfig, plan, reraise: bool = False) -> None:
+        try:
+            pipe = await Pipeline.start(cfg, progress=self.startup.update, plan=plan)
+        except Exception as e:
+            self.startup.update("failed", f"the pipeline failed to start: {type(e).__name__}: {e}")
+            self.startup.error = f"{type(e).__name__}: {e}"
+            log.exception("JambaService %s: the pipeline failed to start; Serve replaces this replica", self.name)
+            if reraise:
+                raise
+            return
+        self.pipe, self.tokenizer = pipe, pipe.tokenizer
+        self.startup.update("ready", f"serving, {len(pipe.splits)} stage(s) {pipe.splits}")
+        self.metrics.pipeline_up.set(1)
         self._stats_task = asyncio.get_running_loop().create_task(self._report_stats())
-        log.info("JambaService %s ready: %d stage(s) %s", self.name, stages, self.pipe.splits)
+        log.info("JambaService %s ready: %d stage(s) %s, started in %.1fs", self.name, len(pipe.splits), pipe.splits,
+                 time.monotonic() - self.startup.since)
+
+    def serving(self) -> Pipeline:
+        """The pipeline, or NotReadyError saying why there is none yet."""
+        if self.pipe is not None:
+            return self.pipe
+        st = self.startup
+        if st.error is not None:
+            raise NotReadyError(f"application {self.name!r} is unavailable: its pipeline failed to start "
+                                f"({st.error}); Serve replaces the replica")
+        raise NotReadyError(f"application {self.name!r} is starting: {st.detail} "
+                            f"({time.monotonic() - st.since:.0f}s so far); retry later")
+
+    def startup_state(self) -> dict:
+        """This replica's start (through a Serve handle, for `jamba serve`; not part of the gRPC API)."""
+        return dict(self.startup.state(), replica=serve.get_replica_context().replica_id.unique_id)
+
+    def record_routing_stats(self) -> dict:
+        """Serve polls this; cluster/routing.py sends calls to replicas whose pipeline is ready."""
+        return {"pipeline": "ready" if self.pipe is not None else self.startup.phase}
 
     def __serve_build_asgi_app__(self):
         """The OpenAI-compatible HTTP API on this replica's pipeline (cluster/openai_api.py)."""
@@ -232,6 +312,10 @@ class JambaService:
         """Serve calls this; raising marks the replica unhealthy so Serve replaces it. A pipeline
         that is bringing a stage back is healthy (reloading a large stage can outlast Serve's
         health-check timeout; the scheduler's recover timeout bounds it), one that gave up is not."""
+        if self.startup.error is not None:
+            raise RuntimeError(f"the pipeline failed to start: {self.startup.error}")
+        if self.pipe is None:
+            return  # starting: healthy, and answering UNAVAILABLE meanwhile
         sched = self.pipe.scheduler
         if sched.error is not None:
             self.metrics.pipeline_up.set(0)
@@ -245,7 +329,8 @@ class JambaService:
 
     async def stats(self) -> dict:
         """Scheduler and stage counters (through a Serve handle; not part of the gRPC API)."""
-        return {"scheduler": self.pipe.scheduler.stats(), "stages": await self.pipe.stage_stats()}
+        pipe = self.serving()
+        return {"scheduler": pipe.scheduler.stats(), "stages": await pipe.stage_stats()}
 
     # ---- helpers -----------------------------------------------------------------------------
     @property
@@ -284,7 +369,7 @@ class JambaService:
             code, msg = e.code, e.message
         elif isinstance(e, QueueFullError):
             code, msg = grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)
-        elif isinstance(e, SchedulerClosedError):
+        elif isinstance(e, (SchedulerClosedError, NotReadyError)):
             code, msg = grpc.StatusCode.UNAVAILABLE, str(e)
         elif isinstance(e, DeadlineExceededError):
             code, msg = grpc.StatusCode.DEADLINE_EXCEEDED, str(e)
@@ -302,7 +387,8 @@ class JambaService:
     async def _guard(self, method: str, ctx: RayServegRPCContext, coro):
         try:
             result = await coro
-        except (RequestError, QueueFullError, SchedulerClosedError, DeadlineExceededError, ValueError) as e:
+        except (RequestError, NotReadyError, QueueFullError, SchedulerClosedError, DeadlineExceededError,
+                ValueError) as e:
             self._fail(method, ctx, e)
         self.metrics.requests.inc(tags={"method": method, "code": "OK"})
         return result
@@ -310,6 +396,7 @@ class JambaService:
     # ---- RPCs ----------------------------------------------------------------------------------
     async def Generate(self, request: pb.GenerateRequest, grpc_context: RayServegRPCContext) -> pb.GenerateResponse:
         async def body():
+            self.serving()
             self._need(False, "Generate")
             ids = self._prompts(request.prompts, "prompts")
             params = sampling_params(request.params, self.config.vocab_size)
@@ -331,6 +418,7 @@ class JambaService:
     async def GenerateStream(self, request: pb.GenerateStreamRequest, grpc_context: RayServegRPCContext):
         t0 = time.perf_counter()
         try:
+            self.serving()
             ids = self._prompts([request.prompt] if request.HasField("prompt") else [], "prompt", single=True)[0]
             self._need(False, "GenerateStream")
             params = sampling_params(request.params, self.config.vocab_size)
@@ -339,7 +427,8 @@ class JambaService:
             # behind (many streams, a busy proxy) catches up instead of lagging one message per token.
             stream = self.pipe.generate_chunks(ids, params, _deadline(grpc_context))
             chunk = await stream.__anext__()  # admission errors (queue full) surface here, before any message
-        except (RequestError, QueueFullError, SchedulerClosedError, DeadlineExceededError, ValueError) as e:
+        except (RequestError, NotReadyError, QueueFullError, SchedulerClosedError, DeadlineExceededError,
+                ValueError) as e:
             self._fail("GenerateStream", grpc_context, e)
         self.metrics.tokens_in.inc(len(ids))
         last = None
@@ -372,6 +461,7 @@ class JambaService:
 
     async def Classify(self, request: pb.ClassifyRequest, grpc_context: RayServegRPCContext) -> pb.ClassifyResponse:
         async def body():
+            self.serving()
             self._need(True, "Classify")
             ids = self._prompts(request.inputs, "inputs")
             self.metrics.tokens_in.inc(sum(map(len, ids)))
@@ -381,6 +471,7 @@ class JambaService:
 
     async def Score(self, request: pb.ScoreRequest, grpc_context: RayServegRPCContext) -> pb.ScoreResponse:
         async def body():
+            self.serving()
             self._need(False, "Score")
             ids = self._prompts(request.inputs, "inputs")
             self.metrics.tokens_in.inc(sum(map(len, ids)))
@@ -391,19 +482,22 @@ class JambaService:
         return await self._guard("Score", grpc_context, body())
 
     async def ModelInfo(self, request: pb.ModelInfoRequest, grpc_context: RayServegRPCContext) -> pb.ModelInfoResponse:
-        c, pages = self.config, self.pipe.scheduler.pages
-        return pb.ModelInfoResponse(
-            model_name=self.name, task="classification" if c.is_classifier else "causal-lm",
-            num_layers=c.num_hidden_layers, hidden_size=c.hidden_size, vocab_size=c.vocab_size,
-            num_experts=c.num_experts, num_experts_per_tok=c.num_experts_per_tok,
-            attn_layer_period=c.attn_layer_period, attn_layer_offset=c.attn_layer_offset,
-            max_context=self.pipe.scheduler.max_seq_len,
-            stages=[pb.StageInfo(index=i, start_layer=s, end_layer=e) for i, (s, e) in enumerate(self.pipe.splits)],
-            labels=[c.id2label[i] for i in sorted(c.id2label)] if c.is_classifier else [],
-            num_slots=self.pipe.scheduler.num_slots, quantize=self.quantize or "",
-            block_size=pages.block_size, num_blocks=pages.num_blocks, num_snapshots=pages.num_snapshots,
-            prefix_cache=pages.prefix_cache,
-        )
+        async def body():
+            pipe = self.serving()
+            c, sched = self.config, pipe.scheduler
+            return pb.ModelInfoResponse(
+                model_name=self.name, task="classification" if c.is_classifier else "causal-lm",
+                num_layers=c.num_hidden_layers, hidden_size=c.hidden_size, vocab_size=c.vocab_size,
+                num_experts=c.num_experts, num_experts_per_tok=c.num_experts_per_tok,
+                attn_layer_period=c.attn_layer_period, attn_layer_offset=c.attn_layer_offset,
+                max_context=sched.max_seq_len,
+                stages=[pb.StageInfo(index=i, start_layer=s, end_layer=e) for i, (s, e) in enumerate(pipe.splits)],
+                labels=[c.id2label[i] for i in sorted(c.id2label)] if c.is_classifier else [],
+                num_slots=sched.num_slots, quantize=self.quantize or "",
+                block_size=sched.pages.block_size, num_blocks=sched.pages.num_blocks,
+                num_snapshots=sched.pages.num_snapshots, prefix_cache=sched.pages.prefix_cache,
+            )
+        return await self._guard("ModelInfo", grpc_context, body())
 
 
 # ---- building applications -------------------------------------------------------------------------
@@ -420,6 +514,14 @@ def build_app(args: dict[str, Any]):
     quantize (int8-experts, int8 or int8-with-mamba; see stages/quant.py; default: none),
     block_size, num_blocks, prefix_cache (default true) and num_snapshots (the paged KV cache and the
     prefix cache; see cluster/pipeline.py:PipelineConfig).
+
+    start_in_background (default true): the replica is up at once and places and loads its stages
+    in the background, answering UNAVAILABLE (HTTP 503) with what it is waiting for until they
+    serve; placement_timeout_s bounds that wait (default: none, as Serve itself would wait, for an
+    autoscaler to add nodes). false: Serve places the replica and its stages together and the
+    replica is up only once its pipeline serves, which is what a KubeRay RayService upgrade needs
+    (it moves traffic to the new cluster once its applications are RUNNING); calls made meanwhile
+    wait in Serve's proxy.
     """
     args = dict(args)
     if "model" not in args:
@@ -439,8 +541,12 @@ def build_app(args: dict[str, Any]):
     gpus = float(args.get("gpus_per_stage", 0))
     cpus = float(args.setdefault("cpus_per_stage", threads))
     stage_bundle = {"CPU": cpus, **({"GPU": gpus} if gpus else {})}
-    options = dict(placement_group_bundles=[{"CPU": 0.1}] + [dict(stage_bundle) for _ in range(stages)],
-                   placement_group_strategy=strategy)
+    options = dict(request_router_config=router_config())
+    if args.setdefault("start_in_background", True):
+        args["placement_strategy"] = strategy  # the replica places its stages itself
+    else:  # Serve places the replica (bundle 0) and its stages together
+        options.update(placement_group_bundles=[{"CPU": REPLICA_CPUS}] + [dict(stage_bundle) for _ in range(stages)],
+                       placement_group_strategy=strategy)
     for key in ("health_check_period_s", "health_check_timeout_s"):
         if key in args:
             options[key] = float(args.pop(key))
@@ -449,6 +555,42 @@ def build_app(args: dict[str, Any]):
     else:
         options["num_replicas"] = replicas
     return JambaService.options(**options).bind(**args)
+
+
+def replica_starts(name: str, replicas: int) -> dict[str, dict]:
+    """Where the replicas of a running application are in their start (JambaService.startup_state),
+    by replica id. Serve's router picks the replica of each call, so a few calls per replica reach
+    every one soon; a replica that does not answer is left out (the next round asks again)."""
+    handle = serve.get_app_handle(name)
+    responses = [handle.startup_state.remote() for _ in range(2 * replicas)]
+    states = {}
+    for r in responses:
+        try:
+            state = r.result(timeout_s=10)
+        except Exception as e:  # a replica being replaced
+            log.debug("startup_state of %r: %s", name, e)
+            continue
+        states[state["replica"]] = state
+    return states
+
+
+def wait_until_serving(name: str, replicas: int = 1, timeout: float = 600) -> None:
+    """Block until `replicas` replicas of application `name` serve (after serve.run, which returns
+    once they are up, not once their pipelines are); RuntimeError if a pipeline failed to start,
+    TimeoutError after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    seen: dict[str, dict] = {}
+    while True:
+        seen.update(replica_starts(name, replicas))
+        failed = [r["error"] for r in seen.values() if r["error"]]
+        if failed:
+            raise RuntimeError(f"application {name!r}: a replica's pipeline failed to start: {failed[0]}")
+        if sum(r["phase"] == "ready" for r in seen.values()) >= replicas:
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"application {name!r} was not serving after {timeout:g}s: "
+                               + "; ".join(r["detail"] for r in seen.values()))
+        time.sleep(0.2)
 
 
 MAX_MESSAGE_BYTES = 16 << 20

@@ -2,10 +2,12 @@
 stays light; Ray loads on use).
 
 Start-up is bounded: the arguments and the layer split are checked before Ray starts, a local
-cluster is sized for what the applications ask for (cluster/resources.py), and an application that
-is not running within --start-timeout (it cannot be placed, or its replica keeps failing) stops
-the command with a message saying what it needs and what the cluster has. SIGTERM and SIGINT stop
-the command in every phase, start-up included.
+cluster is sized for what the applications ask for (cluster/resources.py), and an application
+whose replicas do not all serve within --start-timeout (the stages cannot be placed, the pipeline
+failed to load, the replica keeps failing) stops the command with a message saying what a replica
+needs, what the cluster has and what the replica was waiting for. Meanwhile each phase of the
+start is logged as it begins, and the replicas answer calls UNAVAILABLE (cluster/service.py).
+SIGTERM and SIGINT stop the command in every phase, start-up included.
 """
 
 from __future__ import annotations
@@ -207,17 +209,21 @@ def run_serve(args) -> int:
         return 1
     finally:
         if phase:
-            _stop(local=not args.address, serve_started=phase == "serve")
+            _stop(local=not args.address, serve_started=phase == "serve", names=[n for n, _ in apps])
 
 
 def wait_until_running(names: list[str], args, cpus_per_stage: float) -> None:
-    """Return once every application runs; StartupError when one failed to deploy, or is not
-    running within --start-timeout (Serve itself would wait for resources for ever)."""
+    """Return once every replica of every application serves; StartupError when one failed to
+    deploy or its pipeline failed to start, or when they do not serve within --start-timeout
+    (Serve itself would wait for resources for ever). Says each phase of the start as it begins."""
     from ray import serve
 
     from .resources import cluster_summary, replica_need
+    from .service import replica_starts
 
     deadline = time.monotonic() + args.start_timeout
+    seen: dict[str, dict[str, dict]] = {name: {} for name in names}  # app -> replica -> its start
+    said: dict[str, str] = {}
     while True:
         status = serve.status().applications
         pending = []
@@ -227,17 +233,31 @@ def wait_until_running(names: list[str], args, cpus_per_stage: float) -> None:
             if state == "DEPLOY_FAILED":
                 raise StartupError(f"application {name!r} failed to deploy: {_last_lines(app.message)}")
             if state != "RUNNING":
-                pending.append((name, app))
+                pending.append((name, app, None))
+                continue
+            replicas = seen[name]
+            replicas.update(replica_starts(name, args.replicas))
+            failed = [r for r in replicas.values() if r["error"]]
+            if failed:
+                raise StartupError(f"application {name!r}: a replica's pipeline failed to start: {failed[0]['error']}")
+            ready = [r for r in replicas.values() if r["phase"] == "ready"]
+            if len(ready) < args.replicas:
+                starting = [r for r in replicas.values() if r["phase"] != "ready"]
+                pending.append((name, app, starting[0] if starting else None))
+                if starting and said.get(name) != starting[0]["detail"]:
+                    said[name] = starting[0]["detail"]
+                    log.info("application %r: %s", name, said[name])
         if not pending:
             return
         if time.monotonic() > deadline:
-            name, app = pending[0]
-            said = [d.message for d in (app.deployments.values() if app else []) if d.message]
+            name, app, start = pending[0]
+            messages = [d.message for d in (app.deployments.values() if app else []) if d.message]
             one = replica_need(args.stages, cpus_per_stage, args.gpus_per_stage)
             raise StartupError(
-                f"application {name!r} was not running after {args.start_timeout:g}s (--start-timeout). Each of its "
-                f"{args.replicas} replica(s) needs {one.describe()}, placed together; {cluster_summary()}. "
-                + (f"Serve says: {_last_lines(said[0])} " if said else "")
+                f"application {name!r} was not serving after {args.start_timeout:g}s (--start-timeout). Each of its "
+                f"{args.replicas} replica(s) needs {one.describe()}; {cluster_summary()}. "
+                + (f"A replica was {start['detail']}. " if start else "")
+                + (f"Serve says: {_last_lines(messages[0])} " if messages else "")
                 + "Reserve less with --cpus-per-stage, use fewer --stages or --replicas, or add nodes.")
         time.sleep(0.5)
 
@@ -247,11 +267,12 @@ def _last_lines(message: str, n: int = 3) -> str:
     return " ".join(lines[-n:]) or "(no message)"
 
 
-def _stop(local: bool, serve_started: bool) -> None:
+def _stop(local: bool, serve_started: bool, names: list[str]) -> None:
     """Leave Ray. On a local cluster, ray.shutdown() stops every process the cluster started,
     Serve's included, at once (a graceful Serve shutdown first would wait for its proxies' drain
-    period, 30 s, for nothing). On a cluster that was joined, Serve is shut down first, so the
-    applications do not outlive the command; it gets SHUTDOWN_GRACE_S, and a signal cuts it short."""
+    period, 30 s, for nothing). On a cluster that was joined, this command's applications are
+    deleted first, so they do not outlive it, and Serve keeps serving whatever else runs there;
+    that gets SHUTDOWN_GRACE_S, and a signal cuts it short."""
     import ray
     from ray import serve
 
@@ -259,9 +280,10 @@ def _stop(local: bool, serve_started: bool) -> None:
 
     def shutdown_serve():
         try:
-            serve.shutdown()
+            for name in names:
+                serve.delete(name)
         except Exception as e:  # best effort: stopping goes on
-            log.warning("Serve did not shut down cleanly: %s", e)
+            log.warning("the applications were not deleted cleanly: %s", e)
         finally:
             done.set()
 
@@ -269,11 +291,11 @@ def _stop(local: bool, serve_started: bool) -> None:
         threading.Thread(target=shutdown_serve, name="serve-shutdown", daemon=True).start()
         try:
             if not done.wait(SHUTDOWN_GRACE_S):
-                log.warning("Serve did not stop within %gs; stopping anyway", SHUTDOWN_GRACE_S)
+                log.warning("the applications were not deleted within %gs; leaving anyway", SHUTDOWN_GRACE_S)
         except KeyboardInterrupt:
             pass
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # while the cluster's processes are stopped
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     ray.shutdown()
     if not local and serve_started:
-        log.info("left the Ray cluster; Serve and the applications were shut down on it")
+        log.info("left the Ray cluster; deleted the application(s) %s on it", ", ".join(names))

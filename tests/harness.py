@@ -21,13 +21,14 @@ def serve_apps(apps: dict[str, dict], env: dict[str, str] | None = None,
                system_config: dict | None = None, http_port: int | None = None,
                http_request_timeout_s: float | None = None) -> Iterator[str]:
     """Start a private Ray cluster and Serve with each application of `apps` (name -> build_app
-    args, plus an optional route_prefix, default /NAME); yields "127.0.0.1:PORT" of Serve's gRPC
-    proxy. Serve's HTTP proxy listens on http_port (default: any free port) with the given request
+    args, plus an optional route_prefix, default /NAME, and wait_for_replicas, how many replicas
+    must serve before the next application is deployed, default all); yields "127.0.0.1:PORT" of
+    Serve's gRPC proxy. Serve's HTTP proxy listens on http_port (default: any free port) with the given request
     timeout. `env` is set for Ray's processes (they inherit it) and restored afterwards."""
     import ray
     from ray import serve
 
-    from cluster.service import build_app, grpc_options, limit_message_size
+    from cluster.service import build_app, grpc_options, limit_message_size, wait_until_serving
 
     saved = {k: os.environ.get(k) for k in env or {}}
     os.environ.update(env or {})
@@ -42,7 +43,10 @@ def serve_apps(apps: dict[str, dict], env: dict[str, str] | None = None,
         for name, args in apps.items():
             args = dict(args)
             prefix = args.pop("route_prefix", f"/{name}")
+            serving = args.pop("wait_for_replicas", args.get("replicas", 1))
             serve.run(build_app({"name": name, **args}), name=name, route_prefix=prefix)
+            if serving:  # serve.run returns once the replicas are up; their pipelines start behind
+                wait_until_serving(name, serving)
         yield f"127.0.0.1:{port}"
     finally:
         serve.shutdown()

@@ -308,7 +308,11 @@ def test_serve_config_fits_the_code(name, config, monkeypatch):
         assert "model" in app.args
         assert set(app.args) <= known, f"{app.name}: unknown args {set(app.args) - known}"
         bundles, replicas = _built(app.args, monkeypatch)  # build_app takes them (no Ray, no model)
-        assert len(bundles) == int(app.args.get("stages", 1)) + 1 and replicas >= 1
+        assert replicas >= 1
+        if app.args.get("start_in_background", True):
+            assert bundles is None  # the replica places its stages itself, in the background
+        else:  # Serve places the replica's bundle and its stages' together
+            assert len(bundles) == int(app.args.get("stages", 1)) + 1
         for dep in raw.get("deployments", []):
             assert set(dep) <= deployment_fields, f"{app.name}: not deployment options: {set(dep) - deployment_fields}"
             assert dep["name"] == cluster.service.JambaService.name
@@ -375,6 +379,9 @@ def test_resources_match_the_pipelines(f, doc, monkeypatch):
     bundles = []
     for app in config["applications"]:
         args = app["args"]
+        # A RayService moves traffic to an upgraded cluster once its applications are RUNNING:
+        # that must mean the pipelines serve (see cluster/service.py:build_app).
+        assert args.get("start_in_background") is False, app["name"]
         app_bundles, replicas = _built(args, monkeypatch)
         stages = int(args.get("stages", 1))
         assert len(app_bundles) == stages + 1

@@ -6,8 +6,11 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import json
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 from client import JambaClient
@@ -16,7 +19,7 @@ from stages.runner import LocalRunner
 from stages.sampling import SamplingParams
 from stages.tokenizer import Tokenizer
 
-from .harness import free_port
+from .harness import free_port, until
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, RAY_AUTH_MODE="disabled", PYTHONPATH=str(ROOT))
@@ -58,6 +61,14 @@ def _assert_stops_cleanly(p: subprocess.Popen, log_path: Path, rc: int, within: 
         if _group_alive(p.pid):
             os.killpg(p.pid, signal.SIGKILL)
         p.wait()
+
+
+def _http_get(url: str) -> tuple[int, dict, dict]:
+    try:
+        with urllib.request.urlopen(url, timeout=20) as r:
+            return r.status, {k.lower(): v for k, v in r.headers.items()}, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, {k.lower(): v for k, v in e.headers.items()}, json.loads(e.read())
 
 
 def test_jamba_serve_answers_and_stops_on_sigterm(models, tmp_path):
@@ -106,35 +117,50 @@ def test_sigterm_stops_jamba_serve_during_start_up(models, tmp_path):
 
 
 def test_unplaceable_application_fails_in_bounded_time(models, tmp_path):
-    """Joining a 1-CPU cluster with 2 stages of 1 CPU (plus the replica's 0.1): Serve would wait
-    for ever; the command gives up after --start-timeout, says what the replica needs and what
-    the cluster has, and exits 1. Meanwhile `jamba client` gives up at its deadline, not never."""
+    """Joining a 1-CPU cluster with 2 stages of 1 CPU: the replica (0.1 CPU) is up at once, its
+    stages can never be placed. Meanwhile the replica answers UNAVAILABLE at once, over gRPC and
+    HTTP, saying what it waits for (Serve's proxy would hold the call for ever). The command gives
+    up after --start-timeout, says what a replica needs and what the cluster has, exits 1 and
+    deletes its application, whose placement group goes with it; Serve stays up for whatever
+    else runs on that cluster."""
     import ray
 
     lm, _ = models
     ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
     try:
         gcs = ray.get_runtime_context().gcs_address
-        port = free_port()
+        port, http_port = free_port(), free_port()
         log_path = tmp_path / "serve.log"
-        p = _start(["--model", f"tiny={lm}", "--stages", "2", "--cpus-per-stage", "1", "--start-timeout", "20",
-                    "--address", gcs, "--grpc-port", str(port), "--http-port", str(free_port())], log_path)
+        p = _start(["--model", f"tiny={lm}", "--stages", "2", "--cpus-per-stage", "1", "--start-timeout", "30",
+                    "--address", gcs, "--grpc-port", str(port), "--http-port", str(http_port)], log_path)
         try:
-            _wait_for_line(p, log_path, "jamba: deploying tiny")
+            _wait_for_line(p, log_path, "jamba: application 'tiny': waiting for resources: 2 stage bundle(s) of 1 CPU")
             t0 = time.time()
             r = subprocess.run([sys.executable, "-m", "cluster.cli", "client", "info", "--address", f"127.0.0.1:{port}",
-                                "--application", "tiny", "--timeout", "3"], cwd=ROOT, env=ENV, capture_output=True,
+                                "--application", "tiny", "--timeout", "20"], cwd=ROOT, env=ENV, capture_output=True,
                                text=True, timeout=60)
-            assert r.returncode == 2 and "jamba client: DEADLINE_EXCEEDED" in r.stderr, r.stderr
-            assert time.time() - t0 < 30
+            assert r.returncode == 2, r.stderr
+            assert "jamba client: UNAVAILABLE: application 'tiny' is starting: waiting for resources" in r.stderr, r.stderr
+            assert time.time() - t0 < 10  # the client's own start included; its deadline was 20 s
+            status, headers, body = _http_get(f"http://127.0.0.1:{http_port}/health")
+            assert status == 503 and headers["retry-after"] == "5", (status, headers)
+            assert body["error"]["code"] == "model_not_ready" and "waiting for resources" in body["error"]["message"]
             assert p.wait(timeout=120) == 1, log_path.read_text()[-3000:]
         finally:
             if p.poll() is None:
                 os.killpg(p.pid, signal.SIGKILL)
             p.wait()
         out = log_path.read_text()
-        assert "jamba serve: error: application 'tiny' was not running after 20s (--start-timeout)" in out, out[-3000:]
-        assert "needs 2.1 CPU(s) (0.1 for the replica + 2 stage(s) x 1), placed together" in out
+        assert "jamba serve: error: application 'tiny' was not serving after 30s (--start-timeout)" in out, out[-3000:]
+        assert "needs 2.1 CPU(s) (0.1 for the replica + 2 stage(s) x 1)" in out
         assert "the cluster has 1 CPU(s) in all" in out
+        assert "A replica was waiting for resources: 2 stage bundle(s)" in out
+        assert "deleted the application(s) tiny" in out
+        # The replica went with its application, and Ray removed the placement group it made.
+        from ray.util import placement_group_table
+
+        until(lambda: all(g["state"] == "REMOVED" for g in placement_group_table().values()), 60,
+              "the stages' placement group to be removed")
+        assert ray.get_actor("SERVE_CONTROLLER_ACTOR", namespace="serve")  # Serve itself was left running
     finally:
         ray.shutdown()
