@@ -8,7 +8,7 @@ parallel) that Serve load-balances and can autoscale.
 
 Start-up: a replica is up in seconds and places and loads its stages in the background. Until
 they serve it answers every call UNAVAILABLE (HTTP 503), saying what it waits for ("waiting for
-resources: 2 stage bundle(s) of {'CPU': 1}", "loading layers: 1 of 2 stage(s) up"), and Serve's
+resources: 2 stage bundle(s) of 1 CPU, PACK", "loading layers: 1 of 2 stage(s) up"), and Serve's
 router (cluster/routing.py) sends calls to ready replicas while there are any. Without this, a
 call made while the application deploys waits in Serve's proxy until a replica is up, and for
 ever if the stages cannot be placed. (start_in_background=False restores that: see build_app.)
