@@ -52,6 +52,7 @@ import sys
 import tempfile
 import time
 import traceback
+from array import array
 from pathlib import Path
 
 import torch
@@ -397,7 +398,7 @@ def check_dataplane(stage, quick: bool):
                                                        worker_kwargs={"fixed_ms": 0.0, "per_token_ms": 0.0}))
             try:
                 header = msgpack.packb({"free": [], "alloc": [], "rows": [[k, 1, "none", None] for k in range(tokens)]})
-                ids = torch.full((tokens,), 5)
+                ids = array("q", [5] * tokens)  # token ids as the scheduler sends them
                 for _ in range(20):
                     await pipe.dataplane.send(header, ids)
                 t0 = time.perf_counter()

@@ -26,6 +26,7 @@ import statistics
 import sys
 import tempfile
 import time
+from array import array
 from pathlib import Path
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private local cluster, torn down at exit
@@ -174,7 +175,7 @@ async def dataplane_hops(folder: str, transport: str, reps: int) -> dict[str, fl
     try:
         for label, tokens in SIZES.items():
             rows = [[0, tokens, "none", None]] if tokens > 32 else [[k, 1, "none", None] for k in range(tokens)]
-            header, ids = msgpack.packb({"free": [], "alloc": [], "rows": rows}), torch.full((tokens,), 5)
+            header, ids = msgpack.packb({"free": [], "alloc": [], "rows": rows}), array("q", [5] * tokens)
             batches: dict[int, list[float]] = {1: [], 4: []}
             for _ in range(max(4, reps // 10)):
                 for n, pipe in pipes.items():

@@ -17,7 +17,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from stages.sampling import SamplingParams
+from stages.sequence import SamplingParams
 
 from .pipeline import NotReadyError
 from .scheduler import DeadlineExceededError, FinishEvent, QueueFullError, SchedulerClosedError, TokenEvent

@@ -29,14 +29,12 @@ import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from stages.config import JambaConfig
+from stages.config import JambaConfig, check_quant_mode
 from stages.paging import BlockManager, blocks_for
-from stages.quant import check_mode
-from stages.runner import GenerationResult
-from stages.sampling import SamplingParams
+from stages.sequence import GenerationResult, SamplingParams
 from stages.tokenizer import Tokenizer
 
-from .dataplane import DataPlane, StageEndpoint, resolve_transport
+from .dataplane import DataPlane, resolve_transport
 from .scheduler import FinishEvent, Scheduler, TokenEvent
 
 log = logging.getLogger(__name__)
@@ -45,6 +43,9 @@ log = logging.getLogger(__name__)
 # runs both back to back on one or two cores, so one pool's spinning threads starve the other:
 # measured here, a 4-layer decode step took 177 ms with spinning and 28 ms without.
 STAGE_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
+
+
+DEFAULT_WORKER = "stages.worker:StageWorker"
 
 
 @dataclass
@@ -83,7 +84,7 @@ class PipelineConfig:
     # The class each stage actor runs, as "module:Class" (or "module.Class"), built as
     # cls(model_dir, start, end, num_slots, max_seq_len, threads, dtype, device, **worker_kwargs),
     # plus quantize=... when set.
-    worker_cls: str = "stages.worker:StageWorker"
+    worker_cls: str = DEFAULT_WORKER
     worker_kwargs: dict = field(default_factory=dict)
 
 
@@ -128,6 +129,8 @@ class StageActor:
     and setup calls are answered while the data-plane loop (a thread of the endpoint's) runs."""
 
     def __init__(self, worker_cls: str, args: tuple, kwargs: dict, rank: int, num_stages: int) -> None:
+        from .stage_endpoint import StageEndpoint  # torch: the stage's process only
+
         self.worker = import_class(worker_cls)(*args, **kwargs)
         self.endpoint = StageEndpoint(self.worker, rank, num_stages)
 
@@ -190,8 +193,9 @@ def plan_pipeline(cfg: PipelineConfig) -> PipelinePlan:
     if len(splits) != cfg.num_stages:
         raise ValueError(f"layer split has {len(splits)} stages, but num_stages is {cfg.num_stages}")
     transport = resolve_transport(cfg.transport, cfg.gpus_per_stage)
-    import_class(cfg.worker_cls)  # a bad path fails here, before anything is placed
-    check_mode(cfg.quantize)  # so does an unknown quantization
+    if cfg.worker_cls != DEFAULT_WORKER:  # (importing the default would load torch here for nothing)
+        import_class(cfg.worker_cls)  # a bad path fails here, before anything is placed
+    check_quant_mode(cfg.quantize)  # so does an unknown quantization
     cpus = cfg.threads_per_stage if cfg.cpus_per_stage is None else cfg.cpus_per_stage
     bundle = {"CPU": cpus, **({"GPU": cfg.gpus_per_stage} if cfg.gpus_per_stage else {})}
     return PipelinePlan(config, splits, resolve_paging(cfg, config), transport, cpus, bundle)

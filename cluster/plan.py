@@ -53,7 +53,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from stages.config import JambaConfig
+from stages.config import QUANT_MODES, JambaConfig
 
 # ---- published model shapes ---------------------------------------------------------------------
 # HF `config.json` fields of AI21's 1.6 releases (ai21labs/AI21-Jamba-{Mini,Large}-1.6); fields the
@@ -104,7 +104,6 @@ PRESETS: dict[str, dict] = {
 }
 
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
-QUANT_MODES = ("int8-experts", "int8", "int8-with-mamba")  # stages.quant.MODES (which imports torch)
 _QUANT_NOTE = {
     "int8-experts": "int8 in the experts (fp32 scale per expert channel)",
     "int8": "int8 in every linear layer but Mamba's, the router and the head (fp32 scale per channel)",

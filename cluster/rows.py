@@ -12,8 +12,8 @@ import math
 from typing import Any
 
 from stages.config import JambaConfig
-from stages.runner import GenerationResult
-from stages.sampling import SamplingParams
+from stages.sequence import GenerationResult
+from stages.sequence import SamplingParams
 
 INPUT_FIELDS = ("prompt", "text", "input_ids", "messages")
 SAMPLING_FIELDS = ("max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop", "stop_token_ids", "logprobs")

@@ -36,20 +36,19 @@ import asyncio
 import logging
 import math
 import time
+from array import array
 from collections import deque
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Awaitable, Callable
 
 import msgpack
-import torch
 
 from stages.paging import BlockManager, SeqPages, blocks_for
-from stages.runner import SequenceState, pooling_position
-from stages.sampling import SamplingParams
+from stages.sequence import SamplingParams, SequenceState, pooling_position
 
 log = logging.getLogger(__name__)
 
-Send = Callable[[bytes, torch.Tensor], Awaitable[bytes]]
+Send = Callable[[bytes, array], Awaitable[bytes]]  # (msgpack header, token ids as int64) -> answer
 
 
 class QueueFullError(RuntimeError):
@@ -474,7 +473,7 @@ class Scheduler:
                 header[key] = value
         self.to_free, self.to_alloc, self.to_blocks, self.to_restore = [], [], [], []
         self.microbatches += 1
-        return [row[0] for row in rows], msgpack.packb(header), torch.tensor(ids, dtype=torch.long)
+        return [row[0] for row in rows], msgpack.packb(header), array("q", ids)
 
     def _row(self, r: _Request, n: int, ids: list[int], snaps: list, index: int):
         start = r.fed
@@ -493,7 +492,7 @@ class Scheduler:
         r.in_flight = True
         return (r, n), [r.slot, n, mode, arg]
 
-    async def _run(self, rows: list[tuple[_Request, int]], header: bytes, ids: torch.Tensor) -> None:
+    async def _run(self, rows: list[tuple[_Request, int]], header: bytes, ids: array) -> None:
         try:
             answer = msgpack.unpackb(await self.send(header, ids))
         except Exception as e:

@@ -40,7 +40,7 @@ from ray.serve.grpc_util import RayServegRPCContext
 from ray.serve import metrics  # ray.util.metrics, tagged with the application, deployment and replica
 
 from protos import jamba_pb2 as pb
-from stages.sampling import SamplingParams
+from stages.sequence import SamplingParams
 from stages.tokenizer import ChatTemplateError
 
 from .pipeline import FinishEvent, NotReadyError, Pipeline, PipelineConfig, TokenEvent, plan_pipeline

@@ -17,6 +17,17 @@ from pathlib import Path
 from typing import Any
 
 
+# Quantization modes (stages/quant.py does the work); here, without torch, for what only checks them.
+QUANT_MODES = ("int8-experts", "int8", "int8-with-mamba")
+
+
+def check_quant_mode(mode: str | None) -> str | None:
+    """`mode` if it is a quantization mode (or None: full precision); a clear error otherwise."""
+    if mode is None or mode in QUANT_MODES:
+        return mode
+    raise ValueError(f"unknown quantization {mode!r}; choose one of {', '.join(QUANT_MODES)} (or none)")
+
+
 @dataclass
 class JambaConfig:
     vocab_size: int = 65536

@@ -41,9 +41,10 @@ import os
 import torch
 from torch import nn
 
+from .config import QUANT_MODES, check_quant_mode
 from .model import Experts, JambaStage, Linear, linear
 
-MODES = ("int8-experts", "int8", "int8-with-mamba")
+MODES = QUANT_MODES
 
 # Leaves of the Linear layers each mode quantizes, by the module holding them (see quantized_param).
 _ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -51,11 +52,7 @@ _MLP = ("gate_proj", "up_proj", "down_proj")
 _MAMBA = ("in_proj", "x_proj", "dt_proj", "out_proj")
 
 
-def check_mode(mode: str | None) -> str | None:
-    """`mode` if it is a quantization mode (or None: full precision); a clear error otherwise."""
-    if mode is None or mode in MODES:
-        return mode
-    raise ValueError(f"unknown quantization {mode!r}; choose one of {', '.join(MODES)} (or none)")
+check_mode = check_quant_mode
 
 
 # ---------------------------------------------------------------------------

@@ -4,96 +4,19 @@ This is the reference every distributed path (Ray pipeline, gRPC service, batch 
 It already batches like the pipeline does: each step packs the decode rows of running sequences
 and chunks of waiting prompts under a token budget into one forward call.
 
-`SequenceState` (one request's progress and its stop rules) is shared with the pipeline scheduler.
+`SequenceState` (stages/sequence.py: one request's progress and its stop rules) is shared with the
+pipeline scheduler.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass, field
 
 import torch
 
 from .cache import DEFAULT_BLOCK_SIZE, HybridCache
 from .model import JambaStage
 from .paging import BlockManager, SeqPages, blocks_for
-from .sampling import SamplingParams, sample, token_generator
-
-
-@dataclass
-class GenerationResult:
-    output_ids: list[int]
-    finish_reason: str  # "stop" (eos, stop id or stop string) or "length"
-    text: str | None = None
-    logprobs: list[float] | None = None
-    prompt_tokens: int = 0
-    cached_tokens: int = 0  # prompt tokens taken from the prefix cache
-
-
-@dataclass
-class SequenceState:
-    """One generation request in flight: what has been fed to the model and what came out."""
-
-    prompt: list[int]
-    params: SamplingParams
-    eos_ids: list[int]
-    tokenizer: object | None = None
-    slot: int = -1
-    fed: int = 0  # tokens of prompt + output already in the cache
-    output_ids: list[int] = field(default_factory=list)
-    logprobs: list[float] = field(default_factory=list)
-    finish_reason: str | None = None
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        self.seed = self.params.resolved_seed()
-
-    def generator(self) -> torch.Generator:
-        """Random numbers for the next token (see stages/sampling.py)."""
-        return token_generator(self.seed, len(self.output_ids))
-
-    @property
-    def tokens(self) -> list[int]:
-        """Everything the model must have seen; replaying these rebuilds the cache exactly."""
-        return self.prompt + self.output_ids
-
-    @property
-    def pending(self) -> list[int]:
-        """Tokens not yet in the cache (the prompt's remainder, or the last sampled token)."""
-        return self.tokens[self.fed :]
-
-    def add_token(self, token: int, logprob: float) -> bool:
-        """Record a sampled token; returns True when the sequence is finished."""
-        self.output_ids.append(token)
-        if self.params.logprobs:
-            self.logprobs.append(logprob)
-        p = self.params
-        if (token in self.eos_ids and not p.ignore_eos) or token in p.stop_token_ids:
-            self.finish_reason = "stop"
-        elif p.stop and self.tokenizer is not None and _find_stop(self.text_so_far(), p.stop) is not None:
-            self.finish_reason = "stop"
-        elif len(self.output_ids) >= p.max_new_tokens:
-            self.finish_reason = "length"
-        return self.finish_reason is not None
-
-    def text_so_far(self) -> str:
-        return self.tokenizer.decode(self.output_ids, skip_special_tokens=True)
-
-    def result(self) -> GenerationResult:
-        text = None
-        if self.tokenizer is not None:
-            text = self.text_so_far()
-            cut = _find_stop(text, self.params.stop)
-            if cut is not None:
-                text = text[:cut]
-        return GenerationResult(
-            self.output_ids, self.finish_reason or "length", text,
-            self.logprobs if self.params.logprobs else None, len(self.prompt),
-        )
-
-
-def _find_stop(text: str, stops: list[str]) -> int | None:
-    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
-    return min(hits) if hits else None
+from .sampling import sample, token_generator
+from .sequence import GenerationResult, SamplingParams, SequenceState, pooling_position  # noqa: F401  (re-exported)
 
 
 class _CallCache:
@@ -205,7 +128,7 @@ class LocalRunner:
                 calls.commit(s.slot, s.fed)
             if ready:
                 idx = torch.tensor([i for i, _ in ready])
-                toks, lps = sample(logits[idx], [s.params for _, s in ready], [s.generator() for _, s in ready])
+                toks, lps = sample(logits[idx], [s.params for _, s in ready], [token_generator(s.seed, len(s.output_ids)) for _, s in ready])
                 for (_, s), t, lp in zip(ready, toks, lps):
                     if s.add_token(t, lp):
                         calls.free(s.slot)
@@ -282,13 +205,3 @@ class LocalRunner:
         outs = self._prefill(prompts, lambda i, start, n: [pool[i] - start] if start <= pool[i] < start + n else [],
                              lambda i: pool[i])
         return [o[0].float().tolist() for o in outs]
-
-
-def pooling_position(ids: list[int], pad_token_id: int | None) -> int:
-    """Rightmost token that is not padding (HF's rule, so a trailing pad id is skipped); 0 if all pad."""
-    if pad_token_id is None:
-        return len(ids) - 1
-    for i in range(len(ids) - 1, -1, -1):
-        if ids[i] != pad_token_id:
-            return i
-    return 0

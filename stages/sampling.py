@@ -9,61 +9,9 @@ transformers uses: temperature, top-k, top-p.
 
 from __future__ import annotations
 
-import math
-import os
-from dataclasses import dataclass, field
-
 import torch
 
-
-@dataclass
-class SamplingParams:
-    max_new_tokens: int = 16
-    temperature: float = 0.0  # 0 = greedy
-    top_k: int = 0  # 0 = off
-    top_p: float = 1.0  # 1 = off
-    seed: int | None = None
-    stop: list[str] = field(default_factory=list)  # stop strings (output text is cut before them)
-    stop_token_ids: list[int] = field(default_factory=list)
-    logprobs: bool = False  # return log p(token) of each sampled token
-    ignore_eos: bool = False
-
-    MAX_STOP = 64
-    MAX_STOP_LEN = 512
-
-    def validate(self, vocab_size: int) -> None:
-        """Raise ValueError naming the offending field."""
-
-        def bad(name: str, why: str, value: object) -> None:
-            raise ValueError(f"{name} {why} (got {value!r})")
-
-        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
-            bad("max_new_tokens", "must be a positive integer", self.max_new_tokens)
-        t = self.temperature
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or math.isnan(t) or math.isinf(t) or t < 0:
-            bad("temperature", "must be a finite number >= 0", t)
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
-            bad("top_k", "must be an integer >= 0", self.top_k)
-        p = self.top_p
-        if isinstance(p, bool) or not isinstance(p, (int, float)) or math.isnan(p) or not 0 < p <= 1:
-            bad("top_p", "must be in (0, 1]", p)
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63):
-            bad("seed", "must be an integer in [0, 2**63)", self.seed)
-        if not isinstance(self.stop, list) or not all(isinstance(s, str) and s for s in self.stop):
-            bad("stop", "must be a list of non-empty strings", self.stop)
-        if len(self.stop) > self.MAX_STOP or any(len(s) > self.MAX_STOP_LEN for s in self.stop):
-            bad("stop", f"allows at most {self.MAX_STOP} strings of at most {self.MAX_STOP_LEN} characters", f"{len(self.stop)} strings")
-        ids = self.stop_token_ids
-        if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
-            bad("stop_token_ids", "must be a list of integers", ids)
-        if len(ids) > 1024:
-            bad("stop_token_ids", "allows at most 1024 ids", f"{len(ids)} ids")
-        if any(not 0 <= i < vocab_size for i in ids):
-            bad("stop_token_ids", f"must be token ids in [0, {vocab_size})", [i for i in ids if not 0 <= i < vocab_size][:5])
-
-    def resolved_seed(self) -> int:
-        """The request's seed: the given one, or a fresh random one for an unseeded request."""
-        return self.seed if self.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
+from .sequence import SamplingParams  # noqa: F401  (defined without torch; imported from here too)
 
 
 def token_generator(seed: int, step: int) -> torch.Generator:

@@ -1,0 +1,146 @@
+"""What a request is, apart from the model: its sampling parameters, its progress through
+generation and its stop rules, and its result. No torch here: the scheduler's process (a Serve
+replica) needs these and nothing that computes.
+
+`SequenceState` is shared by the single-process runner (stages/runner.py) and the pipeline's
+scheduler (cluster/scheduler.py); `SamplingParams` is what sampling (stages/sampling.py) reads.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 16
+    temperature: float = 0.0  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1 = off
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)  # stop strings (output text is cut before them)
+    stop_token_ids: list[int] = field(default_factory=list)
+    logprobs: bool = False  # return log p(token) of each sampled token
+    ignore_eos: bool = False
+
+    MAX_STOP = 64
+    MAX_STOP_LEN = 512
+
+    def validate(self, vocab_size: int) -> None:
+        """Raise ValueError naming the offending field."""
+
+        def bad(name: str, why: str, value: object) -> None:
+            raise ValueError(f"{name} {why} (got {value!r})")
+
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            bad("max_new_tokens", "must be a positive integer", self.max_new_tokens)
+        t = self.temperature
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or math.isnan(t) or math.isinf(t) or t < 0:
+            bad("temperature", "must be a finite number >= 0", t)
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            bad("top_k", "must be an integer >= 0", self.top_k)
+        p = self.top_p
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or math.isnan(p) or not 0 < p <= 1:
+            bad("top_p", "must be in (0, 1]", p)
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63):
+            bad("seed", "must be an integer in [0, 2**63)", self.seed)
+        if not isinstance(self.stop, list) or not all(isinstance(s, str) and s for s in self.stop):
+            bad("stop", "must be a list of non-empty strings", self.stop)
+        if len(self.stop) > self.MAX_STOP or any(len(s) > self.MAX_STOP_LEN for s in self.stop):
+            bad("stop", f"allows at most {self.MAX_STOP} strings of at most {self.MAX_STOP_LEN} characters", f"{len(self.stop)} strings")
+        ids = self.stop_token_ids
+        if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+            bad("stop_token_ids", "must be a list of integers", ids)
+        if len(ids) > 1024:
+            bad("stop_token_ids", "allows at most 1024 ids", f"{len(ids)} ids")
+        if any(not 0 <= i < vocab_size for i in ids):
+            bad("stop_token_ids", f"must be token ids in [0, {vocab_size})", [i for i in ids if not 0 <= i < vocab_size][:5])
+
+    def resolved_seed(self) -> int:
+        """The request's seed: the given one, or a fresh random one for an unseeded request."""
+        return self.seed if self.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
+
+
+@dataclass
+class GenerationResult:
+    output_ids: list[int]
+    finish_reason: str  # "stop" (eos, stop id or stop string) or "length"
+    text: str | None = None
+    logprobs: list[float] | None = None
+    prompt_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens taken from the prefix cache
+
+
+@dataclass
+class SequenceState:
+    """One generation request in flight: what has been fed to the model and what came out."""
+
+    prompt: list[int]
+    params: SamplingParams
+    eos_ids: list[int]
+    tokenizer: object | None = None
+    slot: int = -1
+    fed: int = 0  # tokens of prompt + output already in the cache
+    output_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    finish_reason: str | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.seed = self.params.resolved_seed()
+
+    @property
+    def tokens(self) -> list[int]:
+        """Everything the model must have seen; replaying these rebuilds the cache exactly."""
+        return self.prompt + self.output_ids
+
+    @property
+    def pending(self) -> list[int]:
+        """Tokens not yet in the cache (the prompt's remainder, or the last sampled token)."""
+        return self.tokens[self.fed :]
+
+    def add_token(self, token: int, logprob: float) -> bool:
+        """Record a sampled token; returns True when the sequence is finished."""
+        self.output_ids.append(token)
+        if self.params.logprobs:
+            self.logprobs.append(logprob)
+        p = self.params
+        if (token in self.eos_ids and not p.ignore_eos) or token in p.stop_token_ids:
+            self.finish_reason = "stop"
+        elif p.stop and self.tokenizer is not None and _find_stop(self.text_so_far(), p.stop) is not None:
+            self.finish_reason = "stop"
+        elif len(self.output_ids) >= p.max_new_tokens:
+            self.finish_reason = "length"
+        return self.finish_reason is not None
+
+    def text_so_far(self) -> str:
+        return self.tokenizer.decode(self.output_ids, skip_special_tokens=True)
+
+    def result(self) -> GenerationResult:
+        text = None
+        if self.tokenizer is not None:
+            text = self.text_so_far()
+            cut = _find_stop(text, self.params.stop)
+            if cut is not None:
+                text = text[:cut]
+        return GenerationResult(
+            self.output_ids, self.finish_reason or "length", text,
+            self.logprobs if self.params.logprobs else None, len(self.prompt),
+        )
+
+
+def _find_stop(text: str, stops: list[str]) -> int | None:
+    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return min(hits) if hits else None
+
+
+def pooling_position(ids: list[int], pad_token_id: int | None) -> int:
+    """Rightmost token that is not padding (HF's rule, so a trailing pad id is skipped); 0 if all pad."""
+    if pad_token_id is None:
+        return len(ids) - 1
+    for i in range(len(ids) - 1, -1, -1):
+        if ids[i] != pad_token_id:
+            return i
+    return 0
