@@ -27,7 +27,7 @@ The cost model (closed form from the config; shapes in the comments of each func
               The embedding is a table lookup (~0 FLOPs); the head costs 2*hidden*vocab per
               sampled token, counted here as per token (prefill tokens skip it, so this slightly
               overweights the last stage, the safe side). Norms and activations are ignored.
-    cache     bytes per sequence at context ctx (`HybridCache.bytes_per_slot`): K and V grow
+    cache     bytes per sequence at context ctx (`stages.paging.slot_bytes`): K and V grow
               with ctx on attention layers only; a Mamba layer's conv + SSM state is fixed.
               The KV cache is paged (stages/cache.py), so a sequence takes only the blocks its
               tokens fill; with --gpu-memory the plan also says how many short sequences fit
@@ -54,6 +54,7 @@ from pathlib import Path
 from typing import Callable
 
 from stages.config import QUANT_MODES, JambaConfig
+from stages.paging import block_bytes, slot_bytes
 
 # ---- published model shapes ---------------------------------------------------------------------
 # HF `config.json` fields of AI21's 1.6 releases (ai21labs/AI21-Jamba-{Mini,Large}-1.6); fields the
@@ -260,16 +261,12 @@ def stage_flops(c: JambaConfig, start: int, end: int, ctx: int) -> int:
 
 def stage_block_bytes(c: JambaConfig, start: int, end: int, block_size: int, dtype_bytes: int) -> int:
     """K and V bytes of one paged block of `block_size` tokens on the stage's attention layers."""
-    from stages.cache import HybridCache
-
-    return HybridCache.bytes_per_block(c, range(start, end), block_size, dtype_bytes)
+    return block_bytes(c, range(start, end), block_size, dtype_bytes)
 
 
 def stage_cache_bytes(c: JambaConfig, start: int, end: int, ctx: int, dtype_bytes: int) -> int:
     """Cache bytes one sequence of `ctx` tokens occupies on the stage (the SSM state is float32)."""
-    from stages.cache import HybridCache  # imports torch; kept out of `jamba --help`
-
-    return HybridCache.bytes_per_slot(c, range(start, end), ctx, dtype_bytes)
+    return slot_bytes(c, range(start, end), ctx, dtype_bytes)
 
 
 # ---- partitioning ----------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import JambaConfig
-from .paging import blocks_for
+from .paging import block_bytes, blocks_for, slot_bytes, snapshot_bytes
 
 DEFAULT_BLOCK_SIZE = 64
 
@@ -253,25 +253,7 @@ class HybridCache:
         for s, n in zip(batch.slots_list, batch.seq_lens_list):
             self.lengths[s] += n
 
-    # ---- sizing (used by the planner) -----------------------------------------------------
-    @staticmethod
-    def bytes_per_slot(config: JambaConfig, layers: range, max_seq_len: int, dtype_bytes: int = 2) -> int:
-        c, total = config, 0
-        for i in layers:
-            if c.is_attention(i):
-                total += 2 * max_seq_len * c.num_key_value_heads * c.head_dim * dtype_bytes
-            else:
-                total += c.mamba_d_inner * (c.mamba_d_conv - 1) * dtype_bytes + c.mamba_d_inner * c.mamba_d_state * 4
-        return total
-
-    @staticmethod
-    def bytes_per_block(config: JambaConfig, layers: range, block_size: int, dtype_bytes: int = 2) -> int:
-        """K and V of one block in every attention layer of `layers`."""
-        c = config
-        n_attn = sum(1 for i in layers if c.is_attention(i))
-        return n_attn * 2 * block_size * c.num_key_value_heads * c.head_dim * dtype_bytes
-
-    @staticmethod
-    def bytes_per_snapshot(config: JambaConfig, layers: range, dtype_bytes: int = 2) -> int:
-        """Conv and SSM states of every Mamba layer of `layers`: one slot's, or one snapshot's."""
-        return HybridCache.bytes_per_slot(config, [i for i in layers if not config.is_attention(i)], 0, dtype_bytes)
+    # ---- sizing (stages/paging.py counts it without torch) ---------------------------------
+    bytes_per_slot = staticmethod(slot_bytes)
+    bytes_per_block = staticmethod(block_bytes)
+    bytes_per_snapshot = staticmethod(snapshot_bytes)

@@ -52,6 +52,30 @@ def blocks_for(tokens: int, block_size: int) -> int:
     return -(-tokens // block_size)
 
 
+# ---- sizes: stages/cache.py's layout, counted without torch (the planner and the service use them) ----
+def slot_bytes(config, layers, max_seq_len: int, dtype_bytes: int = 2) -> int:
+    """One sequence of `max_seq_len` tokens in `layers` (a JambaConfig's): K and V in the attention
+    layers, the conv state and the float32 SSM state in the Mamba layers."""
+    c, total = config, 0
+    for i in layers:
+        if c.is_attention(i):
+            total += 2 * max_seq_len * c.num_key_value_heads * c.head_dim * dtype_bytes
+        else:
+            total += c.mamba_d_inner * (c.mamba_d_conv - 1) * dtype_bytes + c.mamba_d_inner * c.mamba_d_state * 4
+    return total
+
+
+def block_bytes(config, layers, block_size: int, dtype_bytes: int = 2) -> int:
+    """K and V of one block in every attention layer of `layers`."""
+    n_attn = sum(1 for i in layers if config.is_attention(i))
+    return n_attn * 2 * block_size * config.num_key_value_heads * config.head_dim * dtype_bytes
+
+
+def snapshot_bytes(config, layers, dtype_bytes: int = 2) -> int:
+    """Conv and SSM states of every Mamba layer of `layers`: one slot's, or one snapshot's."""
+    return slot_bytes(config, [i for i in layers if not config.is_attention(i)], 0, dtype_bytes)
+
+
 @dataclass(eq=False)
 class SeqPages:
     """One sequence's share of the pools."""
