@@ -119,9 +119,9 @@ def test_a_pipeline_that_fails_to_start_says_why(service):
 
 
 def test_the_replica_does_not_import_torch():
-    """A replica schedules and streams; the stages compute. Without torch its process starts about
-    2 s sooner (the time a call made during deployment waits in Serve's proxy) and is some
-    300 MB smaller."""
+    """A replica schedules and streams; the stages compute. Without torch its process was up about
+    2 s sooner here (the time a call made during deployment waits in Serve's proxy) and took 223
+    instead of 406 MB (BENCHMARKS.md)."""
     root = Path(__file__).resolve().parents[1]
     code = ("import sys, cluster.service, cluster.openai_api, cluster.routing, cluster.scheduler\n"
             "from cluster.pipeline import PipelineConfig, plan_pipeline\n"
