@@ -48,8 +48,8 @@ def make_rows(n: int, lo: int, hi: int, vocab: int, seed: int = 0) -> list[list[
 
 
 def plain_loop(model: Path, rows: list[list[int]], threads: int, sample: int) -> dict:
+    from cluster.runtime.local import LocalRunner
     from stages.loading import load_stage
-    from stages.runner import LocalRunner
 
     torch.set_num_threads(threads)
     rows = rows[:: max(1, len(rows) // sample)] if sample else rows
@@ -65,7 +65,7 @@ def plain_loop(model: Path, rows: list[list[int]], threads: int, sample: int) ->
 
 
 def batch_job(model: Path, inp: Path, out: Path, pipelines: int, stages: int, threads: int, batch_size: int) -> dict:
-    from cluster.batch import BatchConfig, run_job
+    from cluster.batch.job import BatchConfig, run_job
 
     t0 = time.perf_counter()
     s = run_job(BatchConfig("score", str(model), [str(inp)], str(out), pipelines=pipelines, stages=stages,

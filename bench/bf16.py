@@ -29,9 +29,9 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.model_vs_hf import BENCH_CONFIG  # noqa: E402
+from cluster.runtime.local import LocalRunner  # noqa: E402
 from stages.loading import load_stage  # noqa: E402
-from stages.runner import LocalRunner  # noqa: E402
-from stages.sampling import SamplingParams  # noqa: E402
+from stages.sequence import SamplingParams  # noqa: E402
 
 
 def full_logprobs(stage, ids: list[int]) -> torch.Tensor:

@@ -36,10 +36,10 @@ def child_local(model: str, threads: int) -> dict:
     t0 = time.perf_counter()
     import torch
 
-    from stages.kernels.warmup import warm_up
+    from cluster.runtime.local import LocalRunner
     from stages.loading import load_stage
-    from stages.runner import LocalRunner
-    from stages.sampling import SamplingParams
+    from stages.sequence import SamplingParams
+    from stages.warmup import warm_up
 
     torch.set_num_threads(threads)
     stage, _ = load_stage(model)
@@ -62,7 +62,7 @@ def child_serve(model: str) -> dict:
     from ray import serve
 
     from client import JambaClient
-    from cluster.service import build_app, grpc_options, limit_message_size, wait_until_serving
+    from cluster.serve.app import build_app, grpc_options, limit_message_size, wait_until_serving
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

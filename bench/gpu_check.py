@@ -60,11 +60,11 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from cluster.runtime.local import LocalRunner  # noqa: E402
 from stages.config import JambaConfig  # noqa: E402
 from stages.kernels import reference  # noqa: E402
 from stages.model import JambaStage, SparseMoE  # noqa: E402
-from stages.runner import LocalRunner  # noqa: E402
-from stages.sampling import SamplingParams  # noqa: E402
+from stages.sequence import SamplingParams  # noqa: E402
 
 DEV = "cuda"  # "cpu" with --smoke
 MODEL = dict(
@@ -326,7 +326,8 @@ def measured_copy_gbs() -> float:
 def check_pipeline(stage, quick: bool):
     import ray
 
-    from cluster.pipeline import PipelineConfig, SyncPipeline
+    from cluster.runtime.config import PipelineConfig
+    from cluster.runtime.pipeline import SyncPipeline
     from stages.loading import save_checkpoint
 
     n_req, new = (8, 16) if quick or DEV == "cpu" else (32, 32)
@@ -373,12 +374,13 @@ def check_pipeline(stage, quick: bool):
 def check_dataplane(stage, quick: bool):
     import asyncio
 
-    import msgpack
     import ray
 
     from bench.synthetic import write_config_only
-    from cluster.pipeline import Pipeline, PipelineConfig, SyncPipeline
+    from cluster.runtime.config import PipelineConfig
+    from cluster.runtime.pipeline import Pipeline, SyncPipeline
     from stages.loading import save_checkpoint
+    from stages.microbatch import Microbatch, Row
 
     gpus = torch.cuda.device_count() if DEV == "cuda" else 0
     if DEV == "cuda" and gpus < 2:
@@ -397,7 +399,7 @@ def check_dataplane(stage, quick: bool):
                                                        worker_cls="bench.synthetic:GpuLikeStage",
                                                        worker_kwargs={"fixed_ms": 0.0, "per_token_ms": 0.0}))
             try:
-                header = msgpack.packb({"free": [], "alloc": [], "rows": [[k, 1, "none", None] for k in range(tokens)]})
+                header = Microbatch([Row(k, 1) for k in range(tokens)])
                 ids = array("q", [5] * tokens)  # token ids as the scheduler sends them
                 for _ in range(20):
                     await pipe.dataplane.send(header, ids)
@@ -518,7 +520,7 @@ def main() -> None:
     log("== building the random bf16 model")
     stage = build_model()
     n_params = sum(p.numel() for p in stage.parameters())
-    from stages.kernels.warmup import warm_up
+    from stages.warmup import warm_up
 
     log(f"   {n_params / 1e9:.2f}B parameters; kernels warmed up in {warm_up(stage):.1f}s")
     check_prefill(stage, args.quick)

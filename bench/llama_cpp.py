@@ -30,7 +30,7 @@ from pathlib import Path
 def _tokenizer_model(hf_dir: Path) -> None:
     import sentencepiece as spm
 
-    from stages.tokenizer import DEMO_CORPUS
+    from stages.demo import DEMO_CORPUS
 
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(DEMO_CORPUS.splitlines()), model_prefix=str(hf_dir / "tokenizer"),

@@ -33,17 +33,18 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private local cluster, t
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP; see cluster/pipeline.py
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import msgpack  # noqa: E402
 import ray  # noqa: E402
 import torch  # noqa: E402
 
 from bench.model_vs_hf import BENCH_CONFIG  # noqa: E402
 from bench.synthetic import write_config_only  # noqa: E402
-from cluster.pipeline import Pipeline, PipelineConfig  # noqa: E402
+from cluster.runtime.config import PipelineConfig  # noqa: E402
+from cluster.runtime.pipeline import Pipeline  # noqa: E402
 from stages.config import JambaConfig  # noqa: E402
 from stages.demo import random_state  # noqa: E402
 from stages.loading import save_checkpoint  # noqa: E402
-from stages.sampling import SamplingParams  # noqa: E402
+from stages.microbatch import Microbatch, Row  # noqa: E402
+from stages.sequence import SamplingParams  # noqa: E402
 
 GPU_LIKE = {"fixed_ms": 32.0, "per_token_ms": 0.1}  # whole-model cost of one microbatch
 SYNTHETIC = "bench.synthetic:GpuLikeStage"
@@ -174,8 +175,8 @@ async def dataplane_hops(folder: str, transport: str, reps: int) -> dict[str, fl
     out = {}
     try:
         for label, tokens in SIZES.items():
-            rows = [[0, tokens, "none", None]] if tokens > 32 else [[k, 1, "none", None] for k in range(tokens)]
-            header, ids = msgpack.packb({"free": [], "alloc": [], "rows": rows}), array("q", [5] * tokens)
+            rows = [Row(0, tokens)] if tokens > 32 else [Row(k, 1) for k in range(tokens)]
+            header, ids = Microbatch(rows), array("q", [5] * tokens)
             batches: dict[int, list[float]] = {1: [], 4: []}
             for _ in range(max(4, reps // 10)):
                 for n, pipe in pipes.items():

@@ -35,14 +35,15 @@ sys.path.insert(0, str(REPO))
 import ray  # noqa: E402
 import torch  # noqa: E402
 
-from bench.pipeline import write_bench_model  # noqa: E402
 from bench.model_vs_hf import BENCH_CONFIG  # noqa: E402
-from cluster.pipeline import Pipeline, PipelineConfig  # noqa: E402
-from cluster.scheduler import FinishEvent  # noqa: E402
+from bench.pipeline import write_bench_model  # noqa: E402
+from cluster.runtime.config import PipelineConfig  # noqa: E402
+from cluster.runtime.pipeline import Pipeline  # noqa: E402
 from stages.cache import HybridCache  # noqa: E402
 from stages.config import JambaConfig  # noqa: E402
+from stages.costs import block_bytes, slot_bytes, snapshot_bytes  # noqa: E402
 from stages.paging import BlockManager, blocks_for  # noqa: E402
-from stages.sampling import SamplingParams  # noqa: E402
+from stages.sequence import GenerationResult, SamplingParams  # noqa: E402
 
 
 def pct(values: list[float], q: float) -> float:
@@ -66,7 +67,7 @@ async def shared_prefix(model: Path, requests: int, system: int, question: int, 
 
         async def one(i):
             async for ev in pipe.generate(prompts[i], SamplingParams(max_new_tokens=8, ignore_eos=True)):
-                if isinstance(ev, FinishEvent):
+                if isinstance(ev, GenerationResult):
                     outputs[i], cached[i] = ev.output_ids, ev.cached_tokens
                 elif not ttft[i]:
                     ttft[i] = time.perf_counter() - t0
@@ -84,9 +85,9 @@ def memory(long_len: int = 65536, short_len: int = 512, slots_today: int = 8, bl
            snapshots: int = 16) -> dict:
     config = JambaConfig(**dict(BENCH_CONFIG, max_position_embeddings=long_len))
     layers = range(config.num_hidden_layers)
-    budget = slots_today * HybridCache.bytes_per_slot(config, layers, long_len, 4)  # contiguous slots, fp32
-    per_block = HybridCache.bytes_per_block(config, layers, block_size, 4)
-    per_slot = HybridCache.bytes_per_snapshot(config, layers, 4)  # a slot's Mamba state = one snapshot's
+    budget = slots_today * slot_bytes(config, layers, long_len, 4)  # contiguous slots, fp32
+    per_block = block_bytes(config, layers, block_size, 4)
+    per_slot = snapshot_bytes(config, layers, 4)  # a slot's Mamba state = one snapshot's
     # Paged: as many slots as sequences; blocks fill the rest of the same memory.
     best = 0
     for n_short in range(1, 100_000):

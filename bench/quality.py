@@ -27,10 +27,10 @@ import torch  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from cluster.runtime.local import LocalRunner  # noqa: E402
 from stages.demo import trained_model_dir  # noqa: E402
 from stages.loading import load_stage  # noqa: E402
-from stages.runner import LocalRunner  # noqa: E402
-from stages.sampling import SamplingParams  # noqa: E402
+from stages.sequence import SamplingParams  # noqa: E402
 from stages.tokenizer import Tokenizer  # noqa: E402
 
 MODES = {  # name -> load_stage arguments

@@ -31,9 +31,9 @@ import torch  # noqa: E402
 from ray.cluster_utils import Cluster  # noqa: E402
 
 from bench.pipeline import write_bench_model  # noqa: E402
-from cluster.pipeline import Pipeline, PipelineConfig  # noqa: E402
-from cluster.scheduler import FinishEvent  # noqa: E402
-from stages.sampling import SamplingParams  # noqa: E402
+from cluster.runtime.config import PipelineConfig  # noqa: E402
+from cluster.runtime.pipeline import Pipeline  # noqa: E402
+from stages.sequence import GenerationResult, SamplingParams  # noqa: E402
 
 
 async def run(model: Path, streams: int, new_tokens: int, fault: Callable[[Pipeline], None] | None,
@@ -48,7 +48,7 @@ async def run(model: Path, streams: int, new_tokens: int, fault: Callable[[Pipel
     try:
         async def stream(i):
             async for ev in pipe.generate(prompts[i], SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)):
-                if not isinstance(ev, FinishEvent):
+                if not isinstance(ev, GenerationResult):
                     arrivals[i].append(time.time())
                     outputs[i].append(ev.token_id)
         tasks = [asyncio.ensure_future(stream(i)) for i in range(streams)]

@@ -31,10 +31,11 @@ import ray  # noqa: E402
 from ray import serve  # noqa: E402
 
 from client import AsyncJambaClient  # noqa: E402
-from cluster.pipeline import FinishEvent, Pipeline, PipelineConfig  # noqa: E402
-from cluster.service import build_app, grpc_options, wait_until_serving  # noqa: E402
+from cluster.runtime.config import PipelineConfig  # noqa: E402
+from cluster.runtime.pipeline import Pipeline  # noqa: E402
+from cluster.serve.app import build_app, grpc_options, wait_until_serving  # noqa: E402
 from stages.demo import ensure_demo_model  # noqa: E402
-from stages.sampling import SamplingParams  # noqa: E402
+from stages.sequence import GenerationResult, SamplingParams  # noqa: E402
 
 PROMPT = "The weather today is"
 
@@ -52,7 +53,7 @@ async def in_process(pipe: Pipeline, n: int, new_tokens: int) -> tuple[list[floa
         ttft, itl = None, []
         async for ev in pipe.generate(ids, SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)):
             now = time.perf_counter()
-            if isinstance(ev, FinishEvent):
+            if isinstance(ev, GenerationResult):
                 break
             if ttft is None:
                 ttft = now - t0
@@ -160,7 +161,7 @@ async def throughput_in_process(pipe: Pipeline, n: int) -> tuple[int, float, int
     async def one(k):
         out = 0
         async for ev in pipe.generate(ids, SamplingParams(max_new_tokens=k, ignore_eos=True)):
-            out += not isinstance(ev, FinishEvent)
+            out += not isinstance(ev, GenerationResult)
         return out
     t0 = time.perf_counter()
     res = await asyncio.gather(*[one(k) for k in _lengths(n)], return_exceptions=True)

@@ -40,7 +40,7 @@ def child(mode: str, case: str, stages: int, interval: float, deadline: float, w
     from ray import serve
 
     from client import JambaClient, JambaError
-    from cluster.service import build_app, grpc_options, limit_message_size
+    from cluster.serve.app import build_app, grpc_options, limit_message_size
     from stages.demo import ensure_demo_model
     from tests.harness import free_port
 

@@ -23,10 +23,10 @@ from __future__ import annotations
 import os
 import time
 
-import msgpack
 import torch
 
 from stages.config import JambaConfig
+from stages.microbatch import Answer, Microbatch, Row, Want
 
 
 class GpuLikeStage:
@@ -50,15 +50,20 @@ class GpuLikeStage:
         self.busy_seconds = 0.0
         self.steps = 0
 
+    @classmethod
+    def load(cls, *args, **kwargs) -> "GpuLikeStage":
+        """What the pipeline calls (stages/worker.py's contract): there is nothing to load."""
+        return cls(*args, **kwargs)
+
     def info(self) -> dict:
         return dict(self.load_info, busy_seconds=self.busy_seconds, steps=self.steps, used_slots=len(self.slots),
                     num_slots=self.num_slots, rss_bytes=0)
 
-    def step(self, h: dict, x: torch.Tensor):
-        self.slots.difference_update(h["free"])
-        self.slots.update(h["alloc"])
-        rows = h["rows"]
-        tokens = sum(r[1] for r in rows)
+    def step(self, mb: Microbatch, x: torch.Tensor) -> torch.Tensor | list[Answer]:
+        self.slots.difference_update(mb.free)
+        self.slots.update(mb.alloc)
+        rows = mb.rows
+        tokens = mb.num_tokens
         wait = (self.fixed_ms + self.per_token_ms * tokens) * self.share / 1000 if rows else 0.0
         if wait:
             time.sleep(wait)
@@ -66,14 +71,14 @@ class GpuLikeStage:
         self.steps += 1
         if not self.is_last:
             return torch.empty((tokens, self.hidden_size), dtype=self.dtype, device=self.device)
-        return msgpack.packb([self._answer(mode, n, arg) for _, n, mode, arg in rows])
+        return [self._answer(r) for r in rows]
 
-    def _answer(self, mode: str, n: int, arg):
-        if mode == "sample":
-            return [self.token, 0.0]
-        if mode == "score":
-            return [None if t is None else 0.0 for t in arg]
-        if mode == "classify":
+    def _answer(self, r: Row) -> Answer:
+        if r.want == Want.TOKEN:
+            return (self.token, 0.0)
+        if r.want == Want.SCORES:
+            return [None if t is None else 0.0 for t in r.targets]
+        if r.want == Want.LOGITS:
             return [0.0] * self.num_labels
         return None
 

@@ -52,22 +52,16 @@ from protos import jamba_pb2 as pb
 
 from .client import JambaClient
 from .messages import JambaError, sampling_params, to_chat
+from .rows import RowError, parse_line, row_input, row_sampling
 
-# Nothing from cluster/ or stages/ (no torch, no Ray): this runs where only the client is installed,
-# which is why the row checks of cluster/rows.py are repeated here rather than imported.
+# Nothing from cluster/ or stages/ (no torch, no Ray): this runs where only the client is installed.
 
 log = logging.getLogger("jamba.client")
 
-INPUT_FIELDS = ("prompt", "text", "input_ids", "messages")
-SAMPLING_FIELDS = ("max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop", "stop_token_ids", "logprobs")
 CHUNK_ROWS = 256  # rows read, run and written together; bounds memory on huge inputs
 DEFAULT_TIMEOUT = 60.0  # seconds: a call to a server that never answers must not hang the command
 ROW_CODES = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OUT_OF_RANGE, grpc.StatusCode.DEADLINE_EXCEEDED}
 SPLIT_CODES = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OUT_OF_RANGE}  # worth retrying row by row
-
-
-class RowError(ValueError):
-    pass
 
 
 # ---- the parser -------------------------------------------------------------------------------
@@ -291,50 +285,25 @@ def run_stream(args) -> int:
 
 # ---- rows ---------------------------------------------------------------------------------------
 def parse_row(lineno: int, line: str, task: str) -> Job:
-    """Check a line as the offline commands do (cluster/rows.py) and build its prompt and params.
-    What needs the model (token ids in range, fitting the context) is checked by the server."""
-    try:
-        row = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise RowError(f"malformed JSON: {e.msg} at column {e.colno}") from None
-    if any("\udc80" <= ch <= "\udcff" for ch in line):  # surrogateescape marks bad bytes
-        raise RowError("line is not valid UTF-8")
-    if not isinstance(row, dict):
-        raise RowError(f"a row must be a JSON object, not {type(row).__name__}")
-    if task == "generate" and "text" in row:
-        # `text` is generate's output field; taking it as input would overwrite the input.
-        raise RowError("generate takes its input as prompt, input_ids or messages; text is the output field")
-    given = [f for f in INPUT_FIELDS if f in row]
-    if len(given) != 1:
-        got = f" (got {', '.join(given)})" if given else ""
-        raise RowError(f"a row needs exactly one of {', '.join(INPUT_FIELDS)}{got}")
-    field = given[0]
-    value = row[field]
+    """Check a line's shape (client/rows.py) and build its prompt and params. What needs the model
+    (token ids in range, the chat template, fitting the context) is checked by the server."""
+    row = parse_line(line)
+    field, value = row_input(row, task)
     if field in ("prompt", "text"):
-        if not isinstance(value, str):
-            raise RowError(f"{field} must be a string")
-        if not value:
-            raise RowError(f"{field} is empty")
         prompt = pb.Prompt(text=value)
     elif field == "input_ids":
-        if not isinstance(value, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in value):
-            raise RowError("input_ids must be a list of integers")
-        if not value:
-            raise RowError("input_ids is empty")
         try:
             prompt = pb.Prompt(token_ids=pb.TokenIds(ids=value))
         except ValueError as e:  # an id beyond int64
             raise RowError(f"input_ids: {e}") from None
     else:
-        if not isinstance(value, list) or not value:
-            raise RowError("messages must be a non-empty list of {role, content} objects")
         try:
             prompt = pb.Prompt(chat=to_chat(value))
         except (TypeError, ValueError) as e:
             raise RowError(f"messages: {e}") from None
     params: dict[str, Any] = {}
     if task == "generate":
-        params = {k: row[k] for k in SAMPLING_FIELDS if row.get(k) is not None}
+        params = row_sampling(row)
         try:
             sampling_params(**params)
         except (TypeError, ValueError) as e:

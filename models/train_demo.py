@@ -31,7 +31,8 @@ sys.path.insert(0, str(HERE.parent))
 from corpus import CLASSIFIER_LABELS, load_entries, split  # noqa: E402
 from train_scan import selective_scan  # noqa: E402
 
-from stages.tokenizer import Tokenizer, build_demo_tokenizer  # noqa: E402
+from stages.demo import build_demo_tokenizer
+from stages.tokenizer import Tokenizer  # noqa: E402
 
 BOS, EOS, PAD = 1, 2, 0
 

@@ -15,8 +15,9 @@ The P entries after the slots are Mamba-state snapshots for the prefix cache (st
 says which block and snapshot ids a sequence uses; the scan kernels write snapshots mid-chunk).
 
 Blocks are either given by the caller (`set_blocks`; the scheduler decides, so that every
-stage of a pipeline agrees) or, with `manage_blocks=True`, taken by the cache itself as a
-forward needs them and returned by `free`: what direct calls of a stage (tests, warm-up) use.
+stage of a pipeline agrees) or, with `manage_blocks=True`, taken as a forward needs them from a
+BlockManager of the cache's own (stages/paging.py, the one allocator) and returned by `free`:
+what direct calls of a stage (tests, warm-up, parity checks) use.
 
 The cache lives outside the layers, so a forward call can mix rows from any slots, and a
 stage in a pipeline owns exactly the cache of its own layers. `lengths[slot]` is the number
@@ -30,9 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import JambaConfig
-from .paging import block_bytes, blocks_for, slot_bytes, snapshot_bytes
-
-DEFAULT_BLOCK_SIZE = 64
+from .paging import DEFAULT_BLOCK_SIZE, BlockManager, NoBlocksError, SeqPages, blocks_for
 
 
 class CacheFullError(RuntimeError):
@@ -90,7 +89,7 @@ class HybridCache:
         self.num_blocks = num_slots * self.max_blocks if num_blocks is None else num_blocks
         if self.num_blocks < 1:
             raise ValueError("num_blocks must be positive")
-        self.num_snapshots, self.manage_blocks = num_snapshots, manage_blocks
+        self.num_snapshots = num_snapshots
         self.dtype, self.device = dtype, torch.device(device)
         c, pool = config, num_slots + num_snapshots
         self.k: dict[int, torch.Tensor] = {}
@@ -110,8 +109,9 @@ class HybridCache:
         # Unset entries point at block 0: reads past a row's length are masked, writes never go there.
         self.block_tables = torch.zeros(num_slots, self.max_blocks, dtype=torch.long, device=self.device)
         self.table_lens = [0] * num_slots  # block table entries set per slot
-        self._tables_host = [[] for _ in range(num_slots)]  # the same, as Python lists (manage_blocks)
-        self._free_blocks = list(range(self.num_blocks - 1, -1, -1)) if manage_blocks else []
+        # manage_blocks: the blocks of each slot's sequence, taken from a pool of the cache's own
+        self._pages = BlockManager(self.num_blocks, block_size, 0, prefix_cache=False) if manage_blocks else None
+        self._seqs: dict[int, SeqPages] = {}
         self.lengths = [0] * num_slots
         self._free = set(range(num_slots))
 
@@ -145,9 +145,8 @@ class HybridCache:
             raise ValueError(f"slot {slot} out of range 0..{self.num_slots - 1}")
         self._free.add(slot)
         self.lengths[slot] = 0
-        if self.manage_blocks:
-            self._free_blocks.extend(reversed(self._tables_host[slot]))
-            self._tables_host[slot] = []
+        if self._pages is not None and slot in self._seqs:
+            self._pages.release(self._seqs.pop(slot))
         self.table_lens[slot] = 0
 
     def reset(self, slot: int) -> None:
@@ -185,13 +184,12 @@ class HybridCache:
         self.lengths[slot] = length
 
     def _grow(self, slot: int, tokens: int) -> None:
-        need = blocks_for(tokens, self.block_size) - len(self._tables_host[slot])
-        if need > len(self._free_blocks):
-            raise CacheFullError(f"slot {slot} needs {need} more KV blocks, {len(self._free_blocks)} are free")
-        if need > 0:
-            new = [self._free_blocks.pop() for _ in range(need)]
-            self.set_blocks(slot, len(self._tables_host[slot]), new)
-            self._tables_host[slot].extend(new)
+        seq = self._seqs.setdefault(slot, SeqPages([], 0))
+        have = len(seq.blocks)
+        try:
+            self.set_blocks(slot, have, self._pages.grow(seq, tokens))
+        except NoBlocksError as e:
+            raise CacheFullError(f"slot {slot}: {e}") from None
 
     # ---- forward bookkeeping --------------------------------------------------------------
     def begin(self, slots: list[int], seq_lens: list[int],
@@ -212,7 +210,7 @@ class HybridCache:
                 raise CacheFullError(
                     f"slot {s}: {self.lengths[s]} cached + {n} new tokens exceeds max_seq_len {self.max_seq_len}"
                 )
-            if self.manage_blocks:
+            if self._pages is not None:
                 self._grow(s, self.lengths[s] + n)
             elif self.lengths[s] + n > self.table_lens[s] * self.block_size:
                 raise CacheFullError(f"slot {s}: blocks for {self.table_lens[s] * self.block_size} tokens, "
@@ -252,8 +250,3 @@ class HybridCache:
     def commit(self, batch: ForwardBatch) -> None:
         for s, n in zip(batch.slots_list, batch.seq_lens_list):
             self.lengths[s] += n
-
-    # ---- sizing (stages/paging.py counts it without torch) ---------------------------------
-    bytes_per_slot = staticmethod(slot_bytes)
-    bytes_per_block = staticmethod(block_bytes)
-    bytes_per_snapshot = staticmethod(snapshot_bytes)

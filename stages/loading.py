@@ -26,9 +26,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .config import JambaConfig
+from .config import JambaConfig, check_quant_mode
 from .model import JambaStage
-from .quant import QUANT_CHUNK_ELEMS, check_mode, quantize_int8_into, quantize_modules, quantized_param, scale_name
+from .quant import QUANT_CHUNK_ELEMS, quantize_int8_into, quantize_modules, quantized_param, scale_name
 
 log = logging.getLogger(__name__)
 
@@ -254,7 +254,7 @@ def load_stage(
     """
     t0 = time.perf_counter()
     rss0 = _maxrss_bytes()
-    quantize = check_mode(quantize)
+    quantize = check_quant_mode(quantize)
     ckpt = Checkpoint(path)
     config = ckpt.config
     with torch.device("meta"):

@@ -4,8 +4,8 @@ The stages hold the memory (stages/cache.py): per attention layer a pool of KV b
 `block_size` tokens, and per Mamba layer, beside the sequence slots, a pool of *snapshots* of
 the conv and SSM state. Every stage's pools have the same sizes, so one block id or snapshot id
 names the same entry on all of them. This module decides which ids each sequence uses; it runs
-where the batching happens (the pipeline scheduler, or the single-process runner) and the
-stages just follow the ids they are sent.
+where the batching happens (the scheduler, cluster/runtime/scheduler.py) and the stages just
+follow the ids they are sent. Sizes in bytes are counted in stages/costs.py.
 
 Paging: a sequence's KV lives in the blocks of its block table, taken as its tokens arrive and
 given back when it finishes, so no slot reserves `max_seq_len` tokens.
@@ -43,6 +43,8 @@ import hashlib
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
+DEFAULT_BLOCK_SIZE = 64  # tokens per KV block: the paging and prefix-cache granularity
+
 
 class NoBlocksError(RuntimeError):
     """The block pool is exhausted (every block is held by a running sequence)."""
@@ -50,30 +52,6 @@ class NoBlocksError(RuntimeError):
 
 def blocks_for(tokens: int, block_size: int) -> int:
     return -(-tokens // block_size)
-
-
-# ---- sizes: stages/cache.py's layout, counted without torch (the planner and the service use them) ----
-def slot_bytes(config, layers, max_seq_len: int, dtype_bytes: int = 2) -> int:
-    """One sequence of `max_seq_len` tokens in `layers` (a JambaConfig's): K and V in the attention
-    layers, the conv state and the float32 SSM state in the Mamba layers."""
-    c, total = config, 0
-    for i in layers:
-        if c.is_attention(i):
-            total += 2 * max_seq_len * c.num_key_value_heads * c.head_dim * dtype_bytes
-        else:
-            total += c.mamba_d_inner * (c.mamba_d_conv - 1) * dtype_bytes + c.mamba_d_inner * c.mamba_d_state * 4
-    return total
-
-
-def block_bytes(config, layers, block_size: int, dtype_bytes: int = 2) -> int:
-    """K and V of one block in every attention layer of `layers`."""
-    n_attn = sum(1 for i in layers if config.is_attention(i))
-    return n_attn * 2 * block_size * config.num_key_value_heads * config.head_dim * dtype_bytes
-
-
-def snapshot_bytes(config, layers, dtype_bytes: int = 2) -> int:
-    """Conv and SSM states of every Mamba layer of `layers`: one slot's, or one snapshot's."""
-    return slot_bytes(config, [i for i in layers if not config.is_attention(i)], 0, dtype_bytes)
 
 
 @dataclass(eq=False)

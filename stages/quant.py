@@ -41,18 +41,14 @@ import os
 import torch
 from torch import nn
 
-from .config import QUANT_MODES, check_quant_mode
+from .config import check_quant_mode
 from .model import Experts, JambaStage, Linear, linear
-
-MODES = QUANT_MODES
 
 # Leaves of the Linear layers each mode quantizes, by the module holding them (see quantized_param).
 _ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 _MLP = ("gate_proj", "up_proj", "down_proj")
 _MAMBA = ("in_proj", "x_proj", "dt_proj", "out_proj")
 
-
-check_mode = check_quant_mode
 
 
 # ---------------------------------------------------------------------------
@@ -217,7 +213,7 @@ def quantized_param(name: str, mode: str | None) -> bool:
 def quantize_modules(stage: JambaStage, mode: str | None) -> JambaStage:
     """Swap the modules `mode` quantizes for their int8 versions, in place (on a meta-device stage
     before loading, or on a loaded one; the new modules' tensors are empty until loaded)."""
-    check_mode(mode)
+    check_quant_mode(mode)
     if mode is None:
         return stage
     c = stage.config

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .sequence import SamplingParams  # noqa: F401  (defined without torch; imported from here too)
+from .microbatch import Sampling
 
 
 def token_generator(seed: int, step: int) -> torch.Generator:
@@ -21,11 +21,10 @@ def token_generator(seed: int, step: int) -> torch.Generator:
     return g
 
 
-def sample(
-    logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator]
-) -> tuple[list[int], list[float]]:
-    """Pick one token per row of `logits` (B, V). Returns the tokens and their model log-probabilities
-    (under the raw distribution, before temperature and truncation, as scoring would report them)."""
+def sample(logits: torch.Tensor, params: list[Sampling]) -> tuple[list[int], list[float]]:
+    """Pick one token per row of `logits` (B, V), row b as params[b] says. Returns the tokens and
+    their model log-probabilities (under the raw distribution, before temperature and truncation,
+    as scoring would report them)."""
     logits = logits.float()
     logprobs = torch.log_softmax(logits, dim=-1)
     greedy = logits.argmax(dim=-1).tolist()
@@ -46,6 +45,6 @@ def sample(
             drop[-1] = False
             x = x.masked_fill(drop.scatter(0, order, drop), float("-inf"))
         probs = torch.softmax(x, dim=-1)
-        tokens.append(int(torch.multinomial(probs, 1, generator=generators[row])))
+        tokens.append(int(torch.multinomial(probs, 1, generator=token_generator(p.seed, p.step))))
     chosen = logprobs[torch.arange(len(tokens), device=logprobs.device), torch.tensor(tokens, device=logprobs.device)].tolist()
     return tokens, chosen

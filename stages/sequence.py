@@ -2,8 +2,9 @@
 generation and its stop rules, and its result. No torch here: the scheduler's process (a Serve
 replica) needs these and nothing that computes.
 
-`SequenceState` is shared by the single-process runner (stages/runner.py) and the pipeline's
-scheduler (cluster/scheduler.py); `SamplingParams` is what sampling (stages/sampling.py) reads.
+`SequenceState` is the scheduler's record of a generation (cluster/runtime/scheduler.py);
+`GenerationResult` is its result, the last event of a stream. Sampling itself happens on the
+last stage (stages/sampling.py), from the parameters the microbatch header carries.
 """
 
 from __future__ import annotations
@@ -144,3 +145,13 @@ def pooling_position(ids: list[int], pad_token_id: int | None) -> int:
         if ids[i] != pad_token_id:
             return i
     return 0
+
+
+def label_probs(logits: list[float], id2label: dict[int, str]) -> tuple[list[float], str]:
+    """A classifier's logits as probabilities (softmax), and the label of the most probable class."""
+    m = max(logits)
+    exp = [math.exp(x - m) for x in logits]
+    total = sum(exp)
+    probs = [e / total for e in exp]
+    best = max(range(len(probs)), key=probs.__getitem__)
+    return probs, id2label.get(best, str(best))

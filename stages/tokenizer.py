@@ -4,9 +4,7 @@ Only Hugging Face *fast* tokenizers (a ``tokenizer.json``) are supported; they a
 with the ``tokenizers`` library directly so serving does not depend on ``transformers``.
 ``transformers`` is the reference we are tested against: ``encode``, ``decode``,
 ``apply_chat_template`` and ``encode_chat`` give what ``AutoTokenizer`` gives.
-
-``build_demo_tokenizer`` trains a small, deterministic byte-level BPE tokenizer with
-Jamba's special-token ids (pad 0, bos 1, eos 2), for tests and the demo model.
+(The demo models' tokenizer is trained in stages/demo.py.)
 """
 
 from __future__ import annotations
@@ -16,14 +14,13 @@ import re
 from datetime import datetime
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import jinja2
 import jinja2.ext
 from jinja2 import nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as _Backend
-from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
 ALLOWED_ROLES = ("system", "user", "assistant", "tool")
 _SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
@@ -322,110 +319,3 @@ class IncrementalDecoder:
         self._prefix = self._read = len(self.token_ids)
         self._in_byte_run = False
         return delta
-
-
-# ---- demo tokenizer ---------------------------------------------------------------------
-
-PAD, BOS, EOS, UNK = "<|pad|>", "<|startoftext|>", "<|endoftext|>", "<|unk|>"
-IM_START, IM_END = "<|im_start|>", "<|im_end|>"
-DEMO_SPECIAL_TOKENS = (PAD, BOS, EOS, UNK, IM_START, IM_END)  # ids 0..5, in this order
-DEMO_MODEL_MAX_LENGTH = 4096
-DEMO_CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for m in messages %}"
-    "{% if m['role'] not in ['system','user','assistant','tool'] %}"
-    "{{ raise_exception('Unknown role: ' + m['role']) }}{% endif %}"
-    "<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-
-DEMO_CORPUS = """\
-The weather changed quickly on Tuesday morning. At 7:30 the sky was clear and blue, but by noon
-heavy clouds had rolled in from the west. The forecast promised light rain, 12 mm at most, yet the
-storm that arrived dropped almost 40 mm in two hours. Streets flooded, buses ran late, and people
-waited under shop awnings, checking their phones and watching the water rise along the curb.
-In winter the temperature often falls below zero at night. Frost covers the windows, and the first
-snow usually comes in late November. Children build snowmen; adults shovel driveways and complain.
-Spring brings wind, pollen, and long evenings; summer brings heat waves of 35 degrees or more.
-
-To make a simple tomato soup, chop one onion and two cloves of garlic. Warm a spoonful of olive oil
-in a large pot, add the onion, and cook it slowly for ten minutes until it is soft and sweet. Add
-the garlic, then 800 grams of tomatoes, a cup of water, salt, and pepper. Let it simmer for 25
-minutes, blend until smooth, and finish with fresh basil. Bread baked the same day makes it better.
-For pancakes, whisk 2 eggs, 250 ml of milk, and 120 g of flour; rest the batter for half an hour.
-Cooking is mostly patience: taste often, adjust the seasoning, and don't rush the onions!
-
-A computer follows instructions written as programs. The processor fetches an instruction from
-memory, decodes it, and executes it, billions of times per second. Data lives in memory while a
-program runs and on a disk when the power is off. Networks connect computers so they can exchange
-messages; the internet is a network of networks. Good software is tested carefully: every function
-should return the right answer, handle errors, and fail loudly instead of silently. Developers use
-version control to track changes, review each other's code, and roll back mistakes. A server may
-handle 10,000 requests per second, so engineers measure latency, memory use, and throughput.
-
-Travel teaches patience as well. Trains leave on time in some countries and never in others. We
-once waited six hours at an airport because of fog, then flew over mountains covered in snow and
-landed in a warm city by the sea. The hotel was small, the room had a balcony, and breakfast was
-served from 6:45 until 10:00. Pack light, carry a good map, learn a few words of the language,
-and always keep your passport in a safe place. Is the museum open on Monday? Where is the station?
-How much does a ticket cost? Questions like these are worth learning before you go.
-
-Numbers appear everywhere: 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 42, 100, 256, 1024, 2025, 3.14159,
--7, +15%, $19.99, 1/2, 3:00 p.m., and (555) 010-0199. Punctuation matters too - commas, periods;
-colons: semicolons; "quotes", 'apostrophes', [brackets], {braces}, <angles>, and the odd #hashtag,
-@mention, email@example.com, or path/to/file.txt. Lists help: first, second, third, and so on.
-
-History is full of small decisions with large effects. A farmer chose a new crop, a merchant
-opened a road, a teacher wrote a book that a student read years later. Libraries keep these
-stories, and each generation reads them again with new questions. What would you have done?
-Music, art, and science grow the same way: people listen, look, measure, and try again tomorrow.
-"""
-
-
-def build_demo_tokenizer(out_dir: str | Path, vocab_size: int = 512, corpus: Iterable[str] | None = None) -> None:
-    """Train a byte-level BPE tokenizer and write a loadable tokenizer directory.
-
-    corpus: the texts to learn merges from (default: the small built-in demo text). Deterministic:
-    for the same corpus, trainer settings and special-token order every run writes byte-identical
-    files. ``vocab_size`` counts the special tokens.
-    """
-    n_base = len(DEMO_SPECIAL_TOKENS) + len(pre_tokenizers.ByteLevel.alphabet())
-    if vocab_size <= n_base:
-        raise ValueError(f"vocab_size must exceed {n_base} (special tokens + 256 byte symbols)")
-    backend = _Backend(models.BPE())
-    # add_prefix_space=False: decode(encode(text)) == text exactly, no leading space invented.
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        min_frequency=1,
-        show_progress=False,
-        special_tokens=list(DEMO_SPECIAL_TOKENS),  # the trainer places these first: ids 0..5
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # every byte is encodable: no UNK ever
-    )
-    backend.train_from_iterator(DEMO_CORPUS.splitlines() if corpus is None else corpus, trainer=trainer)
-    got = backend.get_vocab_size(with_added_tokens=True)
-    if got != vocab_size:  # a too-small corpus stops BPE early; the model would be mis-sized
-        raise RuntimeError(f"the corpus only supports {got} tokens, {vocab_size} requested")
-    backend.post_processor = processors.TemplateProcessing(
-        single=f"{BOS} $A:0", pair=f"{BOS} $A:0 {BOS}:1 $B:1", special_tokens=[(BOS, 1)]
-    )
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    backend.save(str(out / "tokenizer.json"))
-    special_map = {"bos_token": BOS, "eos_token": EOS, "unk_token": UNK, "pad_token": PAD}
-    config = {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        **special_map,
-        "add_bos_token": True,
-        "add_eos_token": False,
-        "model_max_length": DEMO_MODEL_MAX_LENGTH,
-        "clean_up_tokenization_spaces": False,
-        "chat_template": DEMO_CHAT_TEMPLATE,
-    }
-
-    def write_json(name: str, obj: dict[str, Any]) -> None:
-        (out / name).write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-
-    write_json("tokenizer_config.json", config)
-    write_json("special_tokens_map.json", special_map)

@@ -41,8 +41,8 @@ def models(tmp_path_factory):
 def reference(models):
     """Single-process runners of the demo LM and classifier, and the tokenizer: what the pipeline
     and the service must reproduce."""
+    from cluster.runtime.local import LocalRunner
     from stages.loading import load_stage
-    from stages.runner import LocalRunner
     from stages.tokenizer import Tokenizer
 
     lm, cls = models

@@ -28,7 +28,7 @@ def serve_apps(apps: dict[str, dict], env: dict[str, str] | None = None,
     import ray
     from ray import serve
 
-    from cluster.service import build_app, grpc_options, limit_message_size, wait_until_serving
+    from cluster.serve.app import build_app, grpc_options, limit_message_size, wait_until_serving
 
     saved = {k: os.environ.get(k) for k in env or {}}
     os.environ.update(env or {})

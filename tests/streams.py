@@ -7,9 +7,8 @@ from __future__ import annotations
 import asyncio
 from typing import Callable
 
-from cluster.pipeline import Pipeline
-from cluster.scheduler import FinishEvent
-from stages.sampling import SamplingParams
+from cluster.runtime.pipeline import Pipeline
+from stages.sequence import GenerationResult, SamplingParams
 
 
 def stream_params(i: int) -> SamplingParams:
@@ -23,16 +22,16 @@ def stream_params(i: int) -> SamplingParams:
 async def streams_through_a_fault(pipe: Pipeline, prompts: list[list[int]], params: list[SamplingParams],
                                   fault: Callable[[], None], tokens_before: int, timeout: float = 180):
     """Returns (tokens, outcomes): the token ids each stream received, and per stream its
-    FinishEvent or the exception that ended it. `fault()` runs once the streams have received
+    GenerationResult or the exception that ended it. `fault()` runs once the streams have received
     `tokens_before` tokens in all."""
     tokens: list[list[int]] = [[] for _ in prompts]
 
     async def stream(i):
         async for ev in pipe.generate(prompts[i], params[i]):
-            if isinstance(ev, FinishEvent):
+            if isinstance(ev, GenerationResult):
                 return ev
             tokens[i].append(ev.token_id)
-        raise AssertionError("the stream ended without a FinishEvent")
+        raise AssertionError("the stream ended without a GenerationResult")
 
     tasks = [asyncio.ensure_future(stream(i)) for i in range(len(prompts))]
     while sum(map(len, tokens)) < tokens_before:

@@ -20,11 +20,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from cluster.batch import (BatchConfig, BatchWorker, _rows_table, add_batch_parser, config_from_args, filesystem, plan_cpus,
-                           resolve_inputs, run_job)
-from cluster.cli import run_chunk
+from cluster.batch.inputs import filesystem, resolve_inputs, rows_table
+from cluster.batch.job import BatchConfig, plan_cpus, run_job
+from cluster.batch.rows import run_chunk
+from cluster.batch.worker import BatchWorker
+from cluster.cli.batch import add_batch_parser, config_from_args
+from cluster.runtime.config import PipelineConfig
+from cluster.runtime.local import LocalRunner
 from stages.loading import load_stage
-from stages.runner import LocalRunner
 from stages.tokenizer import Tokenizer
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # Ray Data copies its context
@@ -52,7 +55,7 @@ def _write_jsonl(path: Path, lines: list) -> Path:
 
 
 def _expected(runner, task: str, path: Path) -> dict[int, dict]:
-    """The single-process results (cluster.cli.run_chunk on LocalRunner), by line number."""
+    """The single-process results (cluster.batch.rows.run_chunk on LocalRunner), by line number."""
     lines = [(i, line) for i, line in enumerate(path.read_text().splitlines(), 1) if line.strip()]
     results, _ = run_chunk(runner, task, lines)
     return {i: r for (i, _), r in zip(lines, results)}
@@ -60,7 +63,10 @@ def _expected(runner, task: str, path: Path) -> dict[int, dict]:
 
 def _job(task, model, inputs, out, **kw) -> dict:
     kw.setdefault("progress_interval", 0.5)
-    return run_job(BatchConfig(task, str(model), [str(p) for p in inputs], str(out), **kw))
+    stages = kw.pop("stages", 1)  # the rest of the engine's fields by their own names
+    engine = {k: kw.pop(k) for k in list(kw) if k in PipelineConfig.__dataclass_fields__}
+    return run_job(BatchConfig(task, [str(p) for p in inputs], str(out), PipelineConfig(str(model), num_stages=stages,
+                                                                                         **engine), **kw))
 
 
 def _data(out: Path) -> list[dict]:
@@ -114,7 +120,7 @@ def test_batch_parser_plugs_into_the_cli():
     args = p.parse_args(["batch", "score", "--model", "m", "--input", "a.jsonl", "--input", "b/", "--output", "o",
                          "--stages", "2", "--pipelines", "3", "--address", "127.0.0.1:6379"])
     cfg = config_from_args(args)
-    assert (cfg.task, cfg.inputs, cfg.stages, cfg.pipelines) == ("score", ["a.jsonl", "b/"], 2, 3)
+    assert (cfg.task, cfg.inputs, cfg.engine.num_stages, cfg.pipelines) == ("score", ["a.jsonl", "b/"], 2, 3)
     assert args.address == "127.0.0.1:6379" and callable(args.func)
 
 
@@ -122,13 +128,13 @@ class _Refusing:
     """A runner whose pipeline refuses one request that the row checks let through."""
 
     def __init__(self, real):
-        self.real, self.config, self.tokenizer, self.max_seq_len = real, real.config, real.tokenizer, 4096
-        self.pipe = SimpleNamespace(scheduler=SimpleNamespace(error=None, closed=False, recoveries=[]))
+        self.real, self.config, self.intake = real, real.config, real.intake
+        self.engine = SimpleNamespace(scheduler=SimpleNamespace(error=None, closed=False, recoveries=[]))
 
-    def score(self, prompts):
-        if any(p[-1] == 77 for p in prompts):
+    def run(self, requests):
+        if any(r.prompt[-1] == 77 for r in requests):
             raise ValueError("refused by the pipeline")
-        return self.real.score(prompts)
+        return self.real.run(requests)
 
 
 def test_worker_isolates_a_refused_row_and_respects_the_fence(reference, tmp_path):
@@ -141,13 +147,13 @@ def test_worker_isolates_a_refused_row_and_respects_the_fence(reference, tmp_pat
     w.fs, w.root = filesystem(str(out))
     w.pipe = _Refusing(reference[0])
     lines = [json.dumps({"input_ids": [1, 5, 6]}), json.dumps({"id": "bad", "input_ids": [1, 77]}), json.dumps({"prompt": "ok"})]
-    summary = w(_rows_table("f.jsonl", [1, 2, 3], [x.encode() for x in lines])).to_pylist()[0]
+    summary = w(rows_table("f.jsonl", [1, 2, 3], [x.encode() for x in lines])).to_pylist()[0]
     assert summary["committed"] and (summary["rows"], summary["failed"]) == (3, 1)
     assert [r["source_row"] for r in _data(out)] == [1, 3]
     assert [(e["id"], e["error"]) for e in _errors(out)] == [("bad", "ValueError: refused by the pipeline")]
     assert _data(out)[0]["token_logprobs"][1:] == pytest.approx(reference[0].score([[1, 5, 6]])[0][1:], abs=1e-6)
     (out / "_RUN").write_text("run-2")  # a newer run owns the directory: commit nothing
-    summary = w(_rows_table("f.jsonl", [4], [lines[0].encode()])).to_pylist()[0]
+    summary = w(rows_table("f.jsonl", [4], [lines[0].encode()])).to_pylist()[0]
     assert not summary["committed"] and summary["rows"] == 0 and len(list((out / "data").glob("part-*"))) == 1
 
 
@@ -200,7 +206,7 @@ def test_bad_rows_go_to_the_errors_file(score_job):
     assert "malformed JSON" in errs[f"{path}:{bad_line}"]["error"]
     assert errs[f"{path}:{bad_line}"]["input"] == '{"prompt": "unterminated'
     assert "exactly one of" in errs["nofield"]["error"]
-    assert "exceeds the model's context of 256" in errs["toolong"]["error"]
+    assert "more than the context of 256" in errs["toolong"]["error"]
     assert "out of range" in errs["range"]["error"]
     for e in errs.values():
         assert e["id"] == "toolong" or want[e["source_row"]]["error"] == e["error"]  # the reference's limit is 4096
@@ -287,7 +293,7 @@ def test_rerun_cleans_up_an_interrupted_commit(score_job, models, tmp_path):
 
 
 def _batch_cmd(*args) -> list[str]:
-    return [sys.executable, "-m", "cluster.batch", *map(str, args)]
+    return [sys.executable, "-m", "cluster.cli", "batch", *map(str, args)]
 
 
 def test_killed_job_resumes_exactly_once_on_a_separate_cluster(ray_cluster, models, reference, tmp_path):
@@ -327,7 +333,7 @@ def test_killed_job_resumes_exactly_once_on_a_separate_cluster(ray_cluster, mode
     assert "resuming" in r.stderr and "rows/s" in r.stderr
     # The output is the project's own lines; Ray's (its Python loggers, the core worker's C++
     # lines such as "core_worker.cc ... max_restarts > 0") go to a log file, named at the end.
-    from cluster.ray_log import RAY_LINE
+    from cluster.cli.ray_log import RAY_LINE
 
     assert "core_worker.cc" not in r.stderr and not [x for x in r.stderr.splitlines() if RAY_LINE.match(x.encode())]
     assert "Ray's messages are in " in r.stderr

@@ -12,12 +12,12 @@ import signal
 import pytest
 
 from bench.synthetic import GpuLikeStage, write_config_only
-from cluster.pipeline import Pipeline, PipelineConfig, SyncPipeline
+from cluster.runtime.config import PipelineConfig
+from cluster.runtime.pipeline import Pipeline, SyncPipeline
 from stages.config import JambaConfig
-from stages.sampling import SamplingParams
+from stages.sequence import SamplingParams
 
 from .streams import settle, stream_params, streams_through_a_fault
-
 
 PROMPTS = ["The weather today is", "Cooking rice takes about twenty minutes if", "a", "Trains leave at noon"]
 
@@ -123,7 +123,7 @@ def test_messages_without_the_key_are_dropped(ray_cluster, models, reference):
 
     import msgpack
 
-    from cluster.channels import frame, parse_address
+    from cluster.runtime.channels import frame, parse_address
 
     lm, _ = models
     ref_lm, _, tok = reference

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cluster.cli import main
+from cluster.cli.main import main
 from stages.demo import trained_model_dir, widen_to_fp32
 
 MODELS = Path(__file__).resolve().parent.parent / "models"
@@ -94,8 +94,8 @@ def test_eval_rejects_a_classifier_and_reports_bad_rows(heldout, lm_fp32, tmp_pa
 def test_classifier_beats_the_majority_baseline(heldout):
     from corpus import CLASSIFIER_LABELS
 
+    from cluster.runtime.local import LocalRunner
     from stages.loading import load_stage
-    from stages.runner import LocalRunner
     from stages.tokenizer import Tokenizer
 
     rows, _ = heldout

@@ -8,9 +8,9 @@ import pytest
 from ray import serve
 
 from client import JambaClient, JambaError
+from cluster.runtime.local import LocalRunner
 from stages.loading import load_stage
-from stages.runner import LocalRunner
-from stages.sampling import SamplingParams
+from stages.sequence import SamplingParams
 from stages.tokenizer import Tokenizer
 
 from .harness import free_port, serve_apps, until

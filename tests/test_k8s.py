@@ -7,7 +7,7 @@
   servicer functions, deployment options and application args fit this project's code;
 - resources fit the pipelines (placement bundles from build_app itself vs the worker pods), and the
   layer splits are what the planner gives, every stage fitting an 80 GB GPU;
-- the RayJob runs cluster.batch and cleans up after itself; the image and the pods are non-root,
+- the RayJob runs `jamba batch` and cleans up after itself; the image and the pods are non-root,
   with the gRPC port as the only one open to clients.
 
 Nothing here starts Ray or loads a model.
@@ -16,7 +16,6 @@ Nothing here starts Ray or loads a model.
 from __future__ import annotations
 
 import copy
-import inspect
 import re
 import shlex
 from pathlib import Path
@@ -282,11 +281,9 @@ SERVE_CONFIGS.append(("serve_config.yaml", yaml.safe_load((ROOT / "serve_config.
 
 
 def _builder_keys() -> set[str]:
-    from cluster.service import JambaService
+    from cluster.serve.app import APP_ARGS
 
-    # serve.ingress wraps the class in a subclass whose __init__ takes *args, **kwargs: ours is its first base.
-    params = inspect.signature(JambaService.func_or_class.__bases__[0].__init__).parameters
-    return (set(params) - {"self"}) | {"replicas", "placement_strategy", "autoscaling_config"}
+    return APP_ARGS
 
 
 @pytest.mark.parametrize("name,config", SERVE_CONFIGS, ids=[n for n, _ in SERVE_CONFIGS])
@@ -294,7 +291,8 @@ def test_serve_config_fits_the_code(name, config, monkeypatch):
     from ray._common.utils import import_attr
     from ray.serve.schema import DeploymentSchema, ServeDeploySchema
 
-    import cluster.service
+    import cluster.serve.app
+    import cluster.serve.deployment
 
     schema = ServeDeploySchema.model_validate(config)
     assert schema.grpc_options.port == 9000
@@ -304,7 +302,7 @@ def test_serve_config_fits_the_code(name, config, monkeypatch):
     known = _builder_keys()
     deployment_fields = set(DeploymentSchema.model_fields)
     for raw, app in zip(config["applications"], schema.applications):
-        assert import_attr(app.import_path) is cluster.service.build_app
+        assert import_attr(app.import_path) is cluster.serve.app.build_app
         assert "model" in app.args
         assert set(app.args) <= known, f"{app.name}: unknown args {set(app.args) - known}"
         bundles, replicas = _built(app.args, monkeypatch)  # build_app takes them (no Ray, no model)
@@ -315,7 +313,7 @@ def test_serve_config_fits_the_code(name, config, monkeypatch):
             assert len(bundles) == int(app.args.get("stages", 1)) + 1
         for dep in raw.get("deployments", []):
             assert set(dep) <= deployment_fields, f"{app.name}: not deployment options: {set(dep) - deployment_fields}"
-            assert dep["name"] == cluster.service.JambaService.name
+            assert dep["name"] == cluster.serve.deployment.JambaService.name
     assert len({a.name for a in schema.applications}) == len(schema.applications)
 
 
@@ -332,17 +330,12 @@ def test_serve_config_matches_the_head_ports(f, doc):
 
 
 # ---- resources and plans ----------------------------------------------------------------------------
-def _fake_resolve(spec: str) -> tuple[str, str]:
-    name, _, path = spec.rpartition("=")
-    return name or path.rstrip("/").split("/")[-1], path
-
-
 def _built(args: dict, monkeypatch):
     """build_app's own deployment: placement bundles and replicas, without writing the demo model."""
-    import cluster.service_cli
-    from cluster.service import build_app
+    import cluster.serve.app
+    from cluster.serve.app import build_app
 
-    monkeypatch.setattr(cluster.service_cli, "resolve_model", _fake_resolve)
+    monkeypatch.setattr(cluster.serve.app, "resolve_model_dir", lambda model: model)
     deployment = build_app(args)._bound_deployment
     return deployment._replica_config.placement_group_bundles, deployment._deployment_config.num_replicas
 
@@ -406,7 +399,7 @@ def test_resources_match_the_pipelines(f, doc, monkeypatch):
 
 
 def _model_config(args: dict):
-    from cluster.plan import PRESETS, load_config
+    from cluster.runtime.plan import PRESETS, load_config
     from stages.config import JambaConfig
     from stages.demo import trained_model_dir
 
@@ -431,7 +424,7 @@ def _gpu_memory_floor(cluster: dict) -> int | None:
 
 @pytest.mark.parametrize("f,doc", _of_kind("RayService"), ids=_pair_id)
 def test_layer_splits_are_the_planners(f, doc):
-    from cluster.plan import make_plan, parse_layer_split
+    from cluster.runtime.plan import make_plan, parse_layer_split
 
     cluster = _cluster_spec(doc)
     for app in _serve_config(doc)["applications"]:
@@ -458,7 +451,7 @@ def test_layer_splits_are_the_planners(f, doc):
 
 def test_large_does_not_fit_on_eight_gpus():
     """Why Jamba-Large-1.6 takes 16 stages: bf16 on 8 x 80 GiB leaves stages without room."""
-    from cluster.plan import load_config, make_plan
+    from cluster.runtime.plan import load_config, make_plan
 
     plans = make_plan(load_config("jamba-large-1.6"), 8, gpu_memory=PLAN_GPU_MEMORY)
     assert any(p.max_sequences(PLAN_GPU_MEMORY) == 0 for p in plans)
@@ -468,7 +461,7 @@ def test_large_does_not_fit_on_eight_gpus():
 
 def test_large_fits_eight_gpus_with_int8_experts():
     """...and why rayservice-jamba-large-1.6-int8-experts.yaml takes 8: int8 experts fit 8 x 80 GiB."""
-    from cluster.plan import load_config, make_plan
+    from cluster.runtime.plan import load_config, make_plan
 
     plans = make_plan(load_config("jamba-large-1.6"), 8, gpu_memory=PLAN_GPU_MEMORY, quantize="int8-experts")
     assert all(p.max_sequences(PLAN_GPU_MEMORY) >= 128 for p in plans)
@@ -485,7 +478,7 @@ PLAN_FILES = sorted(K8S.glob("*.plan.txt"))
 def test_plan_files_are_the_planners_output(path):
     """Each k8s/*.plan.txt is `$ jamba plan ...` then its output, as the planner prints it today, and
     its split is the one a manifest uses."""
-    from cluster.plan import format_plan, load_config, make_plan, parse_bytes
+    from cluster.runtime.plan import format_plan, load_config, make_plan, parse_bytes
     from stages.config import JambaConfig
     from stages.demo import trained_model_dir
 
@@ -642,11 +635,8 @@ def test_ray_token_auth_and_metrics(f, doc):
 
 @pytest.mark.parametrize("f,doc", _of_kind("RayService"), ids=_pair_id)
 def test_grpc_message_cap_reaches_the_proxies(f, doc):
-    from cluster import service
+    from cluster.serve.app import MAX_MESSAGE_BYTES as cap
 
-    cap = getattr(service, "MAX_MESSAGE_BYTES", None)
-    if cap is None:
-        pytest.skip("cluster.service has no MAX_MESSAGE_BYTES")
     cluster = _cluster_spec(doc)
     for group in [cluster["headGroupSpec"]] + cluster["workerGroupSpecs"]:
         assert _env(_ray_container(group["template"]))["RAY_SERVE_GRPC_MAX_MESSAGE_SIZE"] == str(cap)
@@ -699,18 +689,18 @@ def _job_argv(doc: dict) -> list[str]:
 
 @pytest.mark.parametrize("f,doc", _of_kind("RayJob"), ids=_pair_id)
 def test_rayjob(f, doc):
-    from cluster.plan import load_config, make_plan, parse_layer_split
+    from cluster.runtime.plan import load_config, make_plan, parse_layer_split
 
     spec = doc["spec"]
     assert spec["shutdownAfterJobFinishes"] is True
     assert spec["activeDeadlineSeconds"] > 0 and spec["ttlSecondsAfterFinished"] >= 0
-    assert spec["entrypoint"].startswith("python -m cluster.batch score ")
+    assert spec["entrypoint"].startswith("python -m cluster.cli batch score ")
     for var in ("$JAMBA_MODEL_DIR", "$INPUT_URI", "$OUTPUT_URI"):
         assert var in spec["entrypoint"]
     assert spec.get("submissionMode", "K8sJobMode") == "K8sJobMode"
     assert spec["submitterPodTemplate"]["spec"]["restartPolicy"] == "Never"
     argv = _job_argv(doc)
-    opts = dict(zip(argv[4::2], argv[5::2]))
+    opts = dict(zip(argv[5::2], argv[6::2]))
     assert opts["--address"] == "auto"
     cluster = spec["rayClusterSpec"]
     model_dir = opts["--model"]
@@ -733,18 +723,13 @@ def test_rayjob(f, doc):
 def test_rayjob_entrypoint_parses_with_cluster_batch(f, doc):
     import argparse
 
-    try:
-        from cluster import batch
-    except Exception as e:  # being written alongside; its own tests cover it
-        pytest.skip(f"cluster.batch does not import: {e!r}")
-    add = getattr(batch, "_add_arguments", None)
-    if add is None:
-        pytest.skip("cluster.batch has no _add_arguments to build its parser from")
+    from cluster.cli.batch import add_arguments
+
     parser = argparse.ArgumentParser(exit_on_error=False)
-    add(parser)
+    add_arguments(parser)
     argv = _job_argv(doc)
-    assert argv[:3] == ["python", "-m", "cluster.batch"]
-    args = parser.parse_args(argv[3:])
+    assert argv[:4] == ["python", "-m", "cluster.cli", "batch"]
+    args = parser.parse_args(argv[4:])
     assert args.task == "score" and args.address == "auto"
 
 
@@ -769,10 +754,13 @@ def test_dockerfile():
     cuda = re.search(r"ARG CUDA_VERSION=(\d+)\.(\d+)\.\d+", text)
     assert cu and cuda and cu.group(1) == "".join(cuda.groups()), "torch's CUDA build and the base image's CUDA differ"
     assert '".[gpu]"' in text
-    # Exactly the project's packages go in (protos/ with its stubs among them); of weights only
-    # the small committed demo checkpoints.
-    packages = {p.split(".")[0] for p in pyproject["tool"]["setuptools"]["packages"]}  # top-level directories
-    assert "protos" in packages
+    # Exactly the packages of the two distributions go in (the server's, and the client's with
+    # protos/ and its stubs); of weights only the small committed demo checkpoints.
+    client = tomllib.loads((ROOT / "client" / "pyproject.toml").read_text())
+    packages = {p.split(".")[0] for p in pyproject["tool"]["setuptools"]["packages"]["find"]["include"]}
+    packages |= set(client["tool"]["setuptools"]["packages"])  # top-level directories
+    assert packages == {"stages", "cluster", "client", "protos"}
+    assert "uv pip install ./client" in text
     copied = {m.group(1) for m in re.finditer(r"^COPY (\w+)/ \1/$", text, re.M)}
     assert copied == packages
     demo = re.findall(r"^COPY models/(\S+)/ /opt/jamba/models/\1/$", text, re.M)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from cluster.runtime.local import LocalRunner
 from stages.loading import load_stage
-from stages.runner import LocalRunner
-from stages.sampling import SamplingParams
+from stages.sequence import SamplingParams
 from tests.hf_reference import CONFIGS, make_hf_model, save_hf_model
 
 torch.set_num_threads(2)

@@ -18,11 +18,12 @@ import signal
 import pytest
 from ray.cluster_utils import Cluster
 
-from cluster.pipeline import Pipeline, PipelineConfig
-from cluster.scheduler import SchedulerClosedError
+from cluster.runtime.config import PipelineConfig
+from cluster.runtime.local import LocalRunner
+from cluster.runtime.pipeline import Pipeline
+from cluster.runtime.scheduler import SchedulerClosedError
 from stages.loading import load_stage
-from stages.runner import LocalRunner
-from stages.sampling import SamplingParams
+from stages.sequence import SamplingParams
 from stages.tokenizer import Tokenizer
 
 from .harness import simulated_cluster

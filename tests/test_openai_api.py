@@ -19,7 +19,7 @@ import openai
 import pytest
 from ray import serve
 
-from cluster.cli import main as jamba_main
+from cluster.cli.main import main as jamba_main
 from stages.tokenizer import Tokenizer
 
 from .harness import free_port, serve_apps, until
@@ -216,7 +216,7 @@ HOSTILE = [  # (name, (path, body), status, param, message fragment)
     ("prompt a number", _c(prompt=7), 400, "prompt", "prompt must be a string"),
     ("second prompt bad", _c(prompt=["ok", ""]), 400, "prompt[1]", "prompt[1] is empty"),
     ("10,000 prompts", _c(prompt=["hi"] * 10_000), 400, "prompt", "at most 256"),
-    ("prompt over context", _c(prompt=[1] * 5000), 400, "prompt", "the context is 4096"),
+    ("prompt over context", _c(prompt=[1] * 5000), 400, "prompt", "more than the context of 4096"),
     ("max_tokens 0", _c(max_tokens=0), 400, "max_tokens", "max_tokens must be a positive integer"),
     ("max_tokens negative", _c(max_tokens=-3), 400, "max_tokens", "max_tokens must be"),
     ("max_tokens absurd", _c(max_tokens=10**12), 400, "max_tokens", "more than the context"),

@@ -7,9 +7,10 @@ import time
 
 import pytest
 
-from cluster.pipeline import PipelineConfig, SyncPipeline
-from cluster.scheduler import FinishEvent, QueueFullError
-from stages.sampling import SamplingParams
+from cluster.runtime.config import PipelineConfig
+from cluster.runtime.pipeline import SyncPipeline
+from cluster.runtime.scheduler import QueueFullError
+from stages.sequence import GenerationResult, SamplingParams
 
 
 def _pipe(model, **kw) -> SyncPipeline:
@@ -86,7 +87,7 @@ def test_streaming_slots_queue_and_abort(ray_cluster, models, reference):
     async def stream(n):
         deltas, final = [], None
         async for ev in pipe.pipe.generate(prompt, SamplingParams(max_new_tokens=n, ignore_eos=True)):
-            if isinstance(ev, FinishEvent):
+            if isinstance(ev, GenerationResult):
                 final = ev
             else:
                 deltas.append(ev)
@@ -139,7 +140,7 @@ def test_streaming_slots_queue_and_abort(ray_cluster, models, reference):
         # A slow consumer gets the tokens that piled up in one chunk each time, not one per step.
         chunks = pipe._call(slow_chunks(12))
         events = [ev for c in chunks for ev in c]
-        assert len(chunks) < len(events) and isinstance(events[-1], FinishEvent)
+        assert len(chunks) < len(events) and isinstance(events[-1], GenerationResult)
         assert [ev.token_id for ev in events[:-1]] == final.output_ids and events[-1].text == final.text
         stats = pipe._call(exhaust())
         assert stats["slots_in_use"] == 0 and stats["waiting"] == 0 and stats["active"] == 0
@@ -225,7 +226,7 @@ def test_bad_requests_are_refused_with_a_reason(ray_cluster, models):
     try:
         with pytest.raises(ValueError, match="out of range"):
             pipe.score([[1, 10_000]])
-        with pytest.raises(ValueError, match="exceeds the pipeline's max sequence length 64"):
+        with pytest.raises(ValueError, match="more than the context of 64"):
             pipe.generate([[1] * 60], [SamplingParams(max_new_tokens=10)])
         with pytest.raises(ValueError, match="temperature"):
             pipe.generate([[1, 2]], [SamplingParams(temperature=-1.0)])
@@ -249,7 +250,7 @@ def test_actor_startup_reports_load(ray_cluster, models):
 def test_deadline_drops_the_request_and_frees_its_slot(ray_cluster, models, reference):
     import time
 
-    from cluster.scheduler import DeadlineExceededError
+    from cluster.runtime.scheduler import DeadlineExceededError
 
     lm, _ = models
     _, _, tok = reference
@@ -293,7 +294,7 @@ def test_a_huge_prompt_does_not_stall_running_decodes(ray_cluster, models, refer
 
         async def short():
             async for ev in pipe.pipe.generate(tok.encode("keep talking"), SamplingParams(max_new_tokens=120, ignore_eos=True)):
-                if not isinstance(ev, FinishEvent):
+                if not isinstance(ev, GenerationResult):
                     order.append("short")
 
         async def long():

@@ -10,11 +10,12 @@ import sys
 
 import pytest
 
-from cluster.pipeline import PipelineConfig, SyncPipeline
+from cluster.runtime.config import PipelineConfig
+from cluster.runtime.local import LocalRunner
+from cluster.runtime.pipeline import SyncPipeline
 from stages.demo import make_demo_model
 from stages.loading import load_stage
-from stages.runner import LocalRunner
-from stages.sampling import SamplingParams
+from stages.sequence import SamplingParams
 from stages.tokenizer import Tokenizer
 
 from .harness import simulated_cluster

@@ -10,24 +10,11 @@ import re
 import pytest
 import torch
 
-from cluster.plan import (
-    PRESETS,
-    StagePlan,
-    add_plan_parser,
-    count_params,
-    format_plan,
-    layer_flops,
-    load_config,
-    make_plan,
-    parse_bytes,
-    parse_layer_split,
-    partition,
-    stage_cache_bytes,
-    stage_flops,
-    stage_params,
-)
+from cluster.cli.plan import add_plan_parser
+from cluster.runtime.plan import PRESETS, StagePlan, format_plan, load_config, make_plan, parse_bytes, parse_layer_split, partition
 from stages.cache import HybridCache
 from stages.config import JambaConfig
+from stages.costs import count_params, layer_flops, stage_cache_bytes, stage_flops, stage_params
 from stages.model import JambaStage
 
 GiB = 2**30
@@ -316,7 +303,7 @@ def test_format_plan_without_gpu_memory():
                                     load_config("jamba-mini-1.6")], ids=["small", "dense-bias", "mini"])
 def test_quantized_weight_bytes_match_the_quantized_model(config, mode):
     """Plan bytes = the bytes of a quantized stage's tensors (int8, fp32 scales, the rest in bf16)."""
-    from cluster.plan import stage_weight_bytes
+    from stages.costs import stage_weight_bytes
     from stages.quant import quantize_modules
 
     n = config.num_hidden_layers

@@ -14,11 +14,12 @@ import random
 
 import pytest
 
-from cluster.pipeline import Pipeline, PipelineConfig, resolve_paging
+from cluster.runtime.config import PipelineConfig, resolve_paging
+from cluster.runtime.local import LocalRunner
+from cluster.runtime.pipeline import Pipeline
 from stages.config import JambaConfig
 from stages.loading import load_stage
-from stages.runner import LocalRunner
-from stages.sampling import SamplingParams
+from stages.sequence import SamplingParams
 
 BS = 16  # small blocks: many boundaries in short prompts, so the CPU runs stay quick
 
@@ -155,7 +156,7 @@ def test_scarce_blocks_preempt_and_replay_with_identical_output(ray_cluster, mod
     params = [SamplingParams(max_new_tokens=40, ignore_eos=True, logprobs=True) for _ in prompts]
 
     async def calls(pipe):
-        with pytest.raises(ValueError, match="exceeds the pipeline's max sequence length 128"):  # 8 blocks of 16
+        with pytest.raises(ValueError, match="more than the context of 128"):  # 8 blocks of 16
             await pipe.generate_full(prompts[0], SamplingParams(max_new_tokens=120))
         gens = await asyncio.gather(*[pipe.generate_full(p, sp) for p, sp in zip(prompts, params)])
         return gens, pipe.scheduler.stats()

@@ -9,12 +9,13 @@ import os
 import pytest
 import torch
 
+from cluster.runtime.local import LocalRunner
 from stages import quant
+from stages.config import QUANT_MODES
 from stages.demo import make_demo_model
 from stages.loading import Checkpoint, LoadStats, load_stage, save_checkpoint
 from stages.model import JambaStage
-from stages.runner import LocalRunner
-from stages.sampling import SamplingParams
+from stages.sequence import SamplingParams
 from tests.hf_reference import CONFIGS, make_hf_model, save_hf_model
 
 torch.set_num_threads(2)
@@ -133,7 +134,7 @@ def test_modes_pick_their_weights():
         "model.layers.0.input_layernorm.weight": (),
     }
     for n, modes in names.items():
-        for mode in (None, *quant.MODES):
+        for mode in (None, *QUANT_MODES):
             assert quant.quantized_param(n, mode) == (mode in modes), (n, mode)
 
 
@@ -185,7 +186,7 @@ def _compare(path, mode):
     return stage, stats
 
 
-@pytest.mark.parametrize("mode", quant.MODES)
+@pytest.mark.parametrize("mode", QUANT_MODES)
 def test_quantized_demo_matches_dequantized_reference(demo_dir, mode):
     stage, stats = _compare(demo_dir, mode)
     full, full_stats = load_stage(demo_dir)
@@ -199,7 +200,7 @@ def test_quantized_demo_matches_dequantized_reference(demo_dir, mode):
         assert stats.peak_bytes < stats.kept_bytes + experts[0].numel() * 4
 
 
-@pytest.mark.parametrize("mode", quant.MODES)
+@pytest.mark.parametrize("mode", QUANT_MODES)
 def test_quantized_hf_configs_match_dequantized_reference(hf_dir, mode):
     _compare(hf_dir, mode)
 
@@ -226,7 +227,7 @@ def test_fused_and_per_expert_checkpoints_quantize_alike(hf_dir, tmp_path):
 
 
 def test_quantizing_a_loaded_stage_equals_quantizing_while_loading(hf_dir):
-    for mode in quant.MODES:
+    for mode in QUANT_MODES:
         loaded, _ = load_stage(hf_dir, quantize=mode)
         after = quant.quantize_stage(load_stage(hf_dir)[0], mode)
         a, b = loaded.state_dict(), after.state_dict()
@@ -311,7 +312,8 @@ def test_stage_through_the_triton_kernel(monkeypatch, tmp_path):
 
 def test_pipeline_equals_single_process_quantized(ray_cluster, demo_dir):
     """Two Ray stages, each quantizing its own layers while loading, give the single process's results."""
-    from cluster.pipeline import PipelineConfig, SyncPipeline
+    from cluster.runtime.config import PipelineConfig
+    from cluster.runtime.pipeline import SyncPipeline
 
     single, _ = load_stage(demo_dir, quantize="int8-experts")
     ref = LocalRunner(single, max_batch_tokens=6)
@@ -331,9 +333,9 @@ def test_pipeline_equals_single_process_quantized(ray_cluster, demo_dir):
 
 
 def test_warmup_command_warms_quantized_stages(demo_dir, capsys):
-    """`python -m stages.kernels.warmup --quantize int8` (the image build) also runs an int8 stage."""
-    from stages.kernels import warmup
+    """`jamba warmup --quantize int8` (the image build) also runs an int8 stage."""
+    from cluster.cli.main import main
 
-    assert warmup.main(["--model", str(demo_dir), "--quantize", "int8"]) == 0
+    assert main(["warmup", "--model", str(demo_dir), "--quantize", "int8"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 2 and "as stored, cpu" in lines[0] and "as stored, int8, cpu" in lines[1]

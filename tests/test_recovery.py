@@ -11,9 +11,10 @@ import signal
 
 import pytest
 
-from cluster.pipeline import Pipeline, PipelineConfig
+from cluster.runtime.config import PipelineConfig
+from cluster.runtime.local import LocalRunner
+from cluster.runtime.pipeline import Pipeline
 from stages.loading import load_stage
-from stages.runner import LocalRunner
 from stages.tokenizer import Tokenizer
 
 from .streams import settle, stream_params, streams_through_a_fault

@@ -3,10 +3,10 @@ its start-up, bounded and interruptible, on a cluster that cannot hold what it a
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
-import json
 import sys
 import time
 import urllib.error
@@ -14,9 +14,9 @@ import urllib.request
 from pathlib import Path
 
 from client import JambaClient
+from cluster.runtime.local import LocalRunner
 from stages.loading import load_stage
-from stages.runner import LocalRunner
-from stages.sampling import SamplingParams
+from stages.sequence import SamplingParams
 from stages.tokenizer import Tokenizer
 
 from .harness import free_port, until

@@ -12,9 +12,9 @@ import pytest
 from ray import serve
 
 from client import AsyncJambaClient, JambaClient, JambaError
+from cluster.runtime.local import LocalRunner
 from stages.loading import load_stage
-from stages.runner import LocalRunner
-from stages.sampling import SamplingParams
+from stages.sequence import SamplingParams
 from stages.tokenizer import Tokenizer
 
 from .harness import serve_apps
@@ -255,7 +255,7 @@ def _hostile_table():
         ("empty stop string", "Generate", _gen(stop=[""]), inv, "params.stop"),
         ("stop id out of range", "Generate", _gen(stop_token_ids=[9999]), inv, "params.stop_token_ids"),
         ("unknown chat role", "Generate", _gen([P(chat=C(messages=[M(role="wizard", content="x")]))]), inv, "wizard"),
-        ("empty chat", "Generate", _gen([P(chat=C(messages=[]))]), inv, "prompts[0].chat has no messages"),
+        ("empty chat", "Generate", _gen([P(chat=C(messages=[]))]), inv, "prompts[0].chat is empty"),
         ("chat role empty", "Generate", _gen([P(chat=C(messages=[M(role="", content="x")]))]), inv, "prompts[0].chat"),
         ("10,000 prompts", "Generate", _gen([P(text="hi")] * 10_000), inv, "at most 256"),
         ("second prompt bad", "Generate", _gen([P(text="ok"), P(token_ids=T(ids=[5000]))]), inv, "prompts[1].token_ids"),

@@ -21,9 +21,9 @@ from ray import serve
 from ray.util import placement_group_table
 
 from client import JambaClient, JambaError
-from cluster.routing import STATS_PERIOD_S
-from cluster.service import replica_starts, wait_until_serving
-from stages.sampling import SamplingParams
+from cluster.serve.app import replica_starts, wait_until_serving
+from cluster.serve.routing import STATS_PERIOD_S
+from stages.sequence import SamplingParams
 
 from .harness import free_port, serve_apps, until
 
@@ -123,8 +123,8 @@ def test_the_replica_does_not_import_torch():
     2 s sooner here (the time a call made during deployment waits in Serve's proxy) and took 223
     instead of 406 MB (BENCHMARKS.md)."""
     root = Path(__file__).resolve().parents[1]
-    code = ("import sys, cluster.service, cluster.openai_api, cluster.routing, cluster.scheduler\n"
-            "from cluster.pipeline import PipelineConfig, plan_pipeline\n"
+    code = ("import sys, cluster.serve.deployment, cluster.serve.openai_api, cluster.serve.routing\n"
+            "from cluster.runtime.config import PipelineConfig, plan_pipeline\n"
             f"plan_pipeline(PipelineConfig({str(root / 'models' / 'jamba-demo-lm')!r}, num_stages=2, quantize='int8'))\n"
             "bad = sorted(m for m in sys.modules if m.split('.')[0] == 'torch'); assert not bad, bad[:5]")
     subprocess.run([sys.executable, "-c", code], cwd=root, check=True, timeout=120)

@@ -7,19 +7,8 @@ import pytest
 from tokenizers import Tokenizer as Backend
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from stages.tokenizer import (
-    BOS,
-    DEMO_CORPUS,
-    DEMO_SPECIAL_TOKENS,
-    EOS,
-    IM_END,
-    IM_START,
-    PAD,
-    UNK,
-    ChatTemplateError,
-    Tokenizer,
-    build_demo_tokenizer,
-)
+from stages.demo import BOS, DEMO_CORPUS, DEMO_SPECIAL_TOKENS, EOS, IM_END, IM_START, PAD, UNK, build_demo_tokenizer
+from stages.tokenizer import ChatTemplateError, Tokenizer
 
 transformers = pytest.importorskip("transformers")
 

@@ -228,9 +228,9 @@ PROMPTS = [[1, 17, 4, 99, 250, 3, 7], [1, 5], [1] + list(range(30, 70))]
 def test_model_with_triton_matches_cpu_path(monkeypatch, demo_lm, dtype):
     """Scores (chunked prefill: 16-token budget) and greedy tokens (decode steps mixed with prompt
     chunks) through the Triton kernels match the numba path."""
+    from cluster.runtime.local import LocalRunner
     from stages.loading import load_stage
-    from stages.runner import LocalRunner
-    from stages.sampling import SamplingParams
+    from stages.sequence import SamplingParams
 
     stage, _ = load_stage(demo_lm, dtype=dtype)
     runner = LocalRunner(stage, num_slots=2, max_batch_tokens=16)
@@ -253,7 +253,7 @@ def test_cli_score_with_triton(monkeypatch, demo_lm, tmp_path, capsys):
     """`jamba score` (the single-process entry point) with JAMBA_KERNELS=triton, against numba."""
     import json
 
-    from cluster.cli import main
+    from cluster.cli.main import main
 
     rows = tmp_path / "rows.jsonl"
     rows.write_text("".join(json.dumps({"input_ids": p}) + "\n" for p in PROMPTS[:2]))

@@ -1,4 +1,4 @@
-"""stages/kernels/warmup.py: kernels compiled before serving, into a cache a fresh process reuses."""
+"""stages/warmup.py: kernels compiled before serving, into a cache a fresh process reuses."""
 
 import os
 import subprocess
@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from stages.kernels.warmup import warm_up
 from stages.loading import load_stage
+from stages.warmup import warm_up
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,12 +26,12 @@ def _cache_files(root: Path) -> dict[str, int]:
 
 
 def test_fresh_processes_share_the_kernel_cache(demo_lm, tmp_path):
-    """`python -m stages.kernels.warmup` (what the image build runs) compiles the numba kernels into
+    """`jamba warmup` (what the image build runs) compiles the numba kernels into
     $JAMBA_KERNEL_CACHE; a second fresh process loads them from there and compiles nothing."""
     cache = tmp_path / "kernels"
     env = {k: v for k, v in os.environ.items() if k not in ("NUMBA_CACHE_DIR", "TRITON_CACHE_DIR", "JAMBA_KERNELS")}
     env.update(JAMBA_KERNEL_CACHE=str(cache), PYTHONPATH=str(ROOT))
-    cmd = [sys.executable, "-m", "stages.kernels.warmup", "--model", str(demo_lm)]
+    cmd = [sys.executable, "-m", "cluster.cli", "warmup", "--model", str(demo_lm)]
     subprocess.run(cmd, env=env, cwd=ROOT, check=True, capture_output=True, timeout=600)
     first = _cache_files(cache)
     indexes = [f for f in first if f.endswith(".nbi")]
@@ -68,6 +68,6 @@ def test_warm_up_can_be_skipped(monkeypatch, demo_lm):
 def test_worker_warms_up_before_it_is_ready(demo_lm):
     from stages.worker import StageWorker
 
-    w = StageWorker(str(demo_lm), 0, 8, num_slots=2, max_seq_len=32)
+    w = StageWorker.load(str(demo_lm), 0, 8, num_slots=2, max_seq_len=32)
     assert w.info()["warmup_seconds"] > 0
     assert w.cache.used_slots == 0 and torch.all(torch.stack(list(w.cache.ssm.values())) == 0)  # its cache untouched

@@ -1,6 +1,6 @@
 """`make demo`: the whole stack on this machine, end to end.
 
-    python -m cluster.demo [--model DIR] [--stages 2] [--grpc-port 9000]
+    python -m cluster.cli.demo [--model DIR] [--stages 2] [--grpc-port 9000]
 
 Uses the embedded demo checkpoints (models/: a 12.9M-parameter Jamba trained on 2.5 MB of
 fortune cookies, and a classifier that tells which fortune file a text comes from), starts a local
@@ -28,13 +28,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--stages", type=int, default=2)
     ap.add_argument("--grpc-port", type=int, default=int(os.environ.get("JAMBA_GRPC_PORT", 9000)))
     args = ap.parse_args(argv)
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP; see cluster/pipeline.py
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP; see cluster/runtime/pipeline.py
     logging.basicConfig(level=logging.WARNING)
 
+    from cluster.serve.app import limit_message_size
     from stages.demo import ensure_demo_model
 
     from .ray_log import ray_output_to_log
-    from .service import limit_message_size
 
     lm = args.model or str(ensure_demo_model("lm"))
     cls = str(ensure_demo_model("classification"))
@@ -55,8 +55,7 @@ def _run(args, lm: str, cls: str, t0: float) -> None:
     from ray import serve
 
     from client import JambaClient
-
-    from .service import build_app, grpc_options, wait_until_serving
+    from cluster.serve.app import build_app, grpc_options, wait_until_serving
 
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING,
              _node_ip_address="127.0.0.1")  # this machine alone: everything on loopback

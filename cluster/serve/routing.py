@@ -1,6 +1,6 @@
 """How Serve picks a replica for each call: ready pipelines first.
 
-A replica starts its pipeline in the background (cluster/service.py), so it is up, in Serve's
+A replica starts its pipeline in the background (replica.py), so it is up, in Serve's
 eyes, seconds after it is placed, while its stages may take minutes to be placed and loaded. Serve's
 default router would send it a share of the calls meanwhile, which it can only refuse. This
 router keeps Serve's power of two choices (and its preference for a replica on the caller's

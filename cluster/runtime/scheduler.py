@@ -1,4 +1,5 @@
-"""The pipeline scheduler: continuous batching over P stages with microbatches in flight.
+"""The scheduler: continuous batching over P stages with microbatches in flight. It is the one
+scheduler: a Ray pipeline of P stages and the single process (one stage, depth 1) both run on it.
 
 It owns the slot numbering for every stage (stage caches are identical pools, so one slot id
 names a sequence's state on all of them), admits requests into free slots, and keeps up to
@@ -10,8 +11,11 @@ Each microbatch mixes decode rows (one token each) and prompt chunks under a tok
 Decode rows are split evenly over the in-flight microbatches so each stage gets equal work.
 Slot allocations and frees ride in the next microbatch's header, so they cost no extra calls.
 
-The scheduler knows nothing of Ray, gRPC or the transport: it is given `send(header, token_ids) ->
-awaitable answer bytes`, which runs one microbatch through all stages (cluster/dataplane.py).
+The scheduler knows nothing of Ray, gRPC or the transport: it is given `send(microbatch,
+token_ids) -> awaitable answers`, which runs one microbatch through every stage, over the data
+plane (cluster/runtime/dataplane.py) or in this process (local.py). The microbatch header is
+typed (stages/microbatch.py); what encodes it is the transport's business. Requests arrive
+checked, from the intake (intake.py), and are trusted here.
 
 It also owns the stages' KV blocks and Mamba snapshots (stages/paging.py:BlockManager): a
 request is admitted when a slot is free and the blocks its prompt needs are available, takes
@@ -39,16 +43,18 @@ import time
 from array import array
 from collections import deque
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import AsyncIterator, Awaitable, Callable
 
-import msgpack
+from stages.microbatch import Answer, BlockTableUpdate, Microbatch, Restore, Row, Sampling, TakeSnapshot, Want
+from stages.paging import BlockManager, SeqPages
+from stages.sequence import GenerationResult, SequenceState
 
-from stages.paging import BlockManager, SeqPages, blocks_for
-from stages.sequence import SamplingParams, SequenceState, pooling_position
+from .intake import ClassifyRequest, GenerateRequest, ScoreRequest
 
 log = logging.getLogger(__name__)
 
-Send = Callable[[bytes, array], Awaitable[bytes]]  # (msgpack header, token ids as int64) -> answer
+Send = Callable[[Microbatch, array], Awaitable[list[Answer]]]  # (header, token ids as int64) -> one answer a row
 
 
 class QueueFullError(RuntimeError):
@@ -77,19 +83,17 @@ class TokenEvent:
     logprob: float | None = None
 
 
-@dataclass
-class FinishEvent:
-    finish_reason: str
-    output_ids: list[int]
-    text: str | None
-    prompt_tokens: int
-    logprobs: list[float] | None = None
-    cached_tokens: int = 0  # prompt tokens taken from the prefix cache
+class Task(Enum):
+    GENERATE = "generate"
+    SCORE = "score"
+    CLASSIFY = "classify"
 
 
 @dataclass(eq=False)
 class _Request:
-    kind: str  # "generate" | "score" | "classify"
+    """A request while the scheduler has it."""
+
+    task: Task
     prompt: list[int]
     state: SequenceState | None = None  # generate only
     slot: int = -1
@@ -97,7 +101,7 @@ class _Request:
     in_flight: bool = False
     done: bool = False
     cancelled: bool = False
-    events: asyncio.Queue | None = None  # generate: TokenEvent/FinishEvent/Exception
+    events: asyncio.Queue | None = None  # generate: TokenEvent/GenerationResult/Exception
     future: asyncio.Future | None = None  # score/classify
     scores: list = field(default_factory=list)
     pool: int = 0  # classify: position whose logits are pooled
@@ -119,33 +123,34 @@ class _Request:
 
 
 class Scheduler:
+    """`depth`: microbatches in flight (the number of stages keeps every stage busy). `pages`: the
+    stages' KV blocks and snapshots. `recover`, if given, brings the stages back after a failed
+    microbatch (else a failure fails every request)."""
+
     def __init__(
         self,
         send: Send,
-        num_stages: int,
+        *,
         num_slots: int,
         max_seq_len: int,
-        vocab_size: int,
+        pages: BlockManager,
         eos_ids: list[int],
-        pad_token_id: int | None = None,
         tokenizer=None,
-        max_batch_tokens: int = 512,
-        max_queue: int = 1024,
-        depth: int | None = None,
+        max_batch_tokens: int,
+        max_queue: int,
+        depth: int,
         recover: Callable[[], Awaitable[None]] | None = None,
         recover_timeout: float = 120.0,
-        pages: BlockManager | None = None,
     ) -> None:
-        self.send, self.num_stages = send, num_stages
+        self.send = send
         self.recover, self.recover_timeout = recover, recover_timeout
         self.recovering = False
         self.recoveries: list[dict] = []
-        self.num_slots, self.max_seq_len, self.vocab_size = num_slots, max_seq_len, vocab_size
-        self.eos_ids, self.pad_token_id, self.tokenizer = eos_ids, pad_token_id, tokenizer
+        self.num_slots, self.max_seq_len = num_slots, max_seq_len
+        self.eos_ids, self.tokenizer = eos_ids, tokenizer
         self.max_batch_tokens, self.max_queue = max_batch_tokens, max_queue
-        self.depth = depth or num_stages
-        # Default: blocks for every slot at max_seq_len (no waiting for blocks), no prefix cache.
-        self.pages = pages or BlockManager(num_slots * blocks_for(max_seq_len, 64), 64, 0, prefix_cache=False)
+        self.depth = depth
+        self.pages = pages
         if self.pages.num_blocks * self.pages.block_size < max_seq_len:  # else a lone request could starve
             raise ValueError(f"the KV cache holds {self.pages.num_blocks * self.pages.block_size} tokens, less than "
                              f"max_seq_len {max_seq_len}")
@@ -154,10 +159,10 @@ class Scheduler:
         self.free_slots = list(range(num_slots - 1, -1, -1))
         self.waiting: deque[_Request] = deque()
         self.active: list[_Request] = []
-        self.to_alloc: list[int] = []
+        self.to_alloc: list[int] = []  # cache operations for the next microbatch's header
         self.to_free: list[int] = []
-        self.to_blocks: list[list[int]] = []  # [slot, index, block, ...] for the next header
-        self.to_restore: list[list[int]] = []  # [slot, snapshot, tokens]
+        self.to_blocks: list[BlockTableUpdate] = []
+        self.to_restore: list[Restore] = []
         self.in_flight = 0
         self.wakeup = asyncio.Event()
         self.closed = False
@@ -166,12 +171,12 @@ class Scheduler:
         self.finished_at: deque[float] = deque(maxlen=64)  # when recent requests finished: the drain rate
         self._task = asyncio.get_running_loop().create_task(self._loop())
 
-    # ---- public API -----------------------------------------------------------------------
-    async def generate(self, prompt: list[int], params: SamplingParams,
-                       deadline: float | None = None) -> AsyncIterator[TokenEvent | FinishEvent]:
+    # ---- public API: requests come checked from the intake (intake.py) -----------------------
+    async def generate(self, request: GenerateRequest,
+                       deadline: float | None = None) -> AsyncIterator[TokenEvent | GenerationResult]:
         """Stream a generation. Closing the iterator early aborts it and frees its slot, and so
         does reaching `deadline` (a time.time() value), which raises DeadlineExceededError."""
-        chunks = self.generate_chunks(prompt, params, deadline)
+        chunks = self.generate_chunks(request, deadline)
         try:
             async for chunk in chunks:
                 for ev in chunk:
@@ -179,43 +184,53 @@ class Scheduler:
         finally:
             await chunks.aclose()  # an abandoned stream aborts its request now, not at garbage collection
 
-    async def generate_chunks(self, prompt: list[int], params: SamplingParams,
-                              deadline: float | None = None) -> AsyncIterator[list[TokenEvent | FinishEvent]]:
+    async def generate_chunks(self, request: GenerateRequest,
+                              deadline: float | None = None) -> AsyncIterator[list[TokenEvent | GenerationResult]]:
         """`generate`, but every event that is ready is yielded at once, as one list: a consumer
         that falls behind (a stream through a proxy under load) catches up in one step instead of
-        one step per token. A FinishEvent is always the last event of its list."""
-        self._check_prompt(prompt, params.max_new_tokens)
-        params.validate(self.vocab_size)
-        state = SequenceState(list(prompt), params, self.eos_ids, self.tokenizer)
-        req = _Request("generate", list(prompt), state=state, events=asyncio.Queue(), deadline=deadline)
+        one step per token. A GenerationResult is always the last event of its list."""
+        self._check_open()
+        prompt = list(request.prompt)
+        state = SequenceState(prompt, request.params, self.eos_ids, self.tokenizer)
+        req = _Request(Task.GENERATE, prompt, state=state, events=asyncio.Queue(), deadline=deadline)
         if self.tokenizer is not None:
             req.decoder = self.tokenizer.incremental_decoder()
         self._enqueue(req)
         try:
             while True:
                 chunk = [await req.events.get()]
-                while not req.events.empty() and not isinstance(chunk[-1], (BaseException, FinishEvent)):
+                while not req.events.empty() and not isinstance(chunk[-1], (BaseException, GenerationResult)):
                     chunk.append(req.events.get_nowait())
                 if isinstance(chunk[-1], BaseException):
                     if len(chunk) > 1:
                         yield chunk[:-1]
                     raise chunk[-1]
                 yield chunk
-                if isinstance(chunk[-1], FinishEvent):
+                if isinstance(chunk[-1], GenerationResult):
                     return
         finally:
             if not req.done:
                 self.abort(req)
 
-    async def score(self, prompt: list[int], deadline: float | None = None) -> list[float | None]:
-        self._check_prompt(prompt, 0)
-        req = _Request("score", list(prompt), future=asyncio.get_running_loop().create_future(), deadline=deadline)
+    async def complete(self, request: GenerateRequest, deadline: float | None = None) -> GenerationResult:
+        """A whole generation: its final event."""
+        async for ev in self.generate(request, deadline):
+            if isinstance(ev, GenerationResult):
+                return ev
+        raise RuntimeError("generation ended without a finish event")
+
+    async def score(self, request: ScoreRequest, deadline: float | None = None) -> list[float | None]:
+        """log p(token i | tokens < i) for every token of the prompt; None for the first."""
+        self._check_open()
+        req = _Request(Task.SCORE, list(request.prompt), future=asyncio.get_running_loop().create_future(),
+                       deadline=deadline)
         return await self._wait(req)
 
-    async def classify(self, prompt: list[int], deadline: float | None = None) -> list[float]:
-        self._check_prompt(prompt, 0)
-        req = _Request("classify", list(prompt), future=asyncio.get_running_loop().create_future(), deadline=deadline)
-        req.pool = pooling_position(prompt, self.pad_token_id)
+    async def classify(self, request: ClassifyRequest, deadline: float | None = None) -> list[float]:
+        """The head's logits at the prompt's pooled position."""
+        self._check_open()
+        req = _Request(Task.CLASSIFY, list(request.prompt), future=asyncio.get_running_loop().create_future(),
+                       deadline=deadline, pool=request.pool)
         return await self._wait(req)
 
     def abort(self, req: _Request) -> None:
@@ -247,18 +262,9 @@ class Scheduler:
         self._fail_all(SchedulerClosedError("the pipeline was shut down"))
 
     # ---- admission --------------------------------------------------------------------------
-    def _check_prompt(self, prompt: list[int], max_new_tokens: int) -> None:
+    def _check_open(self) -> None:
         if self.closed or self.error:
             raise SchedulerClosedError(f"the pipeline is not running ({self.error or 'closed'})")
-        if not prompt:
-            raise ValueError("the prompt is empty")
-        bad = [t for t in prompt if not isinstance(t, int) or not 0 <= t < self.vocab_size]
-        if bad:
-            raise ValueError(f"token ids out of range [0, {self.vocab_size}): {bad[:5]}")
-        if len(prompt) + max_new_tokens > self.max_seq_len:
-            raise ValueError(f"prompt of {len(prompt)} tokens plus max_new_tokens {max_new_tokens} exceeds the "
-                             f"pipeline's max sequence length {self.max_seq_len}")
-
 
     def _enqueue(self, req: _Request) -> None:
         # Waiting requests that free slots will take at once do not count against the bound.
@@ -299,9 +305,9 @@ class Scheduler:
     def _hit_limit(self, req: _Request) -> int:
         """Tokens a cached prefix may cover: all but the last one fed (its output is needed);
         for classify, up to the pooled position; none for score (it needs every position)."""
-        if req.kind == "generate":
+        if req.task is Task.GENERATE:
             return len(req.tokens) - 1
-        return req.pool if req.kind == "classify" else 0
+        return req.pool if req.task is Task.CLASSIFY else 0
 
     def _admit(self) -> None:
         """Admit waiting requests in order while there are slots and blocks. A request whose
@@ -327,14 +333,14 @@ class Scheduler:
             self.to_alloc.append(req.slot)
             if snap is not None:
                 self._send_blocks(req)
-                self.to_restore.append([req.slot, snap, req.fed])
+                self.to_restore.append(Restore(req.slot, snap, req.fed))
             self.active.append(req)
         self.waiting.extendleft(reversed(held))
 
     def _send_blocks(self, req: _Request) -> None:
         new = req.pages.blocks[req.sent_blocks:]
         if new:
-            self.to_blocks.append([req.slot, req.sent_blocks, *new])
+            self.to_blocks.append(BlockTableUpdate(req.slot, req.sent_blocks, list(new)))
             req.sent_blocks = len(req.pages.blocks)
 
     def _grow(self, req: _Request, tokens: int) -> bool:
@@ -351,7 +357,7 @@ class Scheduler:
 
     def _preempt(self, req: _Request) -> None:
         """Give back `req`'s slot and blocks; it waits at the head of the queue to be replayed."""
-        log.info("preempting a %s request (%d tokens) to free KV blocks", req.kind, len(req.tokens))
+        log.info("preempting a %s request (%d tokens) to free KV blocks", req.task.value, len(req.tokens))
         self.preemptions += 1
         self._reset(req)
         self.active.remove(req)
@@ -467,34 +473,34 @@ class Scheduler:
             self.prefill_tokens += n
         if not rows and not self.to_free:
             return None
-        header = {"free": self.to_free, "alloc": self.to_alloc, "rows": [row[1] for row in rows]}
-        for key, value in (("blocks", self.to_blocks), ("restore", self.to_restore), ("snapshots", snaps)):
-            if value:
-                header[key] = value
+        mb = Microbatch([row for _, row in rows], self.to_free, self.to_alloc, self.to_blocks, self.to_restore, snaps)
         self.to_free, self.to_alloc, self.to_blocks, self.to_restore = [], [], [], []
         self.microbatches += 1
-        return [row[0] for row in rows], msgpack.packb(header), array("q", ids)
+        return [r for r, _ in rows], mb, array("q", ids)
 
-    def _row(self, r: _Request, n: int, ids: list[int], snaps: list, index: int):
+    def _row(self, r: _Request, n: int, ids: list[int], snaps: list[TakeSnapshot], index: int):
+        """Row `index` of the next microbatch: `n` of `r`'s tokens, and what the last stage returns."""
         start = r.fed
-        snaps.extend([index, offset, snap] for offset, snap in self.pages.snapshots_for(r.pages, start, n))
+        snaps.extend(TakeSnapshot(index, offset, snap) for offset, snap in self.pages.snapshots_for(r.pages, start, n))
         ids.extend(r.tokens[start : start + n])
         end = start + n
-        if r.kind == "generate":
+        if r.task is Task.GENERATE and end == len(r.tokens):  # its last token goes in: draw the next one
             p = r.state.params
-            sample = [p.temperature, p.top_k, p.top_p, r.state.seed, len(r.state.output_ids)]
-            mode, arg = ("sample", sample) if end == len(r.tokens) else ("none", None)
-        elif r.kind == "score":
+            row = Row(r.slot, n, Want.TOKEN, Sampling(p.temperature, p.top_k, p.top_p, r.state.seed,
+                                                      len(r.state.output_ids)))
+        elif r.task is Task.SCORE:
             targets = r.prompt[start + 1 : end + 1]
-            mode, arg = "score", targets + [None] * (n - len(targets))
+            row = Row(r.slot, n, Want.SCORES, targets=targets + [None] * (n - len(targets)))
+        elif r.task is Task.CLASSIFY and start <= r.pool < end:
+            row = Row(r.slot, n, Want.LOGITS, position=r.pool - start)
         else:
-            mode, arg = ("classify", r.pool - start) if start <= r.pool < end else ("none", None)
+            row = Row(r.slot, n)
         r.in_flight = True
-        return (r, n), [r.slot, n, mode, arg]
+        return (r, n), row
 
-    async def _run(self, rows: list[tuple[_Request, int]], header: bytes, ids: array) -> None:
+    async def _run(self, rows: list[tuple[_Request, int]], mb: Microbatch, ids: array) -> None:
         try:
-            answer = msgpack.unpackb(await self.send(header, ids))
+            answers = await self.send(mb, ids)
         except Exception as e:
             self.in_flight -= 1
             for r, _ in rows:
@@ -509,17 +515,17 @@ class Scheduler:
                 asyncio.get_running_loop().create_task(self._recover(e, time.time()))
             return
         self.in_flight -= 1
-        for (r, n), res in zip(rows, answer):
+        for (r, n), res in zip(rows, answers):
             r.in_flight = False
             r.fed += n
             self.pages.commit(r.pages, r.fed)
             if r.cancelled:
                 self._release(r)
                 continue
-            if r.kind == "generate":
+            if r.task is Task.GENERATE:
                 if res is not None:
                     self._on_token(r, res[0], res[1])
-            elif r.kind == "score":
+            elif r.task is Task.SCORE:
                 r.scores.extend(res)
                 if r.fed == len(r.prompt):
                     self._finish(r, [None] + r.scores[:-1])
@@ -545,10 +551,10 @@ class Scheduler:
             r.events.put_nowait(TokenEvent(token, text, lp))
             return
         res = s.result()  # its text is cut before a stop string; what was streamed is a prefix of it
+        res.cached_tokens = min(r.cached_tokens, len(r.prompt))
         tail = res.text[r.emitted :] if res.text is not None else ""
         r.events.put_nowait(TokenEvent(token, text + tail, lp))
-        r.events.put_nowait(FinishEvent(res.finish_reason, res.output_ids, res.text, res.prompt_tokens, res.logprobs,
-                                        min(r.cached_tokens, len(r.prompt))))
+        r.events.put_nowait(res)
         r.done = True
         self._release(r)
 

@@ -1,5 +1,5 @@
-"""OpenAI's wire format for the HTTP API (cluster/openai_api.py): the requests it accepts and
-their checks, the errors, the responses and stream chunks; no Ray and no pipeline here.
+"""OpenAI's wire format for the HTTP API (openai_api.py): the requests it accepts and their
+checks, the errors, the responses and stream chunks; no Ray and no engine here.
 
 Requests are pydantic models that refuse unknown fields and coerce nothing; a validation error
 becomes a 400 whose `param` names the field as the client wrote it (`messages[0].content`).
@@ -8,7 +8,6 @@ becomes a 400 whose `param` names the field as the client wrote it (`messages[0]
 from __future__ import annotations
 
 import json
-import math
 import time
 import uuid
 from typing import Any, Literal
@@ -17,10 +16,8 @@ from fastapi import Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from stages.sequence import SamplingParams
-
-from .pipeline import NotReadyError
-from .scheduler import DeadlineExceededError, FinishEvent, QueueFullError, SchedulerClosedError, TokenEvent
+from cluster.runtime.scheduler import TokenEvent
+from stages.sequence import GenerationResult, SamplingParams
 
 MAX_N = 16  # choices per prompt
 
@@ -44,27 +41,6 @@ class APIError(Exception):
 
 def bad(param: str, message: str) -> APIError:
     return APIError(400, message, param=param)
-
-
-def from_pipeline_error(e: Exception) -> APIError:
-    """The scheduler's refusals, as HTTP statuses."""
-    if isinstance(e, APIError):
-        return e
-    if isinstance(e, QueueFullError):
-        # Retry-After is whole seconds (RFC 9110); the openai client also reads retry-after-ms.
-        return APIError(429, str(e), "rate_limit_error", code="rate_limit_exceeded",
-                        headers={"Retry-After": str(max(1, math.ceil(e.retry_after))),
-                                 "retry-after-ms": str(round(e.retry_after * 1000))})
-    if isinstance(e, NotReadyError):
-        return APIError(503, str(e), "service_unavailable", code="model_not_ready",
-                        headers={"Retry-After": str(math.ceil(e.retry_after))})
-    if isinstance(e, SchedulerClosedError):
-        return APIError(503, str(e), "service_unavailable", code="pipeline_unavailable")
-    if isinstance(e, DeadlineExceededError):
-        return APIError(504, f"{e} (the server's request timeout)", "timeout", code="deadline_exceeded")
-    if isinstance(e, ValueError):  # the scheduler's own checks
-        return APIError(400, str(e))
-    raise e
 
 
 # ---- requests ---------------------------------------------------------------------------------------
@@ -183,24 +159,14 @@ def refuse_unsupported(req: _Common) -> None:
         raise bad("stream_options", "stream_options is only allowed with stream: true")
 
 
-_OUR_NAMES = {"max_new_tokens": None, "temperature": "temperature", "top_k": "top_k", "top_p": "top_p",
-              "seed": "seed", "stop": "stop", "stop_token_ids": "stop_token_ids"}
-
-
-def sampling_params(req: _Common, max_tokens: int, max_tokens_field: str, logprobs: bool,
-                    vocab_size: int) -> SamplingParams:
+def sampling_params(req: _Common, max_tokens: int, logprobs: bool) -> SamplingParams:
+    """The request's sampling fields, OpenAI's defaults filled in (the engine's intake checks them:
+    OpenAI's names are ours, but max_tokens)."""
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-    params = SamplingParams(
+    return SamplingParams(
         max_new_tokens=max_tokens, temperature=1.0 if req.temperature is None else req.temperature,
         top_k=req.top_k or 0, top_p=1.0 if req.top_p is None else req.top_p, seed=req.seed, stop=stop,
         stop_token_ids=list(req.stop_token_ids or []), logprobs=logprobs, ignore_eos=req.ignore_eos)
-    try:
-        params.validate(vocab_size)
-    except ValueError as e:
-        ours, _, rest = str(e).partition(" ")
-        name = _OUR_NAMES.get(ours) or max_tokens_field
-        raise bad(name, f"{name} {rest}") from None
-    return params
 
 
 def choice_params(params: SamplingParams, j: int) -> SamplingParams:
@@ -234,7 +200,7 @@ class Completions:
     def _head(self) -> dict:
         return {"id": self.id, "object": self.object, "created": self.created, "model": self.model}
 
-    def _finished(self, index: int, final: FinishEvent) -> None:
+    def _finished(self, index: int, final: GenerationResult) -> None:
         self.completion_tokens += len(final.output_ids)
         self.cached[index] = final.cached_tokens
 
@@ -259,7 +225,7 @@ class Completions:
             at += len(t)
         return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": None, "text_offset": offsets}
 
-    def response(self, finals: list[FinishEvent]) -> dict:
+    def response(self, finals: list[GenerationResult]) -> dict:
         choices = []
         for index, f in enumerate(finals):
             echo = self.echoes.get(index // self.req.n)
@@ -287,7 +253,7 @@ class Completions:
 
     def chunk(self, index: int, events: list) -> list[dict]:
         tokens = [ev for ev in events if isinstance(ev, TokenEvent)]
-        final = events[-1] if isinstance(events[-1], FinishEvent) else None
+        final = events[-1] if isinstance(events[-1], GenerationResult) else None
         if final is not None:
             self._finished(index, final)
         text = "".join(t.text for t in tokens)
@@ -317,7 +283,7 @@ class ChatCompletions(Completions):
             out.append({"token": s, "logprob": lp, "bytes": list(s.encode("utf-8")), "top_logprobs": []})
         return {"content": out}
 
-    def response(self, finals: list[FinishEvent]) -> dict:
+    def response(self, finals: list[GenerationResult]) -> dict:
         choices = []
         for index, f in enumerate(finals):
             choices.append({"index": index, "message": {"role": "assistant", "content": f.text or ""},
@@ -340,7 +306,7 @@ class ChatCompletions(Completions):
 
     def chunk(self, index: int, events: list) -> list[dict]:
         tokens = [ev for ev in events if isinstance(ev, TokenEvent)]
-        final = events[-1] if isinstance(events[-1], FinishEvent) else None
+        final = events[-1] if isinstance(events[-1], GenerationResult) else None
         out = []
         text = "".join(t.text for t in tokens)
         lp = self._content_logprobs([t.token_id for t in tokens], [t.logprob for t in tokens])

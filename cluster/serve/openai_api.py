@@ -1,9 +1,9 @@
-"""The OpenAI-compatible HTTP API of the service: its routes, run on the scheduler. OpenAI's wire
-format (the requests and their checks, the errors, the responses) is cluster/openai_protocol.py.
+"""The OpenAI-compatible HTTP API on a replica (replica.py): its routes, on the engine's intake
+and scheduler. OpenAI's wire format (the requests and their checks, the responses and stream
+chunks) is openai_protocol.py.
 
-It runs in the same Serve replica as the gRPC methods (cluster/service.py), on the same pipeline,
-behind Serve's HTTP proxy: the replica's FastAPI app is built here, per replica, around the
-JambaService instance.
+It runs in the same Serve replica as the gRPC API (grpc_api.py), on the same engine, behind
+Serve's HTTP proxy: the replica's FastAPI app is built here, per replica.
 
     POST /v1/completions        prompt: text, token ids, or a list of either; stream: true for SSE
     POST /v1/chat/completions   messages through the checkpoint's chat template; stream: true for SSE
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from typing import AsyncIterator
 
@@ -32,86 +33,73 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from stages.tokenizer import ChatTemplateError
+from cluster.runtime.engine import Engine
+from cluster.runtime.intake import GenerateRequest, IntakeError
+from cluster.runtime.scheduler import DeadlineExceededError, QueueFullError, SchedulerClosedError
+from stages.sequence import GenerationResult
 
 from .openai_protocol import (APIError, ChatCompletions, ChatRequest, CompletionRequest, Completions, bad,
-                              choice_params, from_pipeline_error, parse, refuse_unsupported, sampling_params, sse)
-from .pipeline import NotReadyError
-from .scheduler import DeadlineExceededError, FinishEvent, QueueFullError, SchedulerClosedError
+                              choice_params, parse, refuse_unsupported, sampling_params, sse)
+from .replica import NotReadyError, Replica
 
 log = logging.getLogger("ray.serve")
 
 MAX_PROMPTS = 256  # prompts in one completions request, as for gRPC's Generate
 COMPLETIONS_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the rest of the context
+REFUSALS = (IntakeError, NotReadyError, QueueFullError, SchedulerClosedError, DeadlineExceededError)
+
+
+def api_error(e: Exception) -> APIError:
+    """What the engine refused, as OpenAI's errors."""
+    if isinstance(e, APIError):
+        return e
+    if isinstance(e, IntakeError):
+        return APIError(400, str(e), param=e.field)
+    if isinstance(e, QueueFullError):
+        # Retry-After is whole seconds (RFC 9110); the openai client also reads retry-after-ms.
+        return APIError(429, str(e), "rate_limit_error", code="rate_limit_exceeded",
+                        headers={"Retry-After": str(max(1, math.ceil(e.retry_after))),
+                                 "retry-after-ms": str(round(e.retry_after * 1000))})
+    if isinstance(e, NotReadyError):
+        return APIError(503, str(e), "service_unavailable", code="model_not_ready",
+                        headers={"Retry-After": str(math.ceil(e.retry_after))})
+    if isinstance(e, SchedulerClosedError):
+        return APIError(503, str(e), "service_unavailable", code="pipeline_unavailable")
+    if isinstance(e, DeadlineExceededError):
+        return APIError(504, f"{e} (the server's request timeout)", "timeout", code="deadline_exceeded")
+    raise e
 
 
 # ---- the API -----------------------------------------------------------------------------------------
 class OpenAIServer:
-    """The routes' logic, around one JambaService replica (its pipeline, name, metrics)."""
+    """The routes' logic, on one replica."""
 
-    def __init__(self, service) -> None:
-        self.service = service
-        self.name = service.name
-        self.config = service.config
+    def __init__(self, replica: Replica) -> None:
+        self.replica = replica
+        self.name = replica.name
+        self.config = replica.config
         self.created = int(time.time())
 
-    @property
-    def pipe(self):
-        """The replica's pipeline; NotReadyError (503) while it starts."""
-        return self.service.serving()
-
-    @property
-    def tokenizer(self):
-        return self.pipe.tokenizer
-
-    # ---- helpers ---------------------------------------------------------------------------
-    def _check_model(self, model: str) -> None:
+    def _engine(self, model: str) -> Engine:
+        """The engine, once the request names this endpoint's model; NotReadyError (503) while it starts."""
         if model != self.name:
             raise APIError(404, f"the model {model!r} does not exist; this endpoint serves {self.name!r}",
                            param="model", code="model_not_found")
         if self.config.is_classifier:
             raise bad("model", f"{self.name!r} is a sequence classifier; completions need a causal language model")
-
-    def _deadline(self) -> float | None:
-        # A little before Serve's own request timeout, so that the client gets this API's 504
-        # rather than the proxy's plain 408 (and the slots are freed either way).
-        t = self.service.request_timeout_s
-        return time.time() + max(0.1, 0.95 * t - 0.2) if t else None
-
-    def _token_ids(self, ids: list[int], field: str) -> list[int]:
-        if not ids:
-            raise bad(field, f"{field} is empty")
-        vocab = self.config.vocab_size
-        wrong = [i for i in ids if not 0 <= i < vocab]
-        if wrong:
-            raise bad(field, f"{field} has token ids out of range [0, {vocab}): {wrong[:5]}")
-        return ids
-
-    def _text_ids(self, text: str, field: str) -> list[int]:
-        if not text:
-            raise bad(field, f"{field} is empty")
-        if self.tokenizer is None:
-            raise bad(field, f"{field}: the model has no tokenizer; send token ids")
-        return self.tokenizer.encode(text)
-
-    def _fits(self, ids: list[int], field: str, max_tokens: int | None, max_field: str) -> None:
-        limit = self.pipe.scheduler.max_seq_len
-        if len(ids) >= limit:
-            raise bad(field, f"{field} has {len(ids)} tokens; the context is {limit}")
-        if max_tokens is not None and len(ids) + max_tokens > limit:
-            raise bad(max_field, f"{field} has {len(ids)} tokens and {max_field} is {max_tokens}, more than the "
-                                 f"context of {limit}")
+        return self.replica.engine()
 
     def _token_text(self, token_id: int) -> str:
-        return self.tokenizer.decode([token_id], skip_special_tokens=False) if self.tokenizer else str(token_id)
+        tok = self.replica.engine().tokenizer
+        return tok.decode([token_id], skip_special_tokens=False) if tok else str(token_id)
 
     def _count(self, route: str, status: int) -> None:
-        self.service.metrics.requests.inc(tags={"method": route, "code": str(status)})
+        self.replica.metrics.requests.inc(tags={"method": route, "code": str(status)})
 
     # ---- /v1/completions ---------------------------------------------------------------------
     async def completions(self, request: Request) -> Response:
         req = await parse(request, CompletionRequest)
-        self._check_model(req.model)
+        engine = self._engine(req.model)
         refuse_unsupported(req)
         if req.suffix:
             raise bad("suffix", "suffix is not supported")
@@ -120,47 +108,44 @@ class OpenAIServer:
         if req.logprobs not in (None, 0):
             raise bad("logprobs", "logprobs must be 0 or null: this server returns each chosen token's "
                                   "log-probability (tokens, token_logprobs), not the top alternatives")
-        p = req.prompt
+        p, intake = req.prompt, engine.intake
         if isinstance(p, str):
-            prompts = [(p, self._text_ids(p, "prompt"))]
+            prompts = [(p, intake.text(p, "prompt"))]
         elif not p:
             raise bad("prompt", "prompt is empty")
         elif isinstance(p[0], int):
-            prompts = [(None, self._token_ids(p, "prompt"))]
+            prompts = [(None, intake.token_ids(p, "prompt"))]
         elif len(p) > MAX_PROMPTS:
             raise bad("prompt", f"prompt has {len(p)} entries; at most {MAX_PROMPTS} per request")
         elif isinstance(p[0], str):
-            prompts = [(s, self._text_ids(s, f"prompt[{i}]")) for i, s in enumerate(p)]
+            prompts = [(s, intake.text(s, f"prompt[{i}]")) for i, s in enumerate(p)]
         else:
-            prompts = [(None, self._token_ids(ids, f"prompt[{i}]")) for i, ids in enumerate(p)]
+            prompts = [(None, intake.token_ids(ids, f"prompt[{i}]")) for i, ids in enumerate(p)]
         max_tokens = COMPLETIONS_MAX_TOKENS if req.max_tokens is None else req.max_tokens
-        params = sampling_params(req, max_tokens, "max_tokens", req.logprobs is not None, self.config.vocab_size)
-        for i, (_, ids) in enumerate(prompts):
-            self._fits(ids, "prompt" if len(prompts) == 1 else f"prompt[{i}]", max_tokens, "max_tokens")
-        jobs = [(i * req.n + j, ids, choice_params(params, j)) for i, (_, ids) in enumerate(prompts)
-                for j in range(req.n)]
-        echoes = await self._echoes(prompts, req) if req.echo else {}
-        self.service.metrics.tokens_in.inc(sum(len(ids) for _, ids in prompts))
+        params = sampling_params(req, max_tokens, req.logprobs is not None)
+        checked = [intake.generation(ids, params, "prompt" if len(prompts) == 1 else f"prompt[{i}]", "max_tokens")
+                   for i, (_, ids) in enumerate(prompts)]
+        jobs = [(i * req.n + j, GenerateRequest(r.prompt, choice_params(r.params, j)))
+                for i, r in enumerate(checked) for j in range(req.n)]
+        echoes = await self._echoes(engine, prompts, req) if req.echo else {}
+        self.replica.metrics.tokens_in.inc(sum(len(ids) for _, ids in prompts))
         out = Completions(self.name, self._token_text, req, prompts, echoes)
         if req.stream:
-            return await self._stream(out, jobs, "POST /v1/completions")
-        finals = await self._run_all(jobs)
+            return await self._stream(engine, out, jobs, "POST /v1/completions")
+        finals = await self._run_all(engine, jobs)
         self._count("POST /v1/completions", 200)
         return JSONResponse(out.response(finals))
 
-    async def _echoes(self, prompts, req: CompletionRequest) -> dict[int, tuple[str, list, list]]:
+    async def _echoes(self, engine: Engine, prompts, req: CompletionRequest) -> dict[int, tuple[str, list, list]]:
         """Per prompt: its text, and with logprobs its tokens and their log-probabilities (scored
         by the pipeline; the first token has none)."""
         out = {}
         for i, (text, ids) in enumerate(prompts):
             if text is None:
-                text = self.tokenizer.decode(ids) if self.tokenizer else ""
+                text = engine.tokenizer.decode(ids) if engine.tokenizer else ""
             tokens, lps = [], []
             if req.logprobs is not None:
-                try:
-                    lps = await self.pipe.score(ids, self._deadline())
-                except Exception as e:
-                    raise from_pipeline_error(e) from None
+                lps = await engine.scheduler.score(engine.intake.scoring(ids, "prompt"), self.replica.deadline())
                 tokens = [self._token_text(t) for t in ids]
             out[i] = (text, tokens, lps)
         return out
@@ -168,7 +153,7 @@ class OpenAIServer:
     # ---- /v1/chat/completions ----------------------------------------------------------------
     async def chat(self, request: Request) -> Response:
         req = await parse(request, ChatRequest)
-        self._check_model(req.model)
+        engine = self._engine(req.model)
         refuse_unsupported(req)
         if req.top_logprobs:
             raise bad("top_logprobs", "top_logprobs is not supported (only 0): this server returns each chosen "
@@ -178,57 +163,40 @@ class OpenAIServer:
         if req.response_format and req.response_format.get("type") != "text":
             raise bad("response_format", "response_format must be {\"type\": \"text\"}: structured output is "
                                          "not supported")
-        if not req.messages:
-            raise bad("messages", "messages is empty")
-        if self.tokenizer is None:
+        if engine.tokenizer is None and req.messages:
             raise bad("messages", "the model has no tokenizer, so no chat template; use /v1/completions with token ids")
         messages = []
-        for i, m in enumerate(req.messages):
+        for m in req.messages:
             content = m.content if isinstance(m.content, str) or m.content is None else \
                 "\n".join(part.text for part in m.content)
             messages.append({"role": m.role, "content": content or "", **({"name": m.name} if m.name else {})})
-        try:
-            ids = self.tokenizer.encode_chat(messages)
-        except ChatTemplateError as e:
-            raise bad("messages", f"messages: the chat template failed: {e}") from None
-        except ValueError as e:
-            raise bad("messages", f"messages: {e}") from None
+        ids = engine.intake.chat(messages, "messages")
         field = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
         asked = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        self._fits(ids, "messages", asked, field)
-        max_tokens = asked if asked is not None else self.pipe.scheduler.max_seq_len - len(ids)
-        params = sampling_params(req, max_tokens, field, req.logprobs, self.config.vocab_size)
-        jobs = [(j, ids, choice_params(params, j)) for j in range(req.n)]
-        self.service.metrics.tokens_in.inc(len(ids))
+        # Unasked, a chat may take the rest of the context (at least one token, or the intake says it is full).
+        max_tokens = asked if asked is not None else max(1, engine.max_seq_len - len(ids))
+        checked = engine.intake.generation(ids, sampling_params(req, max_tokens, req.logprobs), "messages", field)
+        jobs = [(j, GenerateRequest(ids, choice_params(checked.params, j))) for j in range(req.n)]
+        self.replica.metrics.tokens_in.inc(len(ids))
         out = ChatCompletions(self.name, self._token_text, req, [(None, ids)])
         if req.stream:
-            return await self._stream(out, jobs, "POST /v1/chat/completions")
-        finals = await self._run_all(jobs)
+            return await self._stream(engine, out, jobs, "POST /v1/chat/completions")
+        finals = await self._run_all(engine, jobs)
         self._count("POST /v1/chat/completions", 200)
         return JSONResponse(out.response(finals))
 
     # ---- running requests --------------------------------------------------------------------
-    async def _run_all(self, jobs) -> list[FinishEvent]:
-        deadline = self._deadline()
-
-        async def one(ids, params) -> FinishEvent:
-            async for ev in self.pipe.generate(ids, params, deadline):
-                if isinstance(ev, FinishEvent):
-                    return ev
-            raise RuntimeError("generation ended without a final event")
-
-        try:
-            finals = await asyncio.gather(*[one(ids, p) for _, ids, p in jobs])
-        except Exception as e:
-            raise from_pipeline_error(e) from None
-        self.service.metrics.tokens_out.inc(sum(len(f.output_ids) for f in finals))
+    async def _run_all(self, engine: Engine, jobs) -> list[GenerationResult]:
+        deadline = self.replica.deadline()
+        finals = await asyncio.gather(*[engine.scheduler.complete(r, deadline) for _, r in jobs])
+        self.replica.metrics.tokens_out.inc(sum(len(f.output_ids) for f in finals))
         return finals
 
-    async def _stream(self, out: "Completions", jobs, route: str) -> StreamingResponse:
+    async def _stream(self, engine: Engine, out: "Completions", jobs, route: str) -> StreamingResponse:
         """Start every choice, wait for each one's first tokens (so that a refusal, such as a full
         queue, is still an HTTP status), then stream server-sent events as tokens come."""
-        deadline = self._deadline()
-        streams = [self.pipe.generate_chunks(ids, p, deadline) for _, ids, p in jobs]
+        deadline = self.replica.deadline()
+        streams = [engine.scheduler.generate_chunks(r, deadline) for _, r in jobs]
         try:
             firsts = await asyncio.gather(*[s.__anext__() for s in streams], return_exceptions=True)
             failed = [f for f in firsts if isinstance(f, BaseException)]
@@ -240,7 +208,7 @@ class OpenAIServer:
                 for s in streams:
                     await s.aclose()
         if failed:
-            raise from_pipeline_error(failed[0]) from None
+            raise api_error(failed[0]) from None
 
         async def events() -> AsyncIterator[str]:
             merged = merge([j[0] for j in jobs], streams, firsts)
@@ -250,14 +218,14 @@ class OpenAIServer:
                 async for index, chunk in merged:
                     for event in out.chunk(index, chunk):
                         yield sse(event)
-                    if isinstance(chunk[-1], FinishEvent):
-                        self.service.metrics.tokens_out.inc(len(chunk[-1].output_ids))
+                    if isinstance(chunk[-1], GenerationResult):
+                        self.replica.metrics.tokens_out.inc(len(chunk[-1].output_ids))
                 if out.finish() is not None:
                     yield sse(out.finish())
                 yield "data: [DONE]\n\n"
                 self._count(route, 200)
-            except (DeadlineExceededError, SchedulerClosedError, ValueError) as e:  # after the first event
-                err = from_pipeline_error(e)
+            except (DeadlineExceededError, SchedulerClosedError) as e:  # after the first event
+                err = api_error(e)
                 self._count(route, err.status)
                 yield sse(err.body())
             finally:
@@ -276,7 +244,7 @@ async def merge(indices: list[int], streams, firsts) -> AsyncIterator[tuple[int,
         chunk = firsts[0]
         while True:
             yield indices[0], chunk
-            if isinstance(chunk[-1], FinishEvent):
+            if isinstance(chunk[-1], GenerationResult):
                 return
             chunk = await streams[0].__anext__()
     queue: asyncio.Queue = asyncio.Queue()
@@ -286,7 +254,7 @@ async def merge(indices: list[int], streams, firsts) -> AsyncIterator[tuple[int,
         try:
             while True:
                 await queue.put((index, chunk))
-                if isinstance(chunk[-1], FinishEvent):
+                if isinstance(chunk[-1], GenerationResult):
                     return
                 chunk = await stream.__anext__()
         except Exception as e:
@@ -300,7 +268,7 @@ async def merge(indices: list[int], streams, firsts) -> AsyncIterator[tuple[int,
             if isinstance(item, Exception):
                 raise item
             yield index, item
-            if isinstance(item[-1], FinishEvent):
+            if isinstance(item[-1], GenerationResult):
                 left -= 1
     finally:
         for t in tasks:
@@ -309,10 +277,10 @@ async def merge(indices: list[int], streams, firsts) -> AsyncIterator[tuple[int,
 
 
 # ---- the app -------------------------------------------------------------------------------------------
-def build_app(service) -> FastAPI:
+def build_app(replica: Replica) -> FastAPI:
     """The replica's ASGI app (Serve calls JambaService.__serve_build_asgi_app__ after __init__)."""
-    api = OpenAIServer(service)
-    app = FastAPI(title=f"jamba-serve: {service.name}", docs_url=None, redoc_url=None, openapi_url=None)
+    api = OpenAIServer(replica)
+    app = FastAPI(title=f"jamba-serve: {replica.name}", docs_url=None, redoc_url=None, openapi_url=None)
 
     def guarded(route: str, handler):
         async def endpoint(request: Request) -> Response:
@@ -321,8 +289,8 @@ def build_app(service) -> FastAPI:
             except APIError as e:
                 api._count(route, e.status)
                 return e.response()
-            except (NotReadyError, QueueFullError, SchedulerClosedError, DeadlineExceededError, ValueError) as e:
-                err = from_pipeline_error(e)
+            except REFUSALS as e:
+                err = api_error(e)
                 api._count(route, err.status)
                 return err.response()
             except Exception as e:  # a bug: still OpenAI's shape, and the traceback in the replica's log
@@ -350,10 +318,10 @@ def build_app(service) -> FastAPI:
     @app.get("/health")
     async def health() -> Response:
         try:
-            pipe = service.serving()
+            engine = replica.engine()
         except NotReadyError as e:
-            return from_pipeline_error(e).response()
-        error = pipe.scheduler.error
+            return api_error(e).response()
+        error = engine.scheduler.error
         if error is not None:
             return APIError(503, f"the pipeline failed: {error}", "service_unavailable",
                             code="pipeline_unavailable").response()
@@ -370,4 +338,4 @@ def build_app(service) -> FastAPI:
 
 def _model_card(api: OpenAIServer) -> dict:
     return {"id": api.name, "object": "model", "created": api.created, "owned_by": "jamba-serve",
-            "max_model_len": api.pipe.scheduler.max_seq_len}
+            "max_model_len": api.replica.engine().max_seq_len}

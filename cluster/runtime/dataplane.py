@@ -18,9 +18,10 @@ process lifecycle, restarts) and the microbatches take channels of their own:
   microbatch while a stage works on the current one, and only the receiving thread wakes for it.
 - A message carries the epoch's key (a connection without it is closed: the sockets listen on the
   node's address, and Ray's authenticated calls are how the key reaches the stages), meta
-  (msgpack [epoch, seq]: which incarnation of the data plane, which microbatch), the scheduler's
-  msgpack header, forwarded unchanged, and a payload: the token ids into stage 0, the activations
-  with the "inline" transport, the answer from the last stage.
+  (msgpack [epoch, seq]: which incarnation of the data plane, which microbatch), the microbatch
+  header (stages/microbatch.py, encoded once here and forwarded unchanged), and a payload: the
+  token ids into stage 0, the activations with the "inline" transport, the answers from the last
+  stage.
 - Activations between stages, by `transport`:
     "inline" in the message itself (CPU stages);
     "nccl"   torch.distributed point-to-point, device to device (stages with a GPU each; "auto"
@@ -40,7 +41,7 @@ a process that exits with calls of its own still running is aborted by Ray's cor
 it can clean up, which leaked a batch job's placement groups.)
 
 `DataPlane` (here) is the scheduler's side and drives the stage actors; `StageEndpoint`
-(cluster/stage_endpoint.py) is the stage's side, which knows nothing of Ray (the actor calls it).
+(stage_endpoint.py) is the stage's side, which knows nothing of Ray (the actor calls it).
 They live apart so that the scheduler's process, a Serve replica, never imports torch.
 """
 
@@ -48,7 +49,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime
-import hmac
 import itertools
 import logging
 import secrets
@@ -56,6 +56,8 @@ import socket
 import time
 
 import msgpack
+
+from stages.microbatch import Answer, Microbatch, decode_answers
 
 from . import channels
 
@@ -135,16 +137,16 @@ class DataPlane:
         log.info("data plane epoch %d up in %.2fs: %d stage(s), activations over %s", epoch,
                  time.perf_counter() - t0, P, self.transport if P > 1 else "(single stage)")
 
-    async def send(self, header: bytes, ids) -> bytes:
-        """Run one microbatch through every stage; returns the last stage's answer."""
+    async def send(self, mb: Microbatch, ids) -> list[Answer]:
+        """Run one microbatch through every stage; returns the last stage's answers."""
         if self.broken is not None:
             raise self.broken
         seq = next(self.seq)
         fut = asyncio.get_running_loop().create_future()
         self.pending[seq] = fut
         meta = msgpack.packb([self.epoch, seq])
-        self.to_first.writelines(channels.frame(self.key, meta, header, ids))
-        return await fut
+        self.to_first.writelines(channels.frame(self.key, meta, mb.encode(), ids))
+        return decode_answers(await fut)
 
     async def _read_answers(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """One last stage's connection: answers until it closes. A connection without this epoch's
@@ -152,15 +154,13 @@ class DataPlane:
         self._answer_tasks.add(asyncio.current_task())
         try:
             while True:
-                key, n_meta, n_header, n_payload = channels.PREFIX.unpack(await reader.readexactly(channels.PREFIX.size))
-                if not hmac.compare_digest(key, self.key):
-                    return
-                body = await reader.readexactly(n_meta + n_header + n_payload)
-                epoch, seq = msgpack.unpackb(body[:n_meta])
+                lengths = channels.read_prefix(await reader.readexactly(channels.PREFIX.size), self.key)
+                meta, _, answers = channels.split(await reader.readexactly(sum(lengths)), lengths)
+                epoch, seq = msgpack.unpackb(meta)
                 fut = self.pending.pop(seq, None) if epoch == self.epoch else None
                 if fut is not None and not fut.done():
-                    fut.set_result(body[n_meta + n_header:])
-        except (asyncio.IncompleteReadError, ConnectionError):
+                    fut.set_result(answers)
+        except (asyncio.IncompleteReadError, ConnectionError, ValueError):  # closed, or not a message of ours
             pass
         except asyncio.CancelledError:
             # `close` cancels this connection's task. End it quietly: asyncio's stream server asks a

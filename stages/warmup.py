@@ -20,7 +20,7 @@ The compiled code is kept on disk, so only the first start on a machine compiles
 numba fixes its cache location when the kernels are defined, so the cache must be chosen
 before stages.kernels.numba_cpu is imported: `warm_up` (or `use_kernel_cache`) does so first.
 
-    python -m stages.kernels.warmup [--model DIR] [--dtype bfloat16]
+    jamba warmup [--model DIR] [--dtype bfloat16]
 
 warms the cache ahead of time, e.g. while building a container image (see k8s/Dockerfile).
 """
@@ -91,7 +91,7 @@ def _warm_scan_snapshots(c, ssm_states: torch.Tensor, row_slot: int, snap_slot: 
                          g: torch.Generator) -> None:
     """One scan with a snapshot, with the arguments a Mamba layer passes (stages/model.py: u, B, C,
     z in the stage's dtype, delta, A, D float32), on a throwaway cache's SSM pool."""
-    from . import selective_scan_varlen
+    from .kernels import selective_scan_varlen
 
     T, D, N = 3, c.mamba_d_inner, c.mamba_d_state
 
@@ -104,35 +104,3 @@ def _warm_scan_snapshots(c, ssm_states: torch.Tensor, row_slot: int, snap_slot: 
         torch.tensor([0, T], device=p.device), torch.tensor([row_slot], device=p.device),
         snap_tok=torch.tensor([1]), snap_dst=torch.tensor([snap_slot]),
     )
-
-
-def main(argv: list[str] | None = None) -> int:
-    import argparse
-
-    ap = argparse.ArgumentParser(description="Compile the Mamba kernels into $JAMBA_KERNEL_CACHE ahead of time.")
-    ap.add_argument("--model", help="checkpoint directory (default: the demo model, written to a temporary directory)")
-    ap.add_argument("--dtype", action="append", help="dtype(s) to warm (default: as stored); repeatable")
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--quantize", action="append", default=[], metavar="MODE",
-                    help="also warm the int8 matmul of a stage quantized with MODE (stages/quant.py); repeatable")
-    args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-    use_kernel_cache()  # before anything imports the numba kernels
-
-    import tempfile
-
-    from stages.demo import make_demo_model
-    from stages.loading import load_stage
-
-    with tempfile.TemporaryDirectory() as tmp:
-        model = args.model or make_demo_model(Path(tmp) / "demo-lm")
-        for dtype in args.dtype or [None]:
-            for quantize in [None, *args.quantize]:
-                stage, _ = load_stage(model, dtype=dtype, device=args.device, quantize=quantize)
-                print(f"warmed {model} ({dtype or 'as stored'}{', ' + quantize if quantize else ''}, {args.device}) in "
-                      f"{warm_up(stage):.1f}s; cache: {os.environ.get('JAMBA_KERNEL_CACHE') or 'the tools defaults'}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

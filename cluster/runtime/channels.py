@@ -1,5 +1,5 @@
 """The data plane's control channels: length-prefixed messages over plain TCP sockets, read and
-written by the stage loop's own thread (cluster/dataplane.py).
+written by the stage loop's own thread (dataplane.py).
 
 Why not a messaging library: a ZeroMQ message wakes three threads per hop (the sender's I/O
 thread, the receiver's I/O thread, then the receiving loop), and on a small VM a thread wake-up
@@ -10,7 +10,7 @@ A message is a fixed prefix and three parts:
 
     prefix   16-byte key, then the lengths of meta, header and payload (little-endian uint32)
     meta     msgpack [epoch, seq]
-    header   the scheduler's msgpack header
+    header   the microbatch header (stages/microbatch.py), bytes as the scheduler encoded it
     payload  token ids, activations, or the last stage's answer (may be empty)
 
 A connection whose first message lacks the key, or that sends something malformed, is closed and
@@ -32,6 +32,22 @@ READ_TIMEOUT_S = 30.0  # the rest of a message, once its first bytes are in
 def parse_address(address: str) -> tuple[str, int]:
     host, _, port = address.removeprefix("tcp://").rpartition(":")
     return host, int(port)
+
+
+def read_prefix(prefix: bytes, key: bytes) -> tuple[int, int, int]:
+    """The lengths of meta, header and payload from a message's prefix; ValueError if the key is
+    not this epoch's or a length is past what a message of ours can be."""
+    got, *lengths = PREFIX.unpack(prefix)
+    if not hmac.compare_digest(got, key) or max(lengths) >= MAX_PART:
+        raise ValueError("not a message of this data plane")
+    return tuple(lengths)
+
+
+def split(body, lengths: tuple[int, int, int]) -> tuple[bytes, bytes, memoryview]:
+    """(meta, header, payload) of a message's body."""
+    n_meta, n_header, _ = lengths
+    view = memoryview(body)
+    return bytes(view[:n_meta]), bytes(view[n_meta:n_meta + n_header]), view[n_meta + n_header:]
 
 
 def frame(key: bytes, meta: bytes, header: bytes, payload=b"") -> list:
@@ -89,17 +105,13 @@ class Inbox:
 
     def _read(self, conn: socket.socket):
         try:
-            prefix = _recv_exact(conn, PREFIX.size)
-            key, n_meta, n_header, n_payload = PREFIX.unpack(prefix)
-            if not hmac.compare_digest(key, self.key) or max(n_meta, n_header, n_payload) >= MAX_PART:
-                raise ValueError("not a message of this data plane")
-            body = _recv_exact(conn, n_meta + n_header + n_payload)
+            lengths = read_prefix(_recv_exact(conn, PREFIX.size), self.key)
+            body = _recv_exact(conn, sum(lengths))
         except (OSError, ValueError, EOFError):
             self._drop(conn, counted=conn not in self.trusted)
             return None
         self.trusted.add(conn)
-        view = memoryview(body)
-        return bytes(view[:n_meta]), bytes(view[n_meta:n_meta + n_header]), view[n_meta + n_header:]
+        return split(body, lengths)
 
     def _drop(self, conn: socket.socket, counted: bool) -> None:
         self.rejected += counted

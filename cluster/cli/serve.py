@@ -1,22 +1,28 @@
-"""`jamba serve`: the gRPC and OpenAI-compatible HTTP service in the foreground (argument parsing
-stays light; Ray loads on use).
+"""`jamba serve`: the gRPC and OpenAI-compatible HTTP service (cluster/serve) in the foreground
+(argument parsing stays light; Ray loads on use).
 
 Start-up is bounded: the arguments and the layer split are checked before Ray starts, a local
-cluster is sized for what the applications ask for (cluster/resources.py), and an application
+cluster is sized for what the applications ask for (cluster/runtime/resources.py), and an application
 whose replicas do not all serve within --start-timeout (the stages cannot be placed, the pipeline
 failed to load, the replica keeps failing) stops the command with a message saying what a replica
 needs, what the cluster has and what the replica was waiting for. Meanwhile each phase of the
-start is logged as it begins, and the replicas answer calls UNAVAILABLE (cluster/service.py).
+start is logged as it begins, and the replicas answer calls UNAVAILABLE (cluster/serve/replica.py).
 SIGTERM and SIGINT stop the command in every phase, start-up included.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 import threading
 import time
+
+from cluster.runtime.config import default
+
+from .args import (add_batching_args, add_cache_args, add_model_args, add_pipeline_args, check_model_dir, engine_fields,
+                   resolve_model, resolve_split)
 
 log = logging.getLogger("jamba")
 
@@ -37,8 +43,7 @@ def add_serve_parser(sub) -> None:
     s.add_argument("--model", action="append", metavar="[NAME=]DIR",
                    help="checkpoint to serve (repeatable; NAME defaults to the directory name; 'demo' and "
                         "'demo-classifier' are the embedded demo models); default: the demo LM")
-    s.add_argument("--stages", type=int, default=1, help="pipeline stages per replica")
-    s.add_argument("--layer-split", help="layers per stage, e.g. '4,4' (default: balanced)")
+    add_pipeline_args(s, 1, "pipeline stages per replica")
     s.add_argument("--replicas", type=int, default=1, help="replicas (pipelines) per application")
     s.add_argument("--grpc-port", type=int, default=9000, help="Serve's gRPC proxy (default 9000)")
     s.add_argument("--http-port", type=int, default=8000,
@@ -52,25 +57,18 @@ def add_serve_parser(sub) -> None:
     s.add_argument("--start-timeout", type=float, default=600.0, metavar="SECONDS",
                    help="how long the applications may take to be placed and loaded before the command gives up "
                         "and exits non-zero (default 600)")
-    s.add_argument("--num-slots", type=int, default=32)
-    from .cli import add_cache_args
-
+    add_batching_args(s, default("max_batch_tokens"))
     add_cache_args(s)
-    s.add_argument("--max-batch-tokens", type=int, default=512)
-    s.add_argument("--max-queue", type=int, default=1024)
+    s.add_argument("--max-queue", type=int, default=default("max_queue"),
+                   help=f"requests waiting for a slot before new ones are refused (default {default('max_queue')})")
     s.add_argument("--stream-interval-ms", type=float, default=0.0,
                    help="least time between two messages of a stream; tokens produced meanwhile go out together, "
                         "which saves proxy CPU when there are many streams (default 0: every token at once)")
-    from .cli import add_quantize_arg
-
-    add_quantize_arg(s)
-    s.add_argument("--threads-per-stage", type=int, default=1)
-    s.add_argument("--cpus-per-stage", type=float, default=None, help="Ray CPUs reserved per stage (default: threads)")
-    s.add_argument("--gpus-per-stage", type=float, default=0)
+    add_model_args(s)
     g = s.add_argument_group("failures")
-    g.add_argument("--max-restarts", type=int, default=3,
+    g.add_argument("--max-restarts", type=int, default=default("max_restarts"),
                    help="how often Ray restarts a dead stage actor before the replica gives up (default 3)")
-    g.add_argument("--recover-timeout", type=float, default=120.0, metavar="SECONDS",
+    g.add_argument("--recover-timeout", type=float, default=default("recover_timeout_s"), metavar="SECONDS",
                    help="how long a failed stage may take to come back before requests fail UNAVAILABLE (default 120)")
     g.add_argument("--health-check-period", type=float, default=10.0, metavar="SECONDS",
                    help="how often Serve checks each replica; a replica whose pipeline is down is replaced (default 10)")
@@ -81,23 +79,8 @@ def add_serve_parser(sub) -> None:
     s.set_defaults(func=run_serve)
 
 
-def resolve_model(spec: str) -> tuple[str, str]:
-    """'[NAME=]DIR' -> (name, dir); the names 'demo' and 'demo-classifier' are the embedded demo models."""
-    from stages.demo import ensure_demo_model
-
-    name, _, path = spec.rpartition("=")
-    if path in ("demo", "demo-classifier"):
-        return name or path, str(ensure_demo_model("classification" if path == "demo-classifier" else "lm"))
-    return name or path.rstrip("/").split("/")[-1], path
-
-
-
 def _check_args(args) -> list[tuple[str, str]]:
     """Everything that can be checked before Ray starts; returns the (name, checkpoint) pairs."""
-    from pathlib import Path
-
-    from .resources import resolve_split
-
     for flag in ("stages", "replicas", "threads_per_stage"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
@@ -109,8 +92,7 @@ def _check_args(args) -> list[tuple[str, str]]:
     if len({n for n, _ in apps}) != len(apps):
         raise ValueError("two --model entries have the same application name; name them NAME=DIR")
     for name, path in apps:
-        if not (Path(path) / "config.json").is_file():
-            raise FileNotFoundError(f"--model {name}={path}: not a checkpoint directory (no config.json)")
+        check_model_dir(path, f"--model {name}={path}")
         resolve_split(path, args.stages, args.layer_split)
     if args.direct_ingress_port and args.address:
         raise ValueError("--direct-ingress-port needs a local cluster; on a running cluster, start its nodes with "
@@ -129,18 +111,12 @@ def _raise_on_sigterm() -> None:
 
 
 def app_args(args, name: str, path: str) -> dict:
-    """build_app's arguments for one application."""
-    return {
-        "model": path, "name": name, "stages": args.stages, "layer_split": args.layer_split,
-        "replicas": args.replicas, "num_slots": args.num_slots, "max_batch_tokens": args.max_batch_tokens,
-        "max_queue": args.max_queue, "threads_per_stage": args.threads_per_stage,
-        "gpus_per_stage": args.gpus_per_stage, "max_restarts": args.max_restarts,
-        "recover_timeout_s": args.recover_timeout, "health_check_period_s": args.health_check_period,
-        "stream_interval_ms": args.stream_interval_ms, "request_timeout_s": args.http_request_timeout,
-        "quantize": args.quantize, "max_seq_len": args.max_seq_len, "block_size": args.block_size,
-        "num_blocks": args.kv_blocks, "prefix_cache": args.prefix_cache, "num_snapshots": args.prefix_snapshots,
-        "cpus_per_stage": args.cpus_per_stage if args.cpus_per_stage is not None else args.threads_per_stage,
-    }
+    """build_app's arguments for one application (cluster/serve/app.py): the engine's fields by
+    their names there, the replica's options and how Serve deploys it."""
+    engine = {("stages" if k == "num_stages" else k): v for k, v in engine_fields(args).items()}
+    return {**engine, "model": path, "name": name, "replicas": args.replicas,
+            "health_check_period_s": args.health_check_period, "stream_interval_ms": args.stream_interval_ms,
+            "request_timeout_s": args.http_request_timeout}
 
 
 def route_prefix(name: str, n_apps: int) -> str:
@@ -150,8 +126,6 @@ def route_prefix(name: str, n_apps: int) -> str:
 
 
 def run_serve(args) -> int:
-    import os
-
     apps = _check_args(args)
     cpus = args.cpus_per_stage if args.cpus_per_stage is not None else args.threads_per_stage
     _raise_on_sigterm()
@@ -162,8 +136,8 @@ def run_serve(args) -> int:
         from ray import serve
         from ray.serve.config import HTTPOptions
 
-        from .resources import local_cluster_size, serve_need
-        from .service import build_app, grpc_options, limit_message_size
+        from cluster.runtime.resources import local_cluster_size
+        from cluster.serve.app import build_app, grpc_options, limit_message_size, serve_need
 
         limit_message_size()
         if args.direct_ingress_port:
@@ -218,8 +192,8 @@ def wait_until_running(names: list[str], args, cpus_per_stage: float) -> None:
     (Serve itself would wait for resources for ever). Says each phase of the start as it begins."""
     from ray import serve
 
-    from .resources import cluster_summary, replica_need
-    from .service import replica_starts
+    from cluster.runtime.resources import cluster_summary
+    from cluster.serve.app import replica_need, replica_starts
 
     deadline = time.monotonic() + args.start_timeout
     seen: dict[str, dict[str, dict]] = {name: {} for name in names}  # app -> replica -> its start

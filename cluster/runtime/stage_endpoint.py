@@ -1,6 +1,6 @@
-"""The stage's side of the data plane (cluster/dataplane.py has the design): the loop that
-receives a microbatch, runs the worker's step and sends the result on, and the process group
-that carries activations for the gloo and nccl transports. Runs in the stage actor's process."""
+"""The stage's side of the data plane (dataplane.py has the design): the loop that receives a
+microbatch, runs the worker's step and sends the result on, and the process group that carries
+activations for the gloo and nccl transports. Runs in the stage actor's process."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ import logging
 import threading
 import time
 
-import msgpack
 import torch
+
+from stages.microbatch import Microbatch, encode_answers
 
 from . import channels
 from .dataplane import GROUP_TIMEOUT
@@ -19,10 +20,6 @@ log = logging.getLogger(__name__)
 
 MAX_PENDING_SENDS = 4  # torch.distributed sends a stage may have outstanding before it waits for one
 POLL_MS = 50  # how often an idle stage loop looks at its stop flag
-
-
-def _tokens(header: dict) -> int:
-    return sum(row[1] for row in header["rows"])
 
 
 # ---- the stage's side ---------------------------------------------------------------------------
@@ -120,16 +117,16 @@ class StageEndpoint:
                 if message is None:  # nothing yet (or something refused): look at the stop flag
                     continue
                 t1 = clock()
-                meta, header_bytes, payload = message
-                header = msgpack.unpackb(header_bytes)
-                x = self._input(payload, _tokens(header))
+                meta, header, payload = message
+                mb = Microbatch.decode(header)
+                x = self._input(payload, mb.num_tokens)
                 t2 = clock()
                 with self.step_lock:
                     if self.epoch != epoch:
                         break
-                    out = self.worker.step(header, x)
+                    out = self.worker.step(mb, x)
                 t3 = clock()
-                self._output(meta, header_bytes, out)
+                self._output(meta, header, out)
                 t4 = clock()
                 times["idle"] += t1 - t0
                 times["receive"] += t2 - t1
@@ -163,8 +160,8 @@ class StageEndpoint:
         return x
 
     def _output(self, meta: bytes, header: bytes, out) -> None:
-        if self.worker.is_last:  # the answer, msgpack bytes
-            channels.send_all(self.out, channels.frame(self.key, meta, b"", out))
+        if self.worker.is_last:  # the answers
+            channels.send_all(self.out, channels.frame(self.key, meta, b"", encode_answers(out)))
             return
         if self.group is None:
             payload = out.detach().contiguous().view(-1).view(torch.uint8).cpu().numpy() if out.numel() else b""

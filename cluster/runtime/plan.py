@@ -12,27 +12,11 @@ and reports memory (weights + per-sequence cache) as a constraint that must be m
 quantity to balance. Jamba makes the two differ: a MoE layer stores num_experts expert MLPs but
 runs only num_experts_per_tok of them per token (Jamba-Large: 16 stored, 2 run).
 
-The cost model (closed form from the config; shapes in the comments of each function):
-
-    weights   parameters x dtype bytes, counted exactly as `stages.model.JambaStage` builds them;
-              with --quantize (stages/quant.py), the quantized weights take 1 byte per parameter
-              plus a float32 scale per output channel (per expert, for the experts).
-    compute   FLOPs per token. A matmul with a (in, out) weight costs 2*in*out per token, so
-              every layer costs ~2 x the parameters it touches per token, plus
-                attention   QK^T and AV over the context: 2 * 2 * ctx * n_heads * head_dim,
-                            at the full context ctx (the last, dearest decode step),
-                Mamba       the depthwise conv and the selective scan (~7 FLOPs per channel
-                            and state: exp(dt*A), *B*u, dA*h + dBu, C*h and the sum),
-                MoE         the router and the top_k experts only, not all of them.
-              The embedding is a table lookup (~0 FLOPs); the head costs 2*hidden*vocab per
-              sampled token, counted here as per token (prefill tokens skip it, so this slightly
-              overweights the last stage, the safe side). Norms and activations are ignored.
-    cache     bytes per sequence at context ctx (`stages.paging.slot_bytes`): K and V grow
-              with ctx on attention layers only; a Mamba layer's conv + SSM state is fixed.
-              The KV cache is paged (stages/cache.py), so a sequence takes only the blocks its
-              tokens fill; with --gpu-memory the plan also says how many short sequences fit
-              beside one of the full context, after the prefix cache's Mamba snapshots
-              (--prefix-snapshots per stage, each one sequence's Mamba state) are set aside.
+The cost model (stages/costs.py: weights, FLOPs per token and cache bytes, in closed form
+from the config, counted as the model builds its layers) gives each layer's compute and memory.
+The KV cache is paged (stages/cache.py), so a sequence takes only the blocks its tokens fill;
+with a GPU memory size the plan also says how many short sequences fit beside one of the full
+context, after the prefix cache's Mamba snapshots are set aside.
 
 `partition` finds the contiguous split that minimises the largest stage compute exactly (dynamic
 programming over split points), breaks ties by minimising the largest stage's weight bytes, and
@@ -45,16 +29,16 @@ can be restricted to splits whose every stage fits a memory budget.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from stages.config import QUANT_MODES, JambaConfig
-from stages.paging import block_bytes, slot_bytes
+from stages.config import JambaConfig
+from stages.costs import (block_bytes, count_params, embed_params, head_flops, head_params, layer_flops,
+                          layer_weight_bytes, stage_cache_bytes, stage_flops, stage_params, stage_weight_bytes)
+from stages.paging import DEFAULT_BLOCK_SIZE
 
 # ---- published model shapes ---------------------------------------------------------------------
 # HF `config.json` fields of AI21's 1.6 releases (ai21labs/AI21-Jamba-{Mini,Large}-1.6); fields the
@@ -104,13 +88,13 @@ PRESETS: dict[str, dict] = {
     },
 }
 
+PLAN_SNAPSHOTS = 64  # prefix-cache snapshots per stage a plan sets aside (PipelineConfig: 2 x num_slots)
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 _QUANT_NOTE = {
     "int8-experts": "int8 in the experts (fp32 scale per expert channel)",
     "int8": "int8 in every linear layer but Mamba's, the router and the head (fp32 scale per channel)",
     "int8-with-mamba": "int8 in every linear layer but the router and the head (fp32 scale per channel)",
 }
-SCAN_FLOPS_PER_STATE = 7  # selective scan, per token, per (channel, state) pair; see module docstring
 
 
 def load_config(model_or_preset: str) -> JambaConfig:
@@ -129,144 +113,6 @@ def load_config(model_or_preset: str) -> JambaConfig:
     raise ValueError(
         f"{model_or_preset!r} is neither a checkpoint directory nor a preset; presets: {', '.join(PRESETS)}"
     )
-
-
-# ---- cost of one layer -----------------------------------------------------------------------------
-# Parameter counts mirror stages/model.py module by module (tests check them against the meta device).
-def _attention_params(c: JambaConfig) -> int:
-    q_out, kv_out = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
-    return c.hidden_size * q_out + 2 * c.hidden_size * kv_out + q_out * c.hidden_size  # q, k, v, o
-
-
-def _mamba_matmul_params(c: JambaConfig) -> int:
-    """The Mamba mixer's projection weights: what its per-token matmuls read."""
-    h, d, n, r = c.hidden_size, c.mamba_d_inner, c.mamba_d_state, c.mamba_dt_rank
-    return h * 2 * d + d * (r + 2 * n) + r * d + d * h  # in_proj, x_proj, dt_proj, out_proj
-
-
-def _mamba_params(c: JambaConfig) -> int:
-    h, d, n, r, k = c.hidden_size, c.mamba_d_inner, c.mamba_d_state, c.mamba_dt_rank, c.mamba_d_conv
-    total = _mamba_matmul_params(c)
-    total += d * k + (d if c.mamba_conv_bias else 0)  # depthwise conv1d
-    total += (2 * d + h) if c.mamba_proj_bias else 0  # in_proj and out_proj biases
-    total += d  # dt_proj bias
-    total += d * n + d  # A_log, D
-    total += r + 2 * n  # dt, B, C RMSNorms
-    return total
-
-
-def _mlp_params(c: JambaConfig) -> int:
-    return 3 * c.hidden_size * c.intermediate_size  # gate, up, down
-
-
-def _quantized_params_rows(c: JambaConfig, layer: int, quantize: str | None) -> tuple[int, int]:
-    """(parameters stored int8, output channels they have: one float32 scale each) in decoder layer
-    `layer` under `quantize` (see stages.quant.quantized_param for which weights each mode takes)."""
-    if quantize is None:
-        return 0, 0
-    h, i = c.hidden_size, c.intermediate_size
-    params = rows = 0
-    if c.is_moe(layer):  # experts: gate_up (E, 2I, H) and down (E, H, I)
-        params, rows = _expert_params(c, layer), c.num_experts * (2 * i + h)
-    elif quantize != "int8-experts":  # dense MLP: gate, up (I rows each), down (H rows)
-        params, rows = _mlp_params(c), 2 * i + h
-    if quantize == "int8-experts":
-        return params, rows
-    if c.is_attention(layer):
-        q_out, kv_out = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
-        params, rows = params + _attention_params(c), rows + q_out + 2 * kv_out + h
-    elif quantize == "int8-with-mamba":
-        d, n, r = c.mamba_d_inner, c.mamba_d_state, c.mamba_dt_rank
-        params, rows = params + _mamba_matmul_params(c), rows + 2 * d + (r + 2 * n) + d + h
-    return params, rows
-
-
-def layer_weight_bytes(c: JambaConfig, layer: int, dtype_bytes: int, quantize: str | None = None) -> int:
-    """Bytes of decoder layer `layer`'s weights: dtype_bytes per parameter, int8 + fp32 scales where quantized."""
-    qparams, rows = _quantized_params_rows(c, layer, quantize)
-    return (layer_params(c, layer) - qparams) * dtype_bytes + qparams + 4 * rows
-
-
-def _expert_params(c: JambaConfig, layer: int) -> int:
-    """Parameters held in experts (all of them), 0 on a dense layer."""
-    return c.num_experts * _mlp_params(c) if c.is_moe(layer) else 0
-
-
-def layer_params(c: JambaConfig, layer: int) -> int:
-    """Parameters of decoder layer `layer`: two RMSNorms, its mixer and its feed-forward."""
-    mixer = _attention_params(c) if c.is_attention(layer) else _mamba_params(c)
-    ff = c.num_experts * c.hidden_size + _expert_params(c, layer) if c.is_moe(layer) else _mlp_params(c)
-    return 2 * c.hidden_size + mixer + ff
-
-
-def layer_flops(c: JambaConfig, layer: int, ctx: int) -> int:
-    """FLOPs per token of decoder layer `layer`, attending over `ctx` tokens if it is attention."""
-    if c.is_attention(layer):
-        mixer = 2 * _attention_params(c) + 2 * 2 * ctx * c.num_attention_heads * c.head_dim
-    else:
-        d, n = c.mamba_d_inner, c.mamba_d_state
-        mixer = 2 * _mamba_matmul_params(c) + 2 * d * c.mamba_d_conv + SCAN_FLOPS_PER_STATE * d * n
-    if c.is_moe(layer):
-        ff = 2 * c.num_experts * c.hidden_size + c.num_experts_per_tok * 2 * _mlp_params(c)
-    else:
-        ff = 2 * _mlp_params(c)
-    return mixer + ff
-
-
-def embed_params(c: JambaConfig) -> int:
-    return c.vocab_size * c.hidden_size
-
-
-def head_params(c: JambaConfig) -> int:
-    """Final norm plus lm_head (or the classifier's `score`), always a separate weight in a stage."""
-    return c.hidden_size + c.hidden_size * _head_outputs(c)
-
-
-def head_flops(c: JambaConfig) -> int:
-    return 2 * c.hidden_size * _head_outputs(c)
-
-
-def _head_outputs(c: JambaConfig) -> int:
-    return c.num_labels if c.is_classifier else c.vocab_size
-
-
-def count_params(c: JambaConfig) -> tuple[int, int]:
-    """(total, active per token): active counts num_experts_per_tok / num_experts of expert weights."""
-    layers = range(c.num_hidden_layers)
-    total = embed_params(c) + sum(layer_params(c, i) for i in layers) + head_params(c)
-    experts = sum(_expert_params(c, i) for i in layers)
-    return total, total - experts + experts * c.num_experts_per_tok // c.num_experts
-
-
-# ---- cost of a stage -------------------------------------------------------------------------------
-def stage_params(c: JambaConfig, start: int, end: int) -> int:
-    """Parameters of the stage owning layers [start, end), with the embedding and head on the ends."""
-    total = sum(layer_params(c, i) for i in range(start, end))
-    total += embed_params(c) if start == 0 else 0
-    total += head_params(c) if end == c.num_hidden_layers else 0
-    return total
-
-
-def stage_weight_bytes(c: JambaConfig, start: int, end: int, dtype_bytes: int, quantize: str | None = None) -> int:
-    """Weight bytes of the stage owning layers [start, end); the embedding and head stay in the dtype."""
-    total = sum(layer_weight_bytes(c, i, dtype_bytes, quantize) for i in range(start, end))
-    total += embed_params(c) * dtype_bytes if start == 0 else 0
-    return total + (head_params(c) * dtype_bytes if end == c.num_hidden_layers else 0)
-
-
-def stage_flops(c: JambaConfig, start: int, end: int, ctx: int) -> int:
-    total = sum(layer_flops(c, i, ctx) for i in range(start, end))
-    return total + (head_flops(c) if end == c.num_hidden_layers else 0)
-
-
-def stage_block_bytes(c: JambaConfig, start: int, end: int, block_size: int, dtype_bytes: int) -> int:
-    """K and V bytes of one paged block of `block_size` tokens on the stage's attention layers."""
-    return block_bytes(c, range(start, end), block_size, dtype_bytes)
-
-
-def stage_cache_bytes(c: JambaConfig, start: int, end: int, ctx: int, dtype_bytes: int) -> int:
-    """Cache bytes one sequence of `ctx` tokens occupies on the stage (the SSM state is float32)."""
-    return slot_bytes(c, range(start, end), ctx, dtype_bytes)
 
 
 # ---- partitioning ----------------------------------------------------------------------------------
@@ -438,7 +284,7 @@ def make_plan(
     gpu_memory: int | None = None,
     reserve_fraction: float = 0.1,
     quantize: str | None = None,
-    block_size: int = 64,
+    block_size: int = DEFAULT_BLOCK_SIZE,
 ) -> list[StagePlan]:
     """Plan `num_stages` stages: from `layer_split` if given (a spec or ranges), else by `partition`.
 
@@ -480,7 +326,7 @@ def make_plan(
             weight_bytes=stage_weight_bytes(config, start, end, dtype_bytes, quantize),
             cache_bytes_per_seq=stage_cache_bytes(config, start, end, ctx, dtype_bytes),
             flops_per_token=stage_flops(config, start, end, ctx),
-            kv_bytes_per_block=stage_block_bytes(config, start, end, block_size, dtype_bytes),
+            kv_bytes_per_block=block_bytes(config, range(start, end), block_size, dtype_bytes),
             snapshot_bytes=stage_cache_bytes(config, start, end, 0, dtype_bytes),
         ))
     return plans
@@ -509,8 +355,8 @@ def format_plan(
     quantize: str | None = None,
     dtype_bytes: int = 2,
     also_contexts: tuple[int, ...] = (),
-    block_size: int = 64,
-    num_snapshots: int = 64,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    num_snapshots: int = PLAN_SNAPSHOTS,
 ) -> str:
     """A table of the stages, then a summary: parameters, compute balance, and what fits; with
     `also_contexts`, how many sequences of each of those lengths fit the same split."""
@@ -568,7 +414,7 @@ def format_plan(
     return "\n".join(lines)
 
 
-# ---- command line ----------------------------------------------------------------------------------
+# ---- sizes as people write them -------------------------------------------------------------------
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
@@ -580,74 +426,3 @@ def parse_bytes(text: str) -> int:
     if not m or unit not in _UNITS:
         raise ValueError(f"cannot read {text!r} as a size; write e.g. 80GiB, 80GB, 512MiB, 512MB or a number of bytes")
     return int(float(m.group(1)) * _UNITS[unit])
-
-
-def _size_arg(text: str) -> int:
-    try:
-        return parse_bytes(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
-def add_plan_parser(subparsers) -> argparse.ArgumentParser:
-    """Add `plan` to an argparse subparsers object; the parsed args carry func=run_plan."""
-    p = subparsers.add_parser(
-        "plan",
-        help="split a model's layers into pipeline stages",
-        description="Split a Jamba model's layers into contiguous pipeline stages, balancing compute per token, "
-        "and show each stage's weights, cache per sequence and how many sequences fit.",
-    )
-    p.add_argument("--model", required=True, help=f"checkpoint directory, or a preset: {', '.join(PRESETS)}")
-    p.add_argument("--stages", type=int, help="number of pipeline stages (GPUs)")
-    p.add_argument("--layer-split", help="use this split instead: layer counts '9,9,...' or boundaries '0,9,18,...,72'")
-    p.add_argument("--gpu-memory", type=_size_arg, help="memory of one GPU, e.g. 80GiB")
-    p.add_argument("--max-context", type=int, default=4096, help="tokens per sequence the cache is sized for (default 4096)")
-    p.add_argument("--dtype", choices=list(DTYPE_BYTES), default="bfloat16", help="weight dtype (default bfloat16)")
-    p.add_argument("--quantize", choices=QUANT_MODES, default=None,
-                   help="plan for int8 weights (int8 + an fp32 scale per output channel), as `jamba serve --quantize`")
-    p.add_argument("--also-context", type=int, action="append", default=[], metavar="TOKENS",
-                   help="also print how many sequences of this many tokens fit the same split (repeatable)")
-    p.add_argument("--block-size", type=int, default=64, help="tokens per paged KV block (default 64)")
-    p.add_argument("--prefix-snapshots", type=int, default=64,
-                   help="Mamba-state snapshots per stage set aside for the prefix cache (default 64)")
-    p.add_argument("--json", action="store_true", help="print the plan as JSON")
-    p.set_defaults(func=run_plan)
-    return p
-
-
-def run_plan(args) -> int:
-    config = load_config(args.model)
-    dtype_bytes = DTYPE_BYTES[args.dtype]
-    plans = make_plan(config, args.stages, args.layer_split, ctx=args.max_context, dtype_bytes=dtype_bytes,
-                      gpu_memory=args.gpu_memory, quantize=args.quantize, block_size=args.block_size)
-    if not args.json:
-        print(format_plan(plans, config, args.max_context, args.gpu_memory, quantize=args.quantize,
-                          dtype_bytes=dtype_bytes, also_contexts=tuple(args.also_context),
-                          block_size=args.block_size, num_snapshots=args.prefix_snapshots))
-        return 0
-    total_params, active_params = count_params(config)
-    total_flops = sum(p.flops_per_token for p in plans)
-    stages = []
-    for p in plans:
-        d = dataclasses.asdict(p)
-        d["compute_share"] = p.flops_per_token / total_flops
-        if args.gpu_memory is not None:
-            d["max_sequences"] = p.max_sequences(args.gpu_memory)
-        stages.append(d)
-    paged = {"block_size": args.block_size, "prefix_snapshots": args.prefix_snapshots}
-    if args.gpu_memory is not None:
-        paged["short_sequences_beside_one_long"] = paged_sequences(
-            plans, args.gpu_memory, args.max_context, 512, args.block_size, args.prefix_snapshots)
-    print(json.dumps({
-        "model": args.model,
-        "num_layers": config.num_hidden_layers,
-        "total_params": total_params,
-        "active_params": active_params,
-        "dtype": args.dtype,
-        "quantize": args.quantize,
-        "max_context": args.max_context,
-        "gpu_memory": args.gpu_memory,
-        "stages": stages,
-        "paged": paged,
-    }, indent=2))
-    return 0

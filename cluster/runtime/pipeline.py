@@ -1,0 +1,228 @@
+"""The engine on Ray: one actor per stage, in one placement group, driven by the scheduler.
+
+    pipe = await Pipeline.start(PipelineConfig(model_dir, num_stages=2))
+    async for event in pipe.generate(prompt_ids, SamplingParams(max_new_tokens=32)):
+        ...
+    await pipe.close()
+
+Placement: one bundle per stage ({"CPU": threads} or {"GPU": 1, "CPU": 1}); strategy PACK by
+default, STRICT_SPREAD to put every stage on its own node. Ray places the stage actors, restarts
+them when they die and carries the few control calls (load, stats, data-plane setup); the
+microbatches themselves go over the data plane (dataplane.py): the scheduler sends each one to
+stage 0, every stage hands its activations straight to the next, and the last stage sends the
+small answer (token ids, log-probs) back.
+
+Each stage actor holds a worker (stages/worker.py:StageWorker unless `worker_cls` names another
+class, such as bench/synthetic.py:GpuLikeStage, which stands in for GPU compute).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import ray
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from stages.config import JambaConfig
+from stages.tokenizer import Tokenizer
+
+from .config import PipelineConfig, PipelinePlan, import_class, plan_pipeline
+from .dataplane import DataPlane
+from .engine import Engine, SyncEngine, new_scheduler
+
+log = logging.getLogger(__name__)
+
+# torch and numba each keep an OpenMP thread pool, and by default idle OpenMP threads spin. A stage
+# runs both back to back on one or two cores, so one pool's spinning threads starve the other:
+# measured here, a 4-layer decode step took 177 ms with spinning and 28 ms without.
+STAGE_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
+
+
+def _memory_note(info: dict) -> str:
+    if "peak_load_bytes" not in info:  # a synthetic worker
+        return ""
+    mode = f", {info['quantize']}" if info.get("quantize") else ""
+    return (f"; {info['weight_bytes'] / 1e6:.1f} MB of weights{mode}, at most {info['peak_load_bytes'] / 1e6:.1f} MB held "
+            f"while loading; cache {info['cache_bytes'] / 1e6:.1f} MB ({info['num_blocks']} KV blocks of "
+            f"{info['block_size']} tokens, {info['num_snapshots']} Mamba snapshots)")
+
+
+@ray.remote
+class StageActor:
+    """One stage: its worker and its end of the data plane. A threaded actor, so that stats, pings
+    and setup calls are answered while the data-plane loop (a thread of the endpoint's) runs."""
+
+    def __init__(self, worker_cls: str, args: tuple, kwargs: dict, rank: int, num_stages: int) -> None:
+        from .stage_endpoint import StageEndpoint  # torch: the stage's process only
+
+        self.worker = import_class(worker_cls).load(*args, **kwargs)
+        self.endpoint = StageEndpoint(self.worker, rank, num_stages)
+
+    def info(self) -> dict:
+        return dict(self.worker.info(), dataplane=self.endpoint.stats())
+
+    def where(self) -> dict:
+        ctx = ray.get_runtime_context()
+        return {"node_id": ctx.get_node_id(), "node_ip": ray.util.get_node_ip_address(), "gpu_ids": ray.get_gpu_ids()}
+
+    def open_dataplane(self, epoch: int, key: bytes) -> str:
+        return self.endpoint.open(epoch, key, ray.util.get_node_ip_address())
+
+    def connect_dataplane(self, epoch: int, next_address: str, transport: str, store) -> None:
+        self.endpoint.connect(epoch, next_address, transport, store, ray.util.get_node_ip_address())
+
+    def start_dataplane(self, epoch: int) -> None:
+        self.endpoint.start(epoch)
+
+    def ping_dataplane(self, epoch: int) -> str | None:
+        return self.endpoint.failure(epoch)
+
+    def stop_dataplane(self, epoch: int) -> None:
+        self.endpoint.stop(epoch)
+
+
+async def _gather_counting(refs: list, on_done) -> list:
+    """The results of `refs` in order, calling on_done(k) as the k-th one arrives."""
+    async def one(ref):
+        result = await ref
+        nonlocal done
+        done += 1
+        on_done(done)
+        return result
+
+    done = 0
+    return await asyncio.gather(*[one(r) for r in refs])
+
+
+class Pipeline(Engine):
+    def __init__(self, cfg: PipelineConfig, config: JambaConfig, splits, pg, actors, dataplane, scheduler, tokenizer,
+                 infos) -> None:
+        super().__init__(config, tokenizer, scheduler)
+        self.cfg, self.splits, self.pg = cfg, splits, pg
+        self.actors, self.dataplane = actors, dataplane
+        self.stage_info = infos
+
+    @classmethod
+    async def start(cls, cfg: PipelineConfig, progress=None, plan: "PipelinePlan | None" = None) -> "Pipeline":
+        """Place the stages, load their layers and connect the data plane. `progress(phase, detail)`,
+        if given, hears each phase as it begins ("placing", "loading", "connecting"), and the
+        loading phase again as each stage is up; a service reports it while it is not ready."""
+        plan = plan or plan_pipeline(cfg)
+        config, splits, paging = plan.config, plan.splits, plan.paging
+        pools = {k: paging[k] for k in ("block_size", "num_blocks", "num_snapshots")}  # every stage's cache
+        device = "cuda" if cfg.gpus_per_stage else "cpu"
+        cpus, bundle = plan.cpus, plan.bundle
+        say = progress or (lambda phase, detail: None)
+        t0 = time.perf_counter()
+        owned, offset = True, 0
+        if cfg.use_current_placement_group:
+            pg = ray.util.get_current_placement_group()
+            if pg is None or len(pg.bundle_specs) < len(splits) + 1:
+                raise RuntimeError(f"a {len(splits)}-stage pipeline needs a placement group of {len(splits) + 1} bundles "
+                                   "(the replica's, then one per stage)")
+            owned, offset = False, 1
+        else:
+            say("placing", f"waiting for resources: {len(splits)} stage bundle(s) of "
+                           + ", ".join(f"{v:g} {k}" for k, v in bundle.items()) + f", {cfg.placement_strategy}")
+            pg = placement_group([dict(bundle) for _ in splits], strategy=cfg.placement_strategy)
+            try:
+                await asyncio.wait_for(pg.ready(), timeout=cfg.placement_timeout_s)
+            except asyncio.TimeoutError:
+                remove_placement_group(pg)
+                raise RuntimeError(f"could not place {len(splits)} stages of {bundle} with strategy "
+                                   f"{cfg.placement_strategy}: not enough resources in the cluster") from None
+            except BaseException:  # cancelled: the reservation goes too
+                remove_placement_group(pg)
+                raise
+        actors, dataplane = [], None
+        try:
+            for i, (s, e) in enumerate(splits):
+                # max_concurrency: the data-plane loop, plus stats, setup and stop calls beside it.
+                opts = dict(num_cpus=cpus, num_gpus=cfg.gpus_per_stage, max_concurrency=8,
+                            max_restarts=cfg.max_restarts, max_task_retries=0,
+                            runtime_env={"env_vars": dict(STAGE_ENV)},
+                            scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i + offset),
+                            **cfg.actor_options)
+                args = (cfg.model_dir, s, e, cfg.num_slots, paging["max_seq_len"], cfg.threads_per_stage, cfg.dtype,
+                        device)
+                kwargs = dict(cfg.worker_kwargs, paging=pools, **({"quantize": cfg.quantize} if cfg.quantize else {}))
+                actors.append(StageActor.options(**opts).remote(cfg.worker_cls, args, kwargs, i, len(splits)))
+            say("loading", f"loading layers: 0 of {len(splits)} stage(s) up")
+            infos = await _gather_counting([a.info.remote() for a in actors],
+                                           lambda k: say("loading", f"loading layers: {k} of {len(splits)} stage(s) up"))
+            wheres = await asyncio.gather(*[a.where.remote() for a in actors])
+            for i, (info, where) in enumerate(zip(infos, wheres)):
+                info.update(where)
+                log.info("stage %d: layers [%d, %d) loaded %.1f MB from %d file(s) in %.2fs on node %s (%s)%s", i,
+                         *info["layers"], info["bytes"] / 1e6, info["files"], info["seconds"], info["node_id"][:8],
+                         info["node_ip"], _memory_note(info))
+            say("connecting", f"connecting the data plane ({plan.transport})")
+            dataplane = DataPlane(actors, plan.transport, ray.util.get_node_ip_address(), lambda: _wait_for_stages(actors))
+            await dataplane.start()
+        except BaseException:
+            if dataplane is not None:
+                await dataplane.close()
+            for a in actors:
+                ray.kill(a)
+            if owned:
+                remove_placement_group(pg)
+            raise
+        try:
+            tokenizer = Tokenizer.from_dir(cfg.model_dir)
+        except FileNotFoundError:
+            tokenizer = None
+        scheduler = new_scheduler(dataplane.send, cfg, config, paging, tokenizer, depth=cfg.depth or len(actors),
+                                  recover=dataplane.rebuild)
+        log.info("pipeline of %d stage(s) ready in %.1fs", len(actors), time.perf_counter() - t0)
+        return cls(cfg, config, splits, pg if owned else None, actors, dataplane, scheduler, tokenizer, infos)
+
+    async def stage_stats(self) -> list[dict]:
+        return await asyncio.gather(*[a.info.remote() for a in self.actors])
+
+    async def close(self) -> None:
+        try:
+            await self.scheduler.close()
+            await self.dataplane.close()
+        finally:  # whatever happened above, the stages and their resources go
+            for a in self.actors:
+                ray.kill(a)
+            if self.pg is not None:
+                remove_placement_group(self.pg)
+
+
+async def _wait_for_stages(actors, gone_after: float = 5.0) -> None:
+    """Return once every stage answers again. Ray restarts a dead stage actor (it reloads its
+    layers), and calls meanwhile fail with ActorUnavailableError. ActorDiedError means the actor
+    will not come back (its restarts are used up, or it was killed for good); it is trusted once
+    it has persisted for `gone_after` seconds, so the scheduler fails requests now rather than
+    at its recover timeout. A stage whose node is gone and whose placement group cannot be
+    placed again just stays unavailable: the scheduler's recover timeout ends that wait."""
+    for i, a in enumerate(actors):
+        died_since = None
+        while True:
+            try:
+                info = await asyncio.wait_for(a.info.remote(), timeout=30)
+                log.info("stage %d is up (pid %s, %d steps since start)", i, info["pid"], info["steps"])
+                break
+            except ray.exceptions.ActorDiedError as e:
+                died_since = died_since or time.monotonic()
+                if time.monotonic() - died_since >= gone_after:
+                    raise RuntimeError(f"stage {i} is gone for good: {str(e).splitlines()[0]}") from None
+            except (ray.exceptions.RayActorError, asyncio.TimeoutError):
+                died_since = None  # restarting
+            await asyncio.sleep(0.2)
+
+
+class SyncPipeline(SyncEngine):
+    """A pipeline behind blocking, list-in list-out calls (engine.py), as the command line's rows
+    and batch jobs use it; `pipe` is the Pipeline itself."""
+
+    def __init__(self, cfg: PipelineConfig) -> None:
+        super().__init__(lambda: Pipeline.start(cfg))
+
+    @property
+    def pipe(self) -> Pipeline:
+        return self.engine
