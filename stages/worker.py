@@ -118,11 +118,16 @@ class StageWorker:
             tokens, logprobs = sample(out[torch.tensor([spans[k][0] for k in drawing])], [rows[k].sampling for k in drawing])
             for k, t, lp in zip(drawing, tokens, logprobs):
                 answers[k] = (t, lp)
+        # Every scored position of every row in one log-softmax and one gather (not one read per token).
+        scored = [(spans[k][0] + j, t) for k, r in enumerate(rows) if r.want == Want.SCORES
+                  for j, t in enumerate(r.targets) if t is not None]
+        if scored:
+            positions, targets = zip(*scored)
+            lp = torch.log_softmax(out[torch.tensor(positions)].float(), dim=-1)
+            values = iter(lp[torch.arange(len(scored)), torch.tensor(targets)].tolist())
         for k, r in enumerate(rows):
-            lo, hi = spans[k]
             if r.want == Want.SCORES:
-                lp = torch.log_softmax(out[lo:hi].float(), dim=-1)
-                answers[k] = [None if t is None else lp[j, t].item() for j, t in enumerate(r.targets)]
+                answers[k] = [None if t is None else next(values) for t in r.targets]
             elif r.want == Want.LOGITS:
-                answers[k] = out[lo].float().tolist()
+                answers[k] = out[spans[k][0]].float().tolist()
         return answers

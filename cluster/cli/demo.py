@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-HELDOUT = Path(__file__).resolve().parent.parent / "models" / "heldout.jsonl"
+HELDOUT = Path(__file__).resolve().parents[2] / "models" / "heldout.jsonl"
 
 
 def main(argv: list[str] | None = None) -> int:

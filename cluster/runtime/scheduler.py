@@ -214,9 +214,13 @@ class Scheduler:
 
     async def complete(self, request: GenerateRequest, deadline: float | None = None) -> GenerationResult:
         """A whole generation: its final event."""
-        async for ev in self.generate(request, deadline):
-            if isinstance(ev, GenerationResult):
-                return ev
+        chunks = self.generate_chunks(request, deadline)
+        try:
+            async for chunk in chunks:
+                if isinstance(chunk[-1], GenerationResult):
+                    return chunk[-1]
+        finally:
+            await chunks.aclose()
         raise RuntimeError("generation ended without a finish event")
 
     async def score(self, request: ScoreRequest, deadline: float | None = None) -> list[float | None]:
