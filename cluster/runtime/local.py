@@ -49,7 +49,8 @@ class LocalEngine(Engine):
 class LocalRunner(SyncEngine):
     """A local engine behind blocking, list-in list-out calls. `options` are PipelineConfig's
     (num_slots, max_batch_tokens, prefix_cache, block_size, num_blocks, ...), with the offline
-    defaults of LOCAL_DEFAULTS."""
+    defaults of LOCAL_DEFAULTS. Its cache is allocated once, at the sizes a pipeline stage would
+    have, and lives as long as the runner: prompts of later calls find earlier ones' prefixes."""
 
     def __init__(self, stage: JambaStage, tokenizer=None, **options) -> None:
         self.stage = stage
