@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -43,11 +44,15 @@ class Echo(pb_grpc.JambaServiceServicer):
 
 @pytest.fixture(scope="module")
 def venv(tmp_path_factory):
-    """A virtual environment with the client distribution installed, and nothing else of ours."""
+    """A virtual environment with the client distribution installed, and nothing else of ours.
+    It is built from a copy of client/ and protos/, so no build output lands in the checkout."""
+    src = tmp_path_factory.mktemp("client-src")
+    for part in ("client", "protos"):
+        shutil.copytree(ROOT / part, src / part, ignore=shutil.ignore_patterns("__pycache__", "build", "*.egg-info"))
     path = tmp_path_factory.mktemp("client-venv")
     subprocess.run([sys.executable, "-m", "venv", str(path)], check=True, timeout=120)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "VIRTUAL_ENV"))}
-    r = subprocess.run([str(path / "bin" / "pip"), "install", "-q", "--disable-pip-version-check", str(ROOT / "client")],
+    r = subprocess.run([str(path / "bin" / "pip"), "install", "-q", "--disable-pip-version-check", str(src / "client")],
                        capture_output=True, text=True, timeout=600, env=env)
     assert r.returncode == 0, r.stderr[-2000:]
     return path, env

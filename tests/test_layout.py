@@ -23,10 +23,13 @@ PACKAGES = ("stages", "cluster", "client", "protos")
 
 
 def _modules() -> dict[str, Path]:
+    """The project's modules, by name (not build output: client/build/ when the client is built in place)."""
     out = {}
     for pkg in PACKAGES:
         for path in (ROOT / pkg).rglob("*.py"):
             parts = path.relative_to(ROOT).with_suffix("").parts
+            if any(p in ("build", "dist") or p.endswith(".egg-info") for p in parts):
+                continue
             name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
             out[name] = path
     return out

@@ -12,8 +12,6 @@ line's rows, batch jobs, tests and benchmarks.
 from __future__ import annotations
 
 import asyncio
-import threading
-import weakref
 from typing import AsyncIterator, Awaitable, Callable
 
 from stages.config import JambaConfig
@@ -70,30 +68,22 @@ def new_scheduler(send: Send, cfg: PipelineConfig, config: JambaConfig, paging: 
 
 class SyncEngine:
     """An engine behind blocking calls that take and return lists. Every request of a call is
-    checked before any of them runs. `close()` (or leaving a `with` block) stops the engine."""
+    checked before any of them runs. `_run(coroutine)` runs a coroutine on the engine's event loop
+    to its end: the subclasses say where that loop runs (local.py: in the calling thread;
+    pipeline.py: a thread of its own). `close()` (or leaving a `with` block) stops the engine."""
 
     def __init__(self, start: Callable[[], Awaitable[Engine]]) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name="engine-loop", daemon=True)
-        self.thread.start()
-        # The loop thread holds the engine (and its caches) until it stops: stop it when this
-        # object goes, if nobody called close().
-        self._stop = weakref.finalize(self, _stop_loop, self.loop, self.thread)
-        try:
-            self.engine = self._call(start())
-        except BaseException:
-            self._stop()
-            raise
+        self.engine = self._run(start())
         self.config, self.tokenizer = self.engine.config, self.engine.tokenizer
         self.max_seq_len = self.engine.max_seq_len
 
-    def _call(self, coro):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+    def _run(self, coro):
+        raise NotImplementedError
 
     def _gather(self, coros):
         async def all_of():
             return await asyncio.gather(*coros)
-        return self._call(all_of())
+        return self._run(all_of())
 
     @property
     def intake(self) -> Intake:
@@ -121,37 +111,10 @@ class SyncEngine:
         return self.run([self.intake.classification(p) for p in prompts])
 
     def close(self) -> None:
-        if not self._stop.alive:
-            return
-        try:
-            self._call(self.engine.close())
-        finally:
-            self._stop()
+        self._run(self.engine.close())
 
     def __enter__(self) -> "SyncEngine":
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def _stop_loop(loop: asyncio.AbstractEventLoop, thread: threading.Thread) -> None:
-    """Cancel what still runs on the loop (an engine nobody closed), stop it and close it."""
-    async def cancel_all() -> None:
-        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-
-    if threading.current_thread() is thread:  # dropped by the loop itself: it can only be told to stop
-        loop.stop()
-        return
-    if thread.is_alive():
-        try:
-            asyncio.run_coroutine_threadsafe(cancel_all(), loop).result(timeout=10)
-        except Exception:  # best effort: stopping goes on
-            pass
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(timeout=10)
-    if not thread.is_alive():
-        loop.close()

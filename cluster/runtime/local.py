@@ -10,6 +10,8 @@ classify` run without --stages.
 
 from __future__ import annotations
 
+import asyncio
+import weakref
 from array import array
 
 import torch
@@ -50,13 +52,52 @@ class LocalRunner(SyncEngine):
     """A local engine behind blocking, list-in list-out calls. `options` are PipelineConfig's
     (num_slots, max_batch_tokens, prefix_cache, block_size, num_blocks, ...), with the offline
     defaults of LOCAL_DEFAULTS. Its cache is allocated once, at the sizes a pipeline stage would
-    have, and lives as long as the runner: prompts of later calls find earlier ones' prefixes."""
+    have, and lives as long as the runner: prompts of later calls find earlier ones' prefixes.
+
+    Its event loop runs in the calling thread, only while a call runs: the stage computes in the
+    caller's thread, as a plain loop would (torch's and numba's OpenMP pools belong to the thread
+    that starts them). So a call cannot come from a running event loop; async code uses
+    `await LocalEngine.start(...)` instead."""
 
     def __init__(self, stage: JambaStage, tokenizer=None, **options) -> None:
         self.stage = stage
         cfg = PipelineConfig("", **{**LOCAL_DEFAULTS, **options})
+        self.loop = asyncio.new_event_loop()
+        # Whatever is left on the loop when the runner goes (a runner nobody closed) goes with it.
+        self._finalizer = weakref.finalize(self, _close_loop, self.loop)
 
         async def start() -> LocalEngine:
             return await LocalEngine.start(stage, tokenizer, cfg)
 
         super().__init__(start)
+
+    def _run(self, coro):
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return self.loop.run_until_complete(coro)
+        coro.close()
+        raise RuntimeError("LocalRunner's calls block: from a running event loop, use "
+                           "`await LocalEngine.start(stage, tokenizer, config)` and its async methods")
+
+    def close(self) -> None:
+        if self._finalizer.alive:
+            try:
+                super().close()
+            finally:
+                self._finalizer()
+
+
+def _close_loop(loop: asyncio.AbstractEventLoop) -> None:
+    """Cancel the tasks still on the loop (the scheduler's), let them end, close the loop."""
+    async def cancel_all() -> None:
+        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    try:
+        loop.run_until_complete(cancel_all())
+    except RuntimeError:  # dropped while some event loop runs in this thread: the tasks go with the loop
+        pass
+    loop.close()

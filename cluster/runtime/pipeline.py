@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 
 import ray
@@ -218,11 +219,31 @@ async def _wait_for_stages(actors, gone_after: float = 5.0) -> None:
 
 class SyncPipeline(SyncEngine):
     """A pipeline behind blocking, list-in list-out calls (engine.py), as the command line's rows
-    and batch jobs use it; `pipe` is the Pipeline itself."""
+    and batch jobs use it, its event loop in a background thread; `pipe` is the Pipeline itself."""
 
     def __init__(self, cfg: PipelineConfig) -> None:
-        super().__init__(lambda: Pipeline.start(cfg))
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="pipeline-loop", daemon=True)
+        self.thread.start()
+        try:
+            super().__init__(lambda: Pipeline.start(cfg))
+        except BaseException:
+            self._stop_loop()
+            raise
 
     @property
     def pipe(self) -> Pipeline:
         return self.engine
+
+    def _run(self, coro):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            self._stop_loop()
+
+    def _stop_loop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=10)
