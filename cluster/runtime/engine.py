@@ -68,22 +68,22 @@ def new_scheduler(send: Send, cfg: PipelineConfig, config: JambaConfig, paging: 
 
 class SyncEngine:
     """An engine behind blocking calls that take and return lists. Every request of a call is
-    checked before any of them runs. `_run(coroutine)` runs a coroutine on the engine's event loop
+    checked before any of them runs. `_call(coroutine)` runs a coroutine on the engine's event loop
     to its end: the subclasses say where that loop runs (local.py: in the calling thread;
     pipeline.py: a thread of its own). `close()` (or leaving a `with` block) stops the engine."""
 
     def __init__(self, start: Callable[[], Awaitable[Engine]]) -> None:
-        self.engine = self._run(start())
+        self.engine = self._call(start())
         self.config, self.tokenizer = self.engine.config, self.engine.tokenizer
         self.max_seq_len = self.engine.max_seq_len
 
-    def _run(self, coro):
+    def _call(self, coro):
         raise NotImplementedError
 
     def _gather(self, coros):
         async def all_of():
             return await asyncio.gather(*coros)
-        return self._run(all_of())
+        return self._call(all_of())
 
     @property
     def intake(self) -> Intake:
@@ -111,7 +111,7 @@ class SyncEngine:
         return self.run([self.intake.classification(p) for p in prompts])
 
     def close(self) -> None:
-        self._run(self.engine.close())
+        self._call(self.engine.close())
 
     def __enter__(self) -> "SyncEngine":
         return self

@@ -71,7 +71,7 @@ class LocalRunner(SyncEngine):
 
         super().__init__(start)
 
-    def _run(self, coro):
+    def _call(self, coro):
         try:
             asyncio.get_running_loop()
         except RuntimeError:

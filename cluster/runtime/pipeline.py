@@ -235,7 +235,7 @@ class SyncPipeline(SyncEngine):
     def pipe(self) -> Pipeline:
         return self.engine
 
-    def _run(self, coro):
+    def _call(self, coro):
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
 
     def close(self) -> None:
