@@ -101,8 +101,8 @@ class _Request:
     in_flight: bool = False
     done: bool = False
     cancelled: bool = False
-    events: asyncio.Queue | None = None  # generate: TokenEvent/GenerationResult/Exception
-    future: asyncio.Future | None = None  # score/classify
+    events: asyncio.Queue | None = None  # a stream (generate_chunks): TokenEvent/GenerationResult/Exception
+    future: asyncio.Future | None = None  # score, classify, and generate through complete()
     scores: list = field(default_factory=list)
     pool: int = 0  # classify: position whose logits are pooled
     deadline: float | None = None  # time.time() after which the request is dropped
@@ -213,15 +213,13 @@ class Scheduler:
                 self.abort(req)
 
     async def complete(self, request: GenerateRequest, deadline: float | None = None) -> GenerationResult:
-        """A whole generation: its final event."""
-        chunks = self.generate_chunks(request, deadline)
-        try:
-            async for chunk in chunks:
-                if isinstance(chunk[-1], GenerationResult):
-                    return chunk[-1]
-        finally:
-            await chunks.aclose()
-        raise RuntimeError("generation ended without a finish event")
+        """A whole generation: its result, with no event per token (what unary calls, the command
+        line's rows and batch jobs want: a stream's events cost a task wake-up per token)."""
+        self._check_open()
+        state = SequenceState(list(request.prompt), request.params, self.eos_ids, self.tokenizer)
+        req = _Request(Task.GENERATE, list(request.prompt), state=state,
+                       future=asyncio.get_running_loop().create_future(), deadline=deadline)
+        return await self._wait(req)
 
     async def score(self, request: ScoreRequest, deadline: float | None = None) -> list[float | None]:
         """log p(token i | tokens < i) for every token of the prompt; None for the first."""
@@ -540,6 +538,10 @@ class Scheduler:
     def _on_token(self, r: _Request, token: int, logprob: float) -> None:
         s = r.state
         finished = s.add_token(token, logprob)
+        if r.events is None:  # complete(): only the result
+            if finished:
+                self._finish(r, self._result(r))
+            return
         lp = logprob if s.params.logprobs else None
         text = ""
         if r.decoder is not None:
@@ -554,13 +556,18 @@ class Scheduler:
         if not finished:
             r.events.put_nowait(TokenEvent(token, text, lp))
             return
-        res = s.result()  # its text is cut before a stop string; what was streamed is a prefix of it
-        res.cached_tokens = min(r.cached_tokens, len(r.prompt))
+        res = self._result(r)  # its text is cut before a stop string; what was streamed is a prefix of it
         tail = res.text[r.emitted :] if res.text is not None else ""
         r.events.put_nowait(TokenEvent(token, text + tail, lp))
         r.events.put_nowait(res)
         r.done = True
         self._release(r)
+
+    @staticmethod
+    def _result(r: _Request) -> GenerationResult:
+        res = r.state.result()
+        res.cached_tokens = min(r.cached_tokens, len(r.prompt))
+        return res
 
     def _finish(self, r: _Request, value) -> None:
         r.done = True
