@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # Run in each checkout (its own modules first on sys.path). Before the layout change (issue 25)
 # the runner was stages/runner.py.
 CHILD = r"""
-import json, os, sys, tempfile, time
+import json, os, sys, tempfile
 from pathlib import Path
 import torch
 torch.set_num_threads(int(sys.argv[1]))
@@ -35,6 +35,7 @@ try:
     from cluster.runtime.local import LocalRunner
 except ImportError:
     from stages.runner import LocalRunner
+from bench.model_vs_hf import best_of
 from stages.demo import trained_model_dir, widen_to_fp32
 from stages.loading import load_stage
 from stages.sequence import SamplingParams
@@ -50,13 +51,8 @@ def prompts(n, length):
     return [torch.randint(3, stage.config.vocab_size, (length,), generator=g).tolist() for _ in range(n)]
 
 def best(fn, reps=3):
-    fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+    fn()  # warm-up
+    return best_of(fn, reps)
 
 out = {}
 for batch in (1, 8, 32):
