@@ -29,7 +29,10 @@ from pathlib import Path
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private local cluster, torn down at exit
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP (the plain loop too); see cluster/pipeline.py
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from stages.openmp import use_openmp_env  # noqa: E402
+
+use_openmp_env()  # before torch loads OpenMP (stages/openmp.py)
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402

@@ -18,12 +18,14 @@ A bf16 flip is expected only where fp32's margin is below the size of bf16's per
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 from pathlib import Path
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP; see cluster/pipeline.py
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from stages.openmp import use_openmp_env  # noqa: E402
+
+use_openmp_env()  # before torch loads OpenMP (stages/openmp.py)
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))

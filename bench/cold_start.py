@@ -29,6 +29,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from stages.openmp import OPENMP_ENV  # noqa: E402
 PROMPT = [1, 17, 4, 99, 250, 3, 7, 42]
 
 
@@ -93,7 +95,7 @@ def child_serve(model: str) -> dict:
 def run_case(kind: str, model: str, cache: Path, warmup: bool, threads: int) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("NUMBA_CACHE_DIR", "TRITON_CACHE_DIR")}
     env.update(JAMBA_KERNEL_CACHE=str(cache), JAMBA_KERNEL_WARMUP="1" if warmup else "0",
-               PYTHONPATH=str(ROOT), OMP_WAIT_POLICY="PASSIVE", RAY_USAGE_STATS_ENABLED="0")
+               PYTHONPATH=str(ROOT), RAY_USAGE_STATS_ENABLED="0", **OPENMP_ENV)
     env.setdefault("RAY_AUTH_MODE", "disabled")
     out = subprocess.run([sys.executable, __file__, "--child", kind, "--model", model, "--threads", str(threads)],
                          env=env, cwd=ROOT, check=True, capture_output=True, text=True, timeout=900)

@@ -62,6 +62,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cluster.runtime.local import LocalRunner  # noqa: E402
 from stages.config import JambaConfig  # noqa: E402
+from stages.openmp import use_openmp_env  # noqa: E402
 from stages.kernels import reference  # noqa: E402
 from stages.model import JambaStage, SparseMoE  # noqa: E402
 from stages.sequence import SamplingParams  # noqa: E402
@@ -446,7 +447,8 @@ def check_dataplane(stage, quick: bool):
 def check_int8(stage, quick: bool):
     import copy
 
-    from stages.quant import int8_linear, int8_linear_reference, quantize_int8, quantize_stage
+    from stages.linear import int8_linear, int8_linear_reference
+    from stages.quant import quantize_int8, quantize_stage
 
     g = torch.Generator().manual_seed(0)
     shapes = [(4096, 4096), (14336, 4096)] if DEV == "cuda" else [(96, 64)]
@@ -500,7 +502,7 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true", help="check the script on CPU (Triton interpreted, tiny sizes)")
     args = ap.parse_args()
     global DEV
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    use_openmp_env()
     if args.smoke:
         DEV = "cpu"
         os.environ["TRITON_INTERPRET"] = "1"  # before the Triton kernels are imported

@@ -23,6 +23,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from stages.openmp import OPENMP_ENV  # noqa: E402
 
 # Run in each checkout (its own modules first on sys.path). Before the layout change (issue 25)
 # the runner was stages/runner.py.
@@ -77,7 +79,7 @@ print(json.dumps(out))
 
 
 def measure(tree: Path, threads: int) -> dict:
-    env = dict(os.environ, PYTHONPATH=str(tree), OMP_WAIT_POLICY="PASSIVE", JAMBA_KERNEL_WARMUP="1")
+    env = dict(os.environ, PYTHONPATH=str(tree), JAMBA_KERNEL_WARMUP="1", **OPENMP_ENV)
     r = subprocess.run([sys.executable, "-c", CHILD, str(threads)], cwd=tree, env=env, capture_output=True, text=True,
                        timeout=1800)
     if r.returncode:

@@ -3,7 +3,8 @@
     .venv/bin/python bench/model_vs_hf.py [--threads 2] [--quick]
 
 Config: ~70M parameters (hidden 512, 8 layers, 8 experts top-2, vocab 8192), fp32.
-Measures prefill tokens/s (batch 1) at L=512 and L=2048, decode tokens/s at batch 1, 8 and 32,
+Measures prefill tokens/s (batch 1) at L=512 and L=2048, decode tokens/s at batch 1, 8 and 32
+(ours: the compiled decode step, the default, and the eager one beside it),
 and the peak resident memory each measurement added; then the same for ours with 8-bit weights
 (--quantize int8-experts,int8: weights quantized at load from the same checkpoint), with the
 weight memory of the experts and of the whole model. Prints a Markdown table and the ratios.
@@ -14,13 +15,15 @@ from __future__ import annotations
 
 import argparse
 import gc
-import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP; see cluster/pipeline.py
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from stages.openmp import use_openmp_env  # noqa: E402
+
+use_openmp_env()  # before torch loads OpenMP (stages/openmp.py)
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -64,8 +67,12 @@ def best_of(fn, reps: int) -> float:
 
 # ---- the two implementations ------------------------------------------------------------------
 class Ours:
-    def __init__(self, path: Path, quantize: str | None = None) -> None:
-        self.name = f"ours {quantize}" if quantize else "ours"
+    """Our stage called directly. Decode steps go through the compiled fixed-shape step
+    (stages/decode.py, the default) or, with decode="eager", through the eager forward."""
+
+    def __init__(self, path: Path, quantize: str | None = None, decode: str = "compiled") -> None:
+        self.name = " ".join(["ours"] + [m for m in (quantize, "eager" if decode == "eager" else None) if m])
+        self.decode_mode = decode
         self.stage, _ = load_stage(path, quantize=quantize)
 
     def weight_mb(self, part: str = "") -> float:
@@ -80,16 +87,25 @@ class Ours:
     def decode(self, ids: torch.Tensor, steps: int):
         """ids: (B, P) prompts. Returns a closure that decodes `steps` tokens per row and returns
         the seconds the decode steps took."""
+        from stages.decode import DecodeRunner
+
         B, P = ids.shape
         cache = self.stage.make_cache(B, P + steps + 1)
         slots = [cache.allocate() for _ in range(B)]
         logits = self.stage(ids.flatten(), cache, slots, [P] * B)
         state = {"tok": logits.argmax(-1)}
+        if self.decode_mode == "eager":
+            def step(tok):
+                return self.stage(tok, cache, slots, [1] * B)
+        else:
+            step = lambda tok: runner(tok, slots)  # noqa: E731
+            runner = DecodeRunner(self.stage, cache, sizes=[B])
+            runner.warm_up()  # compiled (or loaded from inductor's cache) before timing
 
         def run() -> float:
             t0 = time.perf_counter()
             for _ in range(steps):
-                state["tok"] = self.stage(state["tok"], cache, slots, [1] * B).argmax(-1)
+                state["tok"] = step(state["tok"]).argmax(-1)
             dt = time.perf_counter() - t0
             for s in slots:  # rewind so repetitions decode the same positions
                 cache.lengths[s] -= steps
@@ -158,7 +174,7 @@ def main() -> None:
     ref.save_pretrained(tmp.name)
     del ref
     modes = [m for m in args.quantize.split(",") if m]
-    impls = [Ours(Path(tmp.name)), HF(Path(tmp.name))] + [Ours(Path(tmp.name), m) for m in modes]
+    impls = [Ours(Path(tmp.name)), HF(Path(tmp.name)), Ours(Path(tmp.name), decode="eager")] + [Ours(Path(tmp.name), m) for m in modes]
     reps = 2 if args.quick else 3
     steps = 8 if args.quick else 16
     cases = [("prefill", 512), ("prefill", 2048), ("decode", 1), ("decode", 8), ("decode", 32)]
@@ -176,12 +192,12 @@ def main() -> None:
     tmp.cleanup()
 
     print(f"\nJamba bench config: {n_params / 1e6:.1f}M parameters, fp32, {args.threads} threads, torch {torch.__version__}\n")
-    print("| case | ours tok/s | transformers tok/s | speed-up | ours peak MB | transformers peak MB |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print("| case | ours tok/s | ours, eager decode tok/s | transformers tok/s | speed-up | ours peak MB | transformers peak MB |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for kind, arg, res in rows:
         label = f"prefill L={arg}, batch 1" if kind == "prefill" else f"decode batch {arg}"
-        o, h = res["ours"], res["transformers"]
-        print(f"| {label} | {o[0]:.0f} | {h[0]:.1f} | **{o[0] / h[0]:.1f}x** | {o[1]:.0f} | {h[1]:.0f} |")
+        o, e, h = res["ours"], res["ours eager"], res["transformers"]
+        print(f"| {label} | {o[0]:.0f} | {e[0]:.0f} | {h[0]:.1f} | **{o[0] / h[0]:.1f}x** | {o[1]:.0f} | {h[1]:.0f} |")
     targets = {("prefill", 2048): 5.0, ("decode", 8): 3.0}
     print()
     for kind, arg, res in rows:
@@ -192,7 +208,7 @@ def main() -> None:
     if not modes:
         return
     # 8-bit weights: each mode against our fp32 and transformers', in the same run.
-    quant = [impl for impl in impls if impl.name.startswith("ours ")]
+    quant = [impl for impl in impls if impl.name.startswith("ours ") and impl.name != "ours eager"]
     peer = " | llama.cpp F32 tok/s" if llama else ""
     print("\n| case | transformers fp32 tok/s | ours fp32 tok/s | "
           + " | ".join(f"ours {q.name[5:]} tok/s (vs ours fp32, vs transformers)" for q in quant) + peer + " |")

@@ -28,7 +28,10 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private local cluster, torn down at exit
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP; see cluster/pipeline.py
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from stages.openmp import use_openmp_env  # noqa: E402
+
+use_openmp_env()  # before torch loads OpenMP (stages/openmp.py)
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 

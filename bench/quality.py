@@ -16,12 +16,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP; see cluster/pipeline.py
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from stages.openmp import use_openmp_env  # noqa: E402
+
+use_openmp_env()  # before torch loads OpenMP (stages/openmp.py)
 import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -23,7 +23,10 @@ from pathlib import Path
 from typing import Callable
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private local cluster, torn down at exit
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP; see cluster/pipeline.py
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from stages.openmp import use_openmp_env  # noqa: E402
+
+use_openmp_env()  # before torch loads OpenMP (stages/openmp.py)
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import ray  # noqa: E402

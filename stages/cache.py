@@ -2,17 +2,23 @@
 
 For each layer the stage holds:
 
-    attention layer:  k, v        (num_blocks, block_size, n_kv_heads, head_dim)   model dtype
-    Mamba layer:      conv        (S + P, d_inner, d_conv - 1)                     model dtype
-                      ssm         (S + P, d_inner, d_state)                        float32
+    attention layer:  k, v        (num_blocks + 1, block_size, n_kv_heads, head_dim)   model dtype
+    Mamba layer:      conv        (S + 1 + P, d_inner, d_conv - 1)                     model dtype
+                      ssm         (S + 1 + P, d_inner, d_state)                        float32
 
 S is the number of sequence slots: every sequence being served owns one, and its Mamba states
 live there (a fixed size whatever the context length, which is why Jamba's cache is small).
 Attention KV is *paged*: a sequence's keys and values sit in the blocks listed in its row of
 `block_tables` (token p in block `block_tables[slot, p // block_size]`, at `p % block_size`),
 so memory is taken as tokens arrive and a slot reserves nothing for tokens it never sees.
-The P entries after the slots are Mamba-state snapshots for the prefix cache (stages/paging.py
-says which block and snapshot ids a sequence uses; the scan kernels write snapshots mid-chunk).
+The P entries after the slots and a scratch entry are Mamba-state snapshots for the prefix cache
+(stages/paging.py says which block and snapshot ids a sequence uses; the scan kernels write
+snapshots mid-chunk).
+
+Scratch: one more Mamba-state entry (index S, `pad_slot`), one more row of the block table
+(row S) and one more KV block (`num_blocks`, the last). A fixed-shape decode step
+(stages/decode.py) pads its batch to a size it was compiled for with rows that read and write only
+these, so padding never touches a sequence's state.
 
 Blocks are either given by the caller (`set_blocks`; the scheduler decides, so that every
 stage of a pipeline agrees) or, with `manage_blocks=True`, taken as a forward needs them from a
@@ -27,6 +33,7 @@ of tokens the slot has seen; it is the position of the slot's next token.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -66,6 +73,17 @@ class ForwardBatch:
         return all(n == 1 for n in self.seq_lens_list)
 
 
+class DecodeBatch(NamedTuple):
+    """Where each row of a fixed-shape decode step (one token per row) reads and writes the cache;
+    built inside the compiled step by `HybridCache.decode_batch`."""
+
+    slots: torch.Tensor  # (B,) int64
+    positions: torch.Tensor  # (B,) int64 position of each row's token
+    block_tables: torch.Tensor  # (B, max_blocks) int64
+    token_block: torch.Tensor  # (B,) KV block each token is written to
+    token_offset: torch.Tensor  # (B,) its place in that block
+
+
 class HybridCache:
     def __init__(
         self,
@@ -91,7 +109,9 @@ class HybridCache:
             raise ValueError("num_blocks must be positive")
         self.num_snapshots = num_snapshots
         self.dtype, self.device = dtype, torch.device(device)
-        c, pool = config, num_slots + num_snapshots
+        c, pool = config, num_slots + 1 + num_snapshots
+        self.pad_slot = num_slots  # scratch (see the module's docstring)
+        self.snapshot_base = num_slots + 1  # snapshot n's Mamba states are at this + n
         self.k: dict[int, torch.Tensor] = {}
         self.v: dict[int, torch.Tensor] = {}
         self.conv: dict[int, torch.Tensor] = {}
@@ -100,14 +120,16 @@ class HybridCache:
             if c.is_attention(i):
                 # Zeroed, not empty: a batched decode reads (masked) keys past a row's length,
                 # and uninitialised memory may hold NaN, which survives a zero attention weight.
-                shape = (self.num_blocks, block_size, c.num_key_value_heads, c.head_dim)
+                shape = (self.num_blocks + 1, block_size, c.num_key_value_heads, c.head_dim)
                 self.k[i] = torch.zeros(shape, dtype=dtype, device=self.device)
                 self.v[i] = torch.zeros(shape, dtype=dtype, device=self.device)
             else:
                 self.conv[i] = torch.zeros(pool, c.mamba_d_inner, c.mamba_d_conv - 1, dtype=dtype, device=self.device)
                 self.ssm[i] = torch.zeros(pool, c.mamba_d_inner, c.mamba_d_state, dtype=torch.float32, device=self.device)
         # Unset entries point at block 0: reads past a row's length are masked, writes never go there.
-        self.block_tables = torch.zeros(num_slots, self.max_blocks, dtype=torch.long, device=self.device)
+        # The scratch row points at the scratch block only.
+        self.block_tables = torch.zeros(num_slots + 1, self.max_blocks, dtype=torch.long, device=self.device)
+        self.block_tables[self.pad_slot] = self.num_blocks
         self.table_lens = [0] * num_slots  # block table entries set per slot
         # manage_blocks: the blocks of each slot's sequence, taken from a pool of the cache's own
         self._pages = BlockManager(self.num_blocks, block_size, 0, prefix_cache=False) if manage_blocks else None
@@ -178,7 +200,7 @@ class HybridCache:
             raise ValueError(f"snapshot {snapshot} out of range 0..{self.num_snapshots - 1}")
         if slot in self._free or length > self.table_lens[slot] * self.block_size:
             raise ValueError(f"slot {slot} is not allocated or has no blocks for its {length} cached tokens")
-        src = self.num_slots + snapshot
+        src = self.snapshot_base + snapshot
         for t in list(self.conv.values()) + list(self.ssm.values()):
             t[slot] = t[src]
         self.lengths[slot] = length
@@ -192,10 +214,9 @@ class HybridCache:
             raise CacheFullError(f"slot {slot}: {e}") from None
 
     # ---- forward bookkeeping --------------------------------------------------------------
-    def begin(self, slots: list[int], seq_lens: list[int],
-              snapshots: list[list[tuple[int, int]]] | None = None) -> ForwardBatch:
-        """Describe a forward call; checks the rows against the slots' state before any write.
-        snapshots[b]: (offset of a token in row b, snapshot id) to copy the Mamba states into."""
+    def _check_rows(self, slots: list[int], seq_lens: list[int]) -> list[int]:
+        """Check a call's rows against the slots' state (taking blocks when the cache manages them);
+        returns each row's start position."""
         if len(slots) != len(seq_lens) or not slots:
             raise ValueError("slots and seq_lens must be non-empty and of equal length")
         if len(set(slots)) != len(slots):
@@ -216,6 +237,13 @@ class HybridCache:
                 raise CacheFullError(f"slot {s}: blocks for {self.table_lens[s] * self.block_size} tokens, "
                                      f"needs {self.lengths[s] + n}")
             start.append(self.lengths[s])
+        return start
+
+    def begin(self, slots: list[int], seq_lens: list[int],
+              snapshots: list[list[tuple[int, int]]] | None = None) -> ForwardBatch:
+        """Describe a forward call; checks the rows against the slots' state before any write.
+        snapshots[b]: (offset of a token in row b, snapshot id) to copy the Mamba states into."""
+        start = self._check_rows(slots, seq_lens)
         dev = self.device
         slots_t = torch.tensor(slots, dtype=torch.long, device=dev)
         lens_t = torch.tensor(seq_lens, dtype=torch.long, device=dev)
@@ -239,7 +267,7 @@ class HybridCache:
                     if not 0 <= off < seq_lens[b] or not 0 <= snap < self.num_snapshots:
                         raise ValueError(f"row {b}: snapshot ({off}, {snap}) out of range")
                     tok.append(cu_host[b] + off)
-                    dst.append(self.num_slots + snap)
+                    dst.append(self.snapshot_base + snap)
             if len(set(dst)) != len(dst):
                 raise ValueError("a snapshot is written twice in one forward call")
             snap_tok = torch.tensor(tok, dtype=torch.long, device=dev)
@@ -250,3 +278,19 @@ class HybridCache:
     def commit(self, batch: ForwardBatch) -> None:
         for s, n in zip(batch.slots_list, batch.seq_lens_list):
             self.lengths[s] += n
+
+    # ---- the fixed-shape decode step (stages/decode.py) ---------------------------------------
+    def begin_decode(self, slots: list[int]) -> list[int]:
+        """Check a decode step (one new token per row) as `begin` would; returns the positions."""
+        return self._check_rows(slots, [1] * len(slots))
+
+    def decode_batch(self, slots: torch.Tensor, positions: torch.Tensor) -> "DecodeBatch":
+        """Where each row of a decode step reads and writes, from tensors only (no host sync):
+        slots (B,) int64 (pad rows: `pad_slot`), positions (B,) int64 (pad rows: 0)."""
+        tables = self.block_tables[slots]  # (B, max_blocks)
+        token_block = tables.gather(1, (positions // self.block_size)[:, None])[:, 0]
+        return DecodeBatch(slots, positions, tables, token_block, positions % self.block_size)
+
+    def commit_decode(self, slots: list[int]) -> None:
+        for s in slots:
+            self.lengths[s] += 1

@@ -18,21 +18,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cache import ForwardBatch, HybridCache
+from .cache import DecodeBatch, ForwardBatch, HybridCache
 from .config import JambaConfig
 from .kernels import causal_conv1d_varlen, selective_scan_varlen
-
-
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear, with a faster GEMM shape for the skinny inputs of decode steps on CPU.
-
-    MKL's sgemm for x (T, in) @ W.T runs 2-3x below memory speed when T is 8..128 (measured
-    on 2 cores; see BENCHMARKS.md); W @ x.T computes the same products and streams W at full speed.
-    """
-    if x.device.type == "cpu" and x.dim() == 2 and 8 <= x.shape[0] <= 128:
-        out = (weight @ x.t()).t()
-        return out if bias is None else out + bias
-    return F.linear(x, weight, bias)
+from .kernels.reference import causal_conv1d_update_ref, selective_state_update_ref
+from .linear import linear
+from .ops import moe_experts, paged_decode_attention
 
 
 class Linear(nn.Linear):
@@ -69,7 +60,7 @@ class Attention(nn.Module):
         self.v_proj = Linear(c.hidden_size, self.n_kv * self.head_dim, bias=False)
         self.o_proj = Linear(self.n_heads * self.head_dim, c.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor, cache: HybridCache, b: ForwardBatch) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: HybridCache, b: ForwardBatch | DecodeBatch) -> torch.Tensor:
         T = x.shape[0]
         q = self.q_proj(x).view(T, self.n_heads, self.head_dim)
         k = self.k_proj(x).view(T, self.n_kv, self.head_dim)
@@ -78,25 +69,13 @@ class Attention(nn.Module):
         k_cache[b.token_block, b.token_offset] = k.to(k_cache.dtype)
         v_cache[b.token_block, b.token_offset] = v.to(v_cache.dtype)
 
-        out = torch.empty_like(q)  # (T, n_heads, hd)
-        if b.all_decode:
-            # One query per row against its whole prefix, gathered from its blocks. Written as
-            # two batched matmuls over each KV head's group of query heads: SDPA's CPU path for
-            # this (GQA, a mask, strided keys) expands K and V to every query head, and took 10x
-            # longer (BENCHMARKS.md, issue 16). In float32 whatever the cache's dtype: the gather
-            # copies K and V anyway, and bf16 scores would round logits to 8 bits.
-            B, G = T, self.n_heads // self.n_kv
-            keys = k_cache[b.block_tables].flatten(1, 2).float()  # (B, L, n_kv, hd), L = blocks * block_size
-            vals = v_cache[b.block_tables].flatten(1, 2).float()
-            qg = q.float().view(B, self.n_kv, G, self.head_dim)  # query head h uses KV head h // G
-            scores = torch.matmul(qg, keys.permute(0, 2, 3, 1)) * self.head_dim**-0.5  # (B, n_kv, G, L)
-            past = torch.arange(keys.shape[1], device=x.device)[None, :] > b.start_pos[:, None]  # (B, L)
-            scores = scores.masked_fill(past[:, None, None, :], float("-inf"))
-            weights = torch.softmax(scores, dim=-1)
-            o = torch.matmul(weights, vals.transpose(1, 2))  # (B, n_kv, G, hd)
-            out = o.view(B, self.n_heads, self.head_dim).to(q.dtype)
+        if isinstance(b, DecodeBatch):  # one query per row against its whole prefix
+            out = paged_decode_attention(q, k_cache, v_cache, b.block_tables, b.positions)
+        elif b.all_decode:
+            out = paged_decode_attention(q, k_cache, v_cache, b.block_tables, b.token_pos)
         else:
             # Prefill chunks differ in length; attend row by row (few attention layers, long rows).
+            out = torch.empty_like(q)  # (T, n_heads, hd)
             bs = cache.block_size
             for row, (n, start) in enumerate(zip(b.seq_lens_list, b.start_pos_list)):
                 lo, L = int(b.cu_seqlens[row]), start + n
@@ -133,22 +112,36 @@ class MambaMixer(nn.Module):
         self.b_layernorm = RMSNorm(n, c.rms_norm_eps)
         self.c_layernorm = RMSNorm(n, c.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, cache: HybridCache, b: ForwardBatch) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: HybridCache, b: ForwardBatch | DecodeBatch) -> torch.Tensor:
         xs, z = self.in_proj(x).chunk(2, dim=-1)  # (T, d_inner) each
+        conv, ssm = cache.conv[self.layer], cache.ssm[self.layer]
+        weight = self.conv1d.weight[:, 0, :]  # (d_inner, d_conv)
+        if isinstance(b, DecodeBatch):
+            # One token per row: the recurrences' one-step updates in plain torch ops, which the
+            # compiled decode step fuses (stages/decode.py); same results as the kernels below.
+            u = causal_conv1d_update_ref(xs, weight, self.conv1d.bias, conv, b.slots)  # (B, d_inner), SiLU applied
+            delta, A, B, C = self._ssm_inputs(u)
+            y = selective_state_update_ref(ssm, b.slots, u, delta, A, B, C, self.D.float(), z)
+            return self.out_proj(y.to(x.dtype))
         u = causal_conv1d_varlen(
-            xs.contiguous(), self.conv1d.weight[:, 0, :], self.conv1d.bias, cache.conv[self.layer], b.cu_seqlens, b.slots,
+            xs.contiguous(), weight, self.conv1d.bias, conv, b.cu_seqlens, b.slots,
             snap_tok=b.snap_tok, snap_dst=b.snap_dst,
         )  # (T, d_inner), SiLU applied
+        delta, A, B, C = self._ssm_inputs(u)
+        y = selective_scan_varlen(
+            u, delta, A, B.contiguous(), C.contiguous(), self.D.float(), z.contiguous(), ssm, b.cu_seqlens, b.slots,
+            snap_tok=b.snap_tok, snap_dst=b.snap_dst,
+        )  # (T, d_inner)
+        return self.out_proj(y.to(x.dtype))
+
+    def _ssm_inputs(self, u: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The scan's time step, decay and input/output projections for conv outputs u (T, d_inner)."""
         dt, B, C = self.x_proj(u).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt, B, C = self.dt_layernorm(dt), self.b_layernorm(B), self.c_layernorm(C)
         # The bias is added before softplus, as in mamba-ssm's `delta_bias` and HF's scan.
         delta = F.softplus(self.dt_proj.matmul(dt) + self.dt_proj.bias).float()  # (T, d_inner)
         A = -torch.exp(self.A_log.float())  # (d_inner, d_state)
-        y = selective_scan_varlen(
-            u, delta, A, B.contiguous(), C.contiguous(), self.D.float(), z.contiguous(), cache.ssm[self.layer], b.cu_seqlens, b.slots,
-            snap_tok=b.snap_tok, snap_dst=b.snap_dst,
-        )  # (T, d_inner)
-        return self.out_proj(y.to(x.dtype))
+        return delta, A, B, C
 
 
 class MLP(nn.Module):
@@ -176,12 +169,10 @@ class Experts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(c.num_experts, 2 * c.intermediate_size, c.hidden_size))
         self.down_proj = nn.Parameter(torch.empty(c.num_experts, c.hidden_size, c.intermediate_size))
 
-    # One matmul per expert over the rows routed to it (stages.quant.Int8Experts has the same methods).
-    def gate_up(self, e: int, x: torch.Tensor) -> torch.Tensor:  # (n, H) -> (n, 2I)
-        return linear(x, self.gate_up_proj[e])
-
-    def down(self, e: int, x: torch.Tensor) -> torch.Tensor:  # (n, I) -> (n, H)
-        return linear(x, self.down_proj[e])
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """gate_up, down and their int8 scales (None: not quantized), as stages.ops.moe_experts takes
+        them (stages.quant.Int8Experts has the same method)."""
+        return self.gate_up_proj, self.down_proj, None, None
 
 
 class SparseMoE(nn.Module):
@@ -196,24 +187,7 @@ class SparseMoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (T, H)
         probs = F.softmax(linear(x, self.router.weight), dim=-1, dtype=torch.float32)  # (T, E)
         weights, experts = torch.topk(probs, self.top_k, dim=-1)  # (T, k)
-        weights = weights.to(x.dtype)
-        # Group the (token, choice) pairs by expert so each expert runs one matmul.
-        flat = experts.flatten()  # (T*k,)
-        order = torch.argsort(flat, stable=True)
-        counts = torch.bincount(flat, minlength=self.experts.gate_up_proj.shape[0]).tolist()
-        token = order // self.top_k
-        w = weights.flatten()[order][:, None]
-        out = torch.zeros_like(x)
-        lo = 0
-        for e, n in enumerate(counts):
-            if n == 0:
-                continue
-            idx = token[lo : lo + n]
-            gate, up = self.experts.gate_up(e, x[idx]).chunk(2, dim=-1)
-            h = self.experts.down(e, F.silu(gate) * up) * w[lo : lo + n]
-            out.index_add_(0, idx, h)
-            lo += n
-        return out
+        return moe_experts(x, weights.to(x.dtype), experts, *self.experts.tensors())
 
 
 class DecoderLayer(nn.Module):
@@ -228,7 +202,7 @@ class DecoderLayer(nn.Module):
         self.pre_ff_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.feed_forward = SparseMoE(c) if c.is_moe(layer) else MLP(c)
 
-    def forward(self, x: torch.Tensor, cache: HybridCache, b: ForwardBatch) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: HybridCache, b: ForwardBatch | DecodeBatch) -> torch.Tensor:
         mixer = self.self_attn if self.is_attention else self.mamba
         x = x + mixer(self.input_layernorm(x), cache, b)
         return x + self.feed_forward(self.pre_ff_layernorm(x))
@@ -315,4 +289,20 @@ class JambaStage(nn.Module):
         if output_index is None:
             output_index = b.cu_seqlens[1:] - 1
         h = self.model.final_layernorm(h[output_index])
+        return self.lm_head(h) if self.head == "lm" else self.score(h)
+
+    def decode(self, x: torch.Tensor, cache: HybridCache, slots: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """One decode step at a fixed shape: B rows of one token, no host sync, no checks (the
+        caller's `cache.begin_decode` made them; stages/decode.py compiles this and pads B).
+
+        x: (B,) token ids on the first stage, else (B, hidden); slots, positions: (B,) int64 on the
+        stage's device. Returns (B, hidden), or on the last stage the head's output (B, vocab).
+        """
+        b = cache.decode_batch(slots, positions)
+        h = self.model.embed_tokens(x) if self.is_first else x
+        for layer in self.model.layers.values():
+            h = layer(h, cache, b)
+        if not self.is_last:
+            return h
+        h = self.model.final_layernorm(h)
         return self.lm_head(h) if self.head == "lm" else self.score(h)

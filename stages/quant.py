@@ -8,7 +8,7 @@ scale / 2 per entry. The scale factors out of every output's dot product, so a l
 
 which is what the fast paths compute: the int8 weights are read (a quarter of float32's bytes,
 half of bf16's) and widened inside the matmul, and never exist at full precision in memory.
-`int8_linear_reference` is the plain semantics, dequantize then matmul; every fast path is
+`int8_linear_reference` (stages/linear.py) is the plain semantics, dequantize then matmul; every fast path is
 tested against it (tests/test_quant.py).
 
 Modes (`load_stage(..., quantize=MODE)`):
@@ -23,7 +23,7 @@ Modes (`load_stage(..., quantize=MODE)`):
     int8-with-mamba   int8 plus the Mamba in_proj/x_proj/dt_proj/out_proj, for the quality
                       experiment (how much does quantizing Mamba hurt?), not for serving.
 
-Backends for `int8_linear`:
+Backends for `int8_linear` (stages/linear.py, with its reference `int8_linear_reference`):
     CUDA  Triton kernel (stages/kernels/triton_int8.py): int8 tiles widened in registers, fp32 accumulation.
     CPU   numba kernel for skinny inputs (decode steps, T <= 32): each int8 weight row is widened
           once and dotted with every token; longer inputs (prefill) dequantize a block of output
@@ -36,13 +36,12 @@ Backends for `int8_linear`:
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import nn
 
 from .config import check_quant_mode
-from .model import Experts, JambaStage, Linear, linear
+from .linear import dequantize_int8, int8_linear
+from .model import Experts, JambaStage, Linear
 
 # Leaves of the Linear layers each mode quantizes, by the module holding them (see quantized_param).
 _ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -90,67 +89,6 @@ def quantize_int8_into(w: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) ->
         s_rows[lo : lo + step] = s
 
 
-def dequantize_int8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """q (..., out, in) int8, scale (..., out) -> q * scale in `dtype` (computed in float32)."""
-    return (q.float() * scale.float()[..., None]).to(dtype)
-
-
-def int8_linear_reference(
-    x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None
-) -> torch.Tensor:
-    """The semantics: dequantize to x's dtype, then the model's ordinary linear. x (T, in) -> (T, out)."""
-    return linear(x, dequantize_int8(qweight, scale, x.dtype), bias)
-
-
-# ---------------------------------------------------------------------------
-# Fast paths
-# ---------------------------------------------------------------------------
-
-# Up to this many tokens the numba kernel (weights read once, as int8) beats dequantize + sgemm;
-# beyond it the GEMM is compute-bound and MKL's blocking wins.
-_CPU_SKINNY_MAX_T = 32
-# Output rows dequantized at a time on the prefill path: 1024 rows of a 4096-wide input. Large
-# enough that the few ops per block (widen, scale, GEMM) are not dominated by waking the thread pool.
-_CPU_DEQUANT_BYTES = 16 << 20
-
-
-def int8_linear(
-    x: torch.Tensor,  # (T, in) float32 / bf16 / fp16
-    qweight: torch.Tensor,  # (out, in) int8
-    scale: torch.Tensor,  # (out,) float32
-    bias: torch.Tensor | None = None,  # (out,)
-) -> torch.Tensor:  # (T, out), x's dtype
-    """x @ (qweight * scale[:, None]).T + bias, without a full-precision copy of the weight."""
-    if x.device.type == "cuda" or (x.device.type == "cpu" and os.environ.get("JAMBA_INT8_KERNEL") == "triton"):
-        from .kernels import triton_int8
-
-        return triton_int8.int8_linear_triton(x, qweight, scale, bias)
-    if x.device.type != "cpu" or x.dim() != 2:
-        return int8_linear_reference(x, qweight, scale, bias)
-    T = x.shape[0]
-    if T <= _CPU_SKINNY_MAX_T:
-        from .kernels import numba_int8
-
-        out = numba_int8.int8_matmul_cpu(x, qweight, scale)  # (T, out) float32
-        if bias is not None:
-            out = out + bias.float()
-        return out.to(x.dtype)
-    return _int8_linear_blocked(x, qweight, scale, bias)
-
-
-def _int8_linear_blocked(x, qweight, scale, bias):
-    """Prefill on CPU: dequantize a block of output rows, sgemm it, next block. (T, in) -> (T, out)."""
-    N, K = qweight.shape
-    rows = max(64, _CPU_DEQUANT_BYTES // (4 * K))
-    out = torch.empty(x.shape[0], N, dtype=x.dtype)
-    for lo in range(0, N, rows):
-        # = dequantize_int8 (float32 products, then x's dtype), in two ops and one allocation for fp32
-        w = qweight[lo : lo + rows].float().mul_(scale[lo : lo + rows, None]).to(x.dtype)  # (rows, in)
-        b = None if bias is None else bias[lo : lo + rows]
-        out[:, lo : lo + rows] = linear(x, w, b)
-    return out
-
-
 # ---------------------------------------------------------------------------
 # Modules
 # ---------------------------------------------------------------------------
@@ -188,11 +126,9 @@ class Int8Experts(nn.Module):
         self.register_buffer("down_proj", torch.empty(E, H, I, dtype=torch.int8))
         self.register_buffer("down_proj_scale", torch.empty(E, H, dtype=torch.float32))
 
-    def gate_up(self, e: int, x: torch.Tensor) -> torch.Tensor:  # (n, H) -> (n, 2I)
-        return int8_linear(x, self.gate_up_proj[e], self.gate_up_proj_scale[e])
-
-    def down(self, e: int, x: torch.Tensor) -> torch.Tensor:  # (n, I) -> (n, H)
-        return int8_linear(x, self.down_proj[e], self.down_proj_scale[e])
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """gate_up, down and their scales, as stages.ops.moe_experts takes them."""
+        return self.gate_up_proj, self.down_proj, self.gate_up_proj_scale, self.down_proj_scale
 
 
 def quantized_param(name: str, mode: str | None) -> bool:

@@ -11,11 +11,16 @@ taking a state snapshot (prefix caching), which Triton compiles as a variant of 
 
 The compiled code is kept on disk, so only the first start on a machine compiles:
 
-    JAMBA_KERNEL_CACHE=DIR   numba's cache in DIR/numba (NUMBA_CACHE_DIR) and Triton's in
-                             DIR/triton (TRITON_CACHE_DIR), unless those are set explicitly.
-                             Unset: the tools' defaults (numba: __pycache__ beside the source
-                             when writable, else ~/.cache; Triton: ~/.triton/cache).
+    JAMBA_KERNEL_CACHE=DIR   numba's cache in DIR/numba (NUMBA_CACHE_DIR), Triton's in DIR/triton
+                             (TRITON_CACHE_DIR) and inductor's (the compiled decode steps of
+                             stages/decode.py) in DIR/inductor (TORCHINDUCTOR_CACHE_DIR), unless
+                             those are set explicitly. Unset: the tools' defaults (numba:
+                             __pycache__ beside the source when writable, else ~/.cache; Triton:
+                             ~/.triton/cache; inductor: /tmp/torchinductor_$USER).
     JAMBA_KERNEL_WARMUP=0    skip the warm-up (the first request then compiles).
+
+The decode steps are compiled by the stage worker after this warm-up (`StageWorker.warm_up`), for
+the cache sizes it serves with.
 
 numba fixes its cache location when the kernels are defined, so the cache must be chosen
 before stages.kernels.numba_cpu is imported: `warm_up` (or `use_kernel_cache`) does so first.
@@ -44,7 +49,7 @@ def use_kernel_cache() -> Path | None:
     if not root:
         return None
     root = Path(root).expanduser()
-    for var, sub in (("NUMBA_CACHE_DIR", "numba"), ("TRITON_CACHE_DIR", "triton")):
+    for var, sub in (("NUMBA_CACHE_DIR", "numba"), ("TRITON_CACHE_DIR", "triton"), ("TORCHINDUCTOR_CACHE_DIR", "inductor")):
         (root / sub).mkdir(parents=True, exist_ok=True)
         os.environ.setdefault(var, str(root / sub))
     numba_config = sys.modules.get("numba.core.config")
@@ -55,12 +60,17 @@ def use_kernel_cache() -> Path | None:
     return root
 
 
+def warm_up_enabled() -> bool:
+    """False when JAMBA_KERNEL_WARMUP=0 (compile at first use instead)."""
+    return os.environ.get("JAMBA_KERNEL_WARMUP", "1").strip() != "0"
+
+
 @torch.inference_mode()
 def warm_up(stage) -> float:
     """Compile (or load from the on-disk cache) every kernel `stage` (a JambaStage) will run, for
     its dtype and device; returns the seconds it took (0 when JAMBA_KERNEL_WARMUP=0)."""
     use_kernel_cache()  # also when skipping: the first request then compiles into it
-    if os.environ.get("JAMBA_KERNEL_WARMUP", "1").strip() == "0":
+    if not warm_up_enabled():
         return 0.0
     t0 = time.perf_counter()
     c = stage.config

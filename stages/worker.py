@@ -21,11 +21,12 @@ import time
 
 import torch
 
+from .decode import DecodeRunner, decode_mode
 from .loading import load_stage
 from .microbatch import Answer, Microbatch, Want
 from .model import JambaStage
 from .sampling import sample
-from .warmup import warm_up
+from .warmup import warm_up, warm_up_enabled
 
 
 def _rss_bytes() -> int:
@@ -39,11 +40,13 @@ def _rss_bytes() -> int:
 
 class StageWorker:
     def __init__(self, stage: JambaStage, num_slots: int, max_seq_len: int, paging: dict | None = None,
-                 load_info: dict | None = None) -> None:
+                 load_info: dict | None = None, enforce_eager: bool = False) -> None:
         """`paging`: block_size, num_blocks, num_snapshots of the cache (stages/cache.py); the
-        scheduler hands out the blocks and snapshots."""
+        scheduler hands out the blocks and snapshots. Decode steps run through a DecodeRunner
+        (compiled, fixed shapes: stages/decode.py) unless `enforce_eager` or JAMBA_DECODE=eager."""
         self.stage = stage
         self.cache = stage.make_cache(num_slots, max_seq_len, manage_blocks=False, **(paging or {}))
+        self.decoder = DecodeRunner(stage, self.cache) if decode_mode(enforce_eager) == "compiled" else None
         p = next(stage.parameters())
         self.is_last, self.hidden_size = stage.is_last, stage.config.hidden_size
         self.dtype, self.device = p.dtype, p.device
@@ -54,8 +57,9 @@ class StageWorker:
     @classmethod
     def load(cls, model_dir: str, start: int, end: int, num_slots: int, max_seq_len: int, threads: int | None = None,
              dtype: str | None = None, device: str = "cpu", quantize: str | None = None,
-             paging: dict | None = None) -> "StageWorker":
-        """Load layers [start, end) of a checkpoint and compile their kernels before reporting ready."""
+             paging: dict | None = None, enforce_eager: bool = False) -> "StageWorker":
+        """Load layers [start, end) of a checkpoint and compile their kernels and decode steps
+        before reporting ready."""
         if threads:
             torch.set_num_threads(threads)
         t0 = time.perf_counter()
@@ -63,9 +67,20 @@ class StageWorker:
         info = {"seconds": time.perf_counter() - t0, "bytes": stats.bytes_loaded, "files": len(stats.files_opened),
                 "threads": torch.get_num_threads(), "quantize": quantize, "weight_bytes": stats.kept_bytes,
                 "peak_load_bytes": stats.peak_bytes}
-        worker = cls(stage, num_slots, max_seq_len, paging, info)
-        worker.load_info["warmup_seconds"] = warm_up(stage)
+        worker = cls(stage, num_slots, max_seq_len, paging, info, enforce_eager)
+        worker.warm_up()
         return worker
+
+    def warm_up(self) -> None:
+        """Compile the stage's kernels and every size of its decode step now (from the on-disk
+        caches after the first start), not inside the first requests (stages/warmup.py)."""
+        self.load_info["warmup_seconds"] = warm_up(self.stage)
+        self.warm_up_decode()
+
+    def warm_up_decode(self) -> None:
+        """Compile every size of the decode step now (JAMBA_KERNEL_WARMUP=0: at first use)."""
+        if self.decoder is not None and warm_up_enabled():
+            self.load_info["decode_compile_seconds"] = self.decoder.warm_up()
 
     def info(self) -> dict:
         c = self.cache
@@ -84,34 +99,50 @@ class StageWorker:
             cache.set_blocks(u.slot, u.index, u.blocks)
         for r in mb.restore:
             cache.restore(r.slot, r.snapshot, r.num_tokens)
-        if not mb.rows:
+        rows = mb.rows
+        # A decode step (one token per row, no snapshot) of a size the decode runner holds goes through it.
+        decode = (self.decoder is not None and rows and not mb.snapshots and all(r.num_tokens == 1 for r in rows)
+                  and self.decoder.size_for(len(rows)) is not None)
+        if not rows:
             out = [] if self.is_last else x
-        elif not self.is_last:
-            out = self.stage(x, cache, [r.slot for r in mb.rows], [r.num_tokens for r in mb.rows],
-                             snapshots=mb.snapshots_by_row())
+        elif decode:
+            out = self.decoder(x, [r.slot for r in rows])  # (B, hidden), or (B, vocab): row k's output is k's
+            if self.is_last:
+                index = self._output_index(rows)  # for one-token rows: the rows that want something
+                out = self._answers(rows, out if len(index) == len(rows) else out[index])
         else:
-            out = self._answers(mb, x)
+            out = self.stage(x, cache, [r.slot for r in rows], [r.num_tokens for r in rows],
+                             output_index=None if not self.is_last else self._output_index(rows),
+                             snapshots=mb.snapshots_by_row())
+            if self.is_last:
+                out = self._answers(rows, out)
         self.busy_seconds += time.perf_counter() - t0
         self.steps += 1
         return out
 
-    def _answers(self, mb: Microbatch, x: torch.Tensor) -> list[Answer]:
-        rows = mb.rows
-        # The packed positions each row wants the head applied to.
+    @staticmethod
+    def _output_index(rows) -> torch.Tensor:
+        """The packed positions the rows want the head applied to, row by row: a TOKEN row its
+        last token, a SCORES row every token, a LOGITS row its `position`."""
         index: list[int] = []
-        spans, base = [], 0
+        base = 0
         for r in rows:
-            lo = len(index)
             if r.want == Want.TOKEN:
                 index.append(base + r.num_tokens - 1)
             elif r.want == Want.SCORES:
                 index.extend(range(base, base + r.num_tokens))
             elif r.want == Want.LOGITS:
                 index.append(base + r.position)
-            spans.append((lo, len(index)))
             base += r.num_tokens
-        out = self.stage(x, self.cache, [r.slot for r in rows], [r.num_tokens for r in rows],
-                         output_index=torch.tensor(index, dtype=torch.long), snapshots=mb.snapshots_by_row())
+        return torch.tensor(index, dtype=torch.long)
+
+    def _answers(self, rows, out: torch.Tensor) -> list[Answer]:
+        """The last stage's answers from the head's output at `_output_index(rows)`."""
+        spans, lo = [], 0
+        for r in rows:
+            n = r.num_tokens if r.want == Want.SCORES else 1 if r.want in (Want.TOKEN, Want.LOGITS) else 0
+            spans.append((lo, lo + n))
+            lo += n
         answers: list[Answer] = [None] * len(rows)
         drawing = [k for k, r in enumerate(rows) if r.want == Want.TOKEN]
         if drawing:

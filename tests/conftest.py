@@ -4,7 +4,10 @@ import os
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see cluster/pipeline.py: spinning OpenMP pools starve each other
+os.environ.setdefault("GOMP_SPINCOUNT", "10000")  # stages/openmp.py (what the CLI and the stage actors set)
+# Decode steps run eagerly in the suite: compiling them costs seconds to tens of seconds per model and
+# stage split. tests/test_decode.py turns the compiled step (the default) on and checks it against eager.
+os.environ.setdefault("JAMBA_DECODE", "eager")
 # CI has no GPU: JAMBA_KERNELS=triton runs the Triton kernels in Triton's interpreter on CPU tensors.
 # (Read when the kernels are defined, so it must be set before stages.kernels.triton_gpu is imported.)
 os.environ.setdefault("TRITON_INTERPRET", "1")

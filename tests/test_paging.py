@@ -112,19 +112,22 @@ def test_paged_cache_block_tables_and_snapshot_restore():
                         num_snapshots=2, manage_blocks=False)
     attn = next(i for i in range(4) if c.is_attention(i))
     mamba = next(i for i in range(4) if not c.is_attention(i))
-    assert cache.k[attn].shape[:2] == (5, BS) and cache.ssm[mamba].shape[0] == 4
+    # One scratch block and one scratch Mamba entry (index 2, between the slots and the snapshots)
+    # for the pad rows of fixed-shape decode steps.
+    assert cache.k[attn].shape[:2] == (5 + 1, BS) and cache.ssm[mamba].shape[0] == 2 + 1 + 2
+    assert cache.pad_slot == 2 and cache.block_tables[cache.pad_slot].tolist() == [5] * 4
     cache.allocate(0)
     with pytest.raises(CacheFullError, match="blocks for 0 tokens"):
         cache.begin([0], [3])
     cache.set_blocks(0, 0, [3, 1])
     b = cache.begin([0], [6], snapshots=[[(3, 1)]])
     assert b.token_block.tolist() == [3, 3, 3, 3, 1, 1] and b.token_offset.tolist() == [0, 1, 2, 3, 0, 1]
-    assert b.snap_tok.tolist() == [3] and b.snap_dst.tolist() == [2 + 1]
+    assert b.snap_tok.tolist() == [3] and b.snap_dst.tolist() == [2 + 1 + 1]  # snapshot 1 after the scratch entry
     with pytest.raises(ValueError, match="gap"):
         cache.set_blocks(0, 3, [0])
     with pytest.raises(ValueError, match="out of range"):
         cache.set_blocks(0, 2, [5])
-    cache.ssm[mamba][3] = 7.0
+    cache.ssm[mamba][4] = 7.0  # snapshot 1
     cache.allocate(1)
     cache.set_blocks(1, 0, [3])
     cache.restore(1, 1, 4)

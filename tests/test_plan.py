@@ -14,7 +14,8 @@ from cluster.cli.plan import add_plan_parser
 from cluster.runtime.plan import PRESETS, StagePlan, format_plan, load_config, make_plan, parse_bytes, parse_layer_split, partition
 from stages.cache import HybridCache
 from stages.config import JambaConfig
-from stages.costs import count_params, layer_flops, stage_cache_bytes, stage_flops, stage_params
+from stages.costs import (block_bytes, count_params, layer_flops, snapshot_bytes, stage_cache_bytes, stage_flops,
+                          stage_params)
 from stages.model import JambaStage
 
 GiB = 2**30
@@ -79,7 +80,9 @@ def test_cache_bytes_match_an_allocated_cache():
     for start, end in [(0, 3), (3, 10), (1, 2)]:
         cache = HybridCache(c, range(start, end), num_slots=1, max_seq_len=128, dtype=torch.bfloat16)
         allocated = sum(t.nbytes for d in (cache.k, cache.v, cache.conv, cache.ssm) for t in d.values())
-        assert stage_cache_bytes(c, start, end, 128, dtype_bytes=2) == allocated
+        # the one sequence, plus the scratch slot and block that pad rows of decode steps use
+        scratch = snapshot_bytes(c, range(start, end), 2) + block_bytes(c, range(start, end), cache.block_size, 2)
+        assert stage_cache_bytes(c, start, end, 128, dtype_bytes=2) + scratch == allocated
 
 
 def test_flops_are_twice_the_active_params_plus_attention():

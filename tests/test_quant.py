@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from cluster.runtime.local import LocalRunner
-from stages import quant
+from stages import linear, quant
 from stages.config import QUANT_MODES
 from stages.demo import make_demo_model
 from stages.loading import Checkpoint, LoadStats, load_stage, save_checkpoint
@@ -31,7 +31,7 @@ def test_round_trip_within_half_a_step():
     q, s = quant.quantize_int8(w)
     assert q.dtype == torch.int8 and s.dtype == torch.float32 and q.shape == w.shape and s.shape == (3, 40)
     assert s[1, 5] == 1 and (q[1, 5] == 0).all()  # no 0/0
-    d = quant.dequantize_int8(q, s)
+    d = linear.dequantize_int8(q, s)
     assert torch.isfinite(d).all() and (d[1, 5] == 0).all()
     err = (d - w).abs()
     assert (err <= s[..., None] / 2 * (1 + 1e-5) + 1e-30).all()
@@ -75,18 +75,18 @@ def _close_fp32(got, ref, K):
 def test_cpu_kernel_matches_reference(T, N, K, bias):
     x, q, s, b = _inputs(T, N, K, seed=T + N)
     b = b if bias else None
-    got = quant.int8_linear(x, q, s, b)
-    ref = quant.int8_linear_reference(x, q, s, b)
+    got = linear.int8_linear(x, q, s, b)
+    ref = linear.int8_linear_reference(x, q, s, b)
     assert got.shape == (T, N) and got.dtype == torch.float32
     _close_fp32(got, ref, K)
 
 
 def test_cpu_kernel_bf16_inputs():
     x, q, s, b = _inputs(5, 72, 48, seed=3, dtype=torch.bfloat16)
-    got = quant.int8_linear(x, q, s, b)
+    got = linear.int8_linear(x, q, s, b)
     assert got.dtype == torch.bfloat16
     # The kernel computes in float32 and rounds once; the reference rounds the weights to bf16 first.
-    ref = quant.int8_linear_reference(x.float(), q, s, b.float())
+    ref = linear.int8_linear_reference(x.float(), q, s, b.float())
     torch.testing.assert_close(got.float(), ref, atol=0.05, rtol=1.6e-2)
 
 
@@ -102,7 +102,7 @@ def test_triton_kernel_matches_reference(T, N, K, dtype):
     x, q, s, b = (t.to(dev) for t in _inputs(T, N, K, seed=K, dtype=dtype))
     got = triton_int8.int8_linear_triton(x, q, s, b)
     assert got.dtype == dtype and got.shape == (T, N)
-    ref = quant.int8_linear_reference(x.float(), q, s, b.float())
+    ref = linear.int8_linear_reference(x.float(), q, s, b.float())
     if dtype == torch.float32:
         _close_fp32(got, ref, K)
     else:  # one bf16 rounding of the output (and, on a GPU, of the input to the dot: exact here)
@@ -110,7 +110,7 @@ def test_triton_kernel_matches_reference(T, N, K, dtype):
     # Strided input (a slice of a wider activation).
     wide = torch.randn(T, 2 * K, device=dev).to(dtype)
     torch.testing.assert_close(triton_int8.int8_linear_triton(wide[:, ::2], q, s).float(),
-                               quant.int8_linear_reference(wide[:, ::2].float(), q, s), atol=0.05, rtol=1.6e-2)
+                               linear.int8_linear_reference(wide[:, ::2].float(), q, s), atol=0.05, rtol=1.6e-2)
 
 
 # --- which weights each mode quantizes ---------------------------------------------------

@@ -31,6 +31,10 @@ def add_model_args(p: argparse.ArgumentParser, dtype: bool = True) -> None:
                    help="int8 weights with float32 per-channel scales: int8-experts (the MoE experts only), int8 "
                         "(every linear layer but Mamba's, the router and the head), int8-with-mamba (int8 and "
                         "the Mamba projections too, for quality experiments); default: none, as stored")
+    p.add_argument("--enforce-eager", action="store_true", default=None,
+                   help="run decode steps eagerly instead of the compiled fixed-shape step (compiled at start "
+                        "for batch sizes 1, 2, 4, ... up to --num-slots; cached under $JAMBA_KERNEL_CACHE); "
+                        "JAMBA_DECODE=eager does the same")
 
 
 def add_batching_args(p: argparse.ArgumentParser, max_batch_tokens: int) -> None:

@@ -19,6 +19,8 @@ import sys
 import time
 from pathlib import Path
 
+from stages.openmp import use_openmp_env
+
 HELDOUT = Path(__file__).resolve().parents[2] / "models" / "heldout.jsonl"
 
 
@@ -28,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--stages", type=int, default=2)
     ap.add_argument("--grpc-port", type=int, default=int(os.environ.get("JAMBA_GRPC_PORT", 9000)))
     args = ap.parse_args(argv)
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP; see cluster/runtime/pipeline.py
+    use_openmp_env()  # before torch loads OpenMP (stages/openmp.py)
     logging.basicConfig(level=logging.WARNING)
 
     from cluster.serve.app import limit_message_size

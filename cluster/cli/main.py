@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 
 from client.cli import add_client_parser
+from stages.openmp import use_openmp_env
 
 from . import run
 from .batch import add_batch_parser
@@ -26,9 +26,7 @@ from .serve import add_serve_parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    # Before torch or numba load OpenMP: idle OpenMP threads must not spin, or torch's pool and
-    # numba's starve each other (see cluster/runtime/pipeline.py).
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    use_openmp_env()  # before torch or numba load OpenMP (stages/openmp.py)
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(name)s: %(message)s",

@@ -44,6 +44,7 @@ class PipelineConfig:
     placement_strategy: str = "PACK"
     dtype: str | None = None
     quantize: str | None = None  # None, "int8-experts", "int8" or "int8-with-mamba" (see stages/quant.py)
+    enforce_eager: bool = False  # decode steps eagerly, not through the compiled fixed-shape step (stages/decode.py)
     depth: int | None = None  # microbatches in flight (default: num_stages)
     placement_timeout_s: float | None = 120.0  # None: wait for resources as long as it takes
     max_restarts: int = 3  # a dead stage actor is restarted by Ray (reloading its layers) this often

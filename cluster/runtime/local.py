@@ -39,7 +39,8 @@ class LocalEngine(Engine):
             raise ValueError("a local engine needs a stage that holds the whole model")
         paging = resolve_paging(cfg, stage.config)
         pools = {k: paging[k] for k in ("block_size", "num_blocks", "num_snapshots")}
-        worker = StageWorker(stage, cfg.num_slots, paging["max_seq_len"], pools)
+        worker = StageWorker(stage, cfg.num_slots, paging["max_seq_len"], pools, enforce_eager=cfg.enforce_eager)
+        worker.warm_up_decode()  # (the caller warmed the stage's kernels when it loaded it)
 
         async def send(mb: Microbatch, ids: array) -> list[Answer]:
             x = torch.frombuffer(ids, dtype=torch.long) if len(ids) else torch.empty(0, dtype=torch.long)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
 import time
 
@@ -28,6 +29,7 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from stages.config import JambaConfig
+from stages.openmp import use_openmp_env
 from stages.tokenizer import Tokenizer
 
 from .config import PipelineConfig, PipelinePlan, import_class, plan_pipeline
@@ -36,10 +38,15 @@ from .engine import Engine, SyncEngine, new_scheduler
 
 log = logging.getLogger(__name__)
 
-# torch and numba each keep an OpenMP thread pool, and by default idle OpenMP threads spin. A stage
-# runs both back to back on one or two cores, so one pool's spinning threads starve the other:
-# measured here, a 4-layer decode step took 177 ms with spinning and 28 ms without.
-STAGE_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
+# How the stage processes' OpenMP threads wait (stages/openmp.py), and the driver's choice of decode
+# path (stages/decode.py), so that every node's stages follow the command that started them.
+PASSED_TO_STAGES = ("JAMBA_DECODE", "JAMBA_KERNELS")
+
+
+def stage_env() -> dict[str, str]:
+    env = {k: os.environ[k] for k in PASSED_TO_STAGES if k in os.environ}
+    use_openmp_env(env)
+    return env
 
 
 def _memory_note(info: dict) -> str:
@@ -144,12 +151,13 @@ class Pipeline(Engine):
                 # max_concurrency: the data-plane loop, plus stats, setup and stop calls beside it.
                 opts = dict(num_cpus=cpus, num_gpus=cfg.gpus_per_stage, max_concurrency=8,
                             max_restarts=cfg.max_restarts, max_task_retries=0,
-                            runtime_env={"env_vars": dict(STAGE_ENV)},
+                            runtime_env={"env_vars": stage_env()},
                             scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i + offset),
                             **cfg.actor_options)
                 args = (cfg.model_dir, s, e, cfg.num_slots, paging["max_seq_len"], cfg.threads_per_stage, cfg.dtype,
                         device)
-                kwargs = dict(cfg.worker_kwargs, paging=pools, **({"quantize": cfg.quantize} if cfg.quantize else {}))
+                kwargs = dict(cfg.worker_kwargs, paging=pools, **({"quantize": cfg.quantize} if cfg.quantize else {}),
+                              **({"enforce_eager": True} if cfg.enforce_eager else {}))
                 actors.append(StageActor.options(**opts).remote(cfg.worker_cls, args, kwargs, i, len(splits)))
             say("loading", f"loading layers: 0 of {len(splits)} stage(s) up")
             infos = await _gather_counting([a.info.remote() for a in actors],

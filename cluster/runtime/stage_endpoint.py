@@ -85,6 +85,11 @@ class StageEndpoint:
         self.thread.start()
 
     def _run(self, epoch: int) -> None:
+        # torch's thread count is per thread (OpenMP's): a new thread starts with the process's
+        # default, not what the worker set when it loaded (threads_per_stage).
+        threads = getattr(self.worker, "load_info", {}).get("threads")
+        if threads:
+            torch.set_num_threads(threads)
         try:
             self.run(epoch)
         except Exception as e:

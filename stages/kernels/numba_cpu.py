@@ -5,8 +5,8 @@ numba compiles each kernel on its first call (seconds); with ``cache=True`` the 
 kept on disk (``NUMBA_CACHE_DIR``, which stages/kernels/warmup.py points at the kernel cache
 before this module is imported), so later processes only load it. The kernels use
 min(torch.get_num_threads(), NUMBA_NUM_THREADS) threads. numba's OpenMP pool and torch's are
-separate runtimes: if both spin on a small machine, setting OMP_WAIT_POLICY=PASSIVE for the
-worker process avoids them starving each other.
+separate runtimes: if both spin long on a small machine they starve each other, hence the
+short spin of stages/openmp.py.
 """
 
 from __future__ import annotations
@@ -312,10 +312,17 @@ _MIN_PARALLEL_WORK = 1 << 16
 
 def _set_numba_threads(work: int) -> int:
     # Follow torch's thread setting so the two runtimes don't oversubscribe the cores.
-    n = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+    threads = torch.get_num_threads()
+    n = max(1, min(threads, numba.config.NUMBA_NUM_THREADS))
     if work < _MIN_PARALLEL_WORK:
         n = 1
     numba.set_num_threads(n)
+    # numba's OpenMP layer shares the process's libgomp with torch, and numba.set_num_threads
+    # resets the calling thread's OpenMP thread count to numba's pool size (measured: torch's
+    # count 1 before, 2 after). Unrestored, a stage configured for one thread ran torch's ops on
+    # every core after its first Mamba layer, and the compiled decode step's guards saw it change.
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
     return n
 
 
@@ -377,7 +384,7 @@ def causal_conv1d_varlen_cpu(x, weight, bias, conv_states, cu_seqlens, slots, sn
     pool = _PoolView(conv_states, sl, snap_dst_np)
     y = torch.empty((T, D), dtype=torch.float32)
     _conv_varlen_kernel(_np32(x), _np32(weight), bias_np, pool.array, cu, pool.slots, snap_tok_np, pool.snap_dst,
-                        y.numpy(), _block_size(D, nthreads))
+                            y.numpy(), _block_size(D, nthreads))
     pool.commit()
     return y if x.dtype == torch.float32 else y.to(x.dtype)
 
@@ -406,7 +413,7 @@ def selective_scan_varlen_cpu(u, delta, A, B, C, D, z, ssm_states, cu_seqlens, s
     pool = _PoolView(ssm_states, sl, snap_dst_np)
     y = torch.empty((T, Dm), dtype=torch.float32)
     _scan_varlen_kernel(u_np, _np32(delta), _np32(A), _np32(B), _np32(C), D_np, z_np, gate,
-                        pool.array, cu, pool.slots, snap_tok_np, pool.snap_dst, y.numpy(), _block_size(Dm, nthreads))
+                            pool.array, cu, pool.slots, snap_tok_np, pool.snap_dst, y.numpy(), _block_size(Dm, nthreads))
     pool.commit()
     return y if u.dtype == torch.float32 else y.to(u.dtype)
 

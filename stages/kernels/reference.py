@@ -107,6 +107,23 @@ def selective_scan_varlen_ref(
     return y
 
 
+def causal_conv1d_update_ref(
+    x: torch.Tensor,  # (B, D) one token per row
+    weight: torch.Tensor,  # (D, K)
+    bias: torch.Tensor | None,  # (D,)
+    conv_states: torch.Tensor,  # (S, D, K-1), updated in place
+    slots: torch.Tensor,  # (B,) int64
+) -> torch.Tensor:  # (B, D), x's dtype, SiLU applied
+    """One decode step per row: the conv over rows of length 1, written batched (no row loop)."""
+    idx = slots.to(conv_states.device, torch.int64)
+    window = torch.cat([conv_states.index_select(0, idx), x[:, :, None].to(conv_states.dtype)], dim=-1)  # (B, D, K)
+    y = (window.float() * weight.float()).sum(-1)  # (B, D)
+    if bias is not None:
+        y = y + bias.float()
+    conv_states.index_copy_(0, idx, window[:, :, 1:])
+    return F.silu(y).to(x.dtype)
+
+
 def selective_state_update_ref(
     ssm_states: torch.Tensor,  # (S, D, N) float32, updated in place
     slots: torch.Tensor,  # (B,) int64

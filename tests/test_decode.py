@@ -1,0 +1,297 @@
+"""The decode step without host overhead (stages/decode.py, stages/ops.py): the custom operators
+are sound and match their references, torch.compile traces a stage's whole decode step with no
+graph break, and the compiled fixed-shape step gives the eager step's tokens and log-probs, stage
+by stage, through the single process (prefix cache, scarce blocks, int8) and through a pipeline.
+
+The rest of the suite runs decode eagerly (tests/conftest.py sets JAMBA_DECODE=eager: compiling
+costs seconds per model and split); here the compiled step, the default, is switched on."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from stages import ops
+from stages.config import JambaConfig
+from stages.decode import DecodeRunner, capture_sizes
+from stages.kernels import numba_moe
+from stages.linear import int8_linear
+from stages.model import JambaStage
+from stages.quant import quantize_int8, quantize_stage
+from stages.sequence import SamplingParams
+from tests.hf_reference import CONFIGS
+
+torch.set_num_threads(2)
+
+
+def _random_stage(name: str, seed: int = 0) -> JambaStage:
+    """A whole random-weight model of one of the hf_reference configs, weights as sharp as theirs."""
+    torch.manual_seed(seed)
+    stage = JambaStage(JambaConfig(**CONFIGS[name]))
+    with torch.no_grad():
+        for n, p in stage.named_parameters():
+            if n.endswith("A_log"):
+                p.copy_(torch.log(torch.arange(1, p.shape[1] + 1, dtype=torch.float32)).repeat(p.shape[0], 1))
+                p.add_(0.5 * torch.rand_like(p))
+            elif "norm" in n or n.endswith(".D"):
+                p.copy_(1 + 0.2 * torch.randn_like(p))
+            else:
+                p.normal_(0, 0.15)
+    return stage.eval()
+
+
+def _split(whole: JambaStage, bounds: list[int]) -> list[JambaStage]:
+    """The stages [bounds[i], bounds[i+1]) of `whole`, with its weights."""
+    state = whole.state_dict()
+    stages = []
+    for start, end in zip(bounds, bounds[1:]):
+        s = JambaStage(whole.config, start, end)
+        s.load_state_dict({k: v for k, v in state.items() if k in s.state_dict()})
+        stages.append(s.eval())
+    return stages
+
+
+# ---- the custom operators ------------------------------------------------------------------------
+def _routing(T: int, E: int, k: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    probs = torch.softmax(torch.randn(T, E, generator=g), dim=-1)
+    return torch.topk(probs, k, dim=-1)
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+@pytest.mark.parametrize("k", [1, 2])
+@pytest.mark.parametrize("T", [1, 5, 32])
+def test_moe_kernel_matches_grouped_reference(T, k, quantized):
+    """numba's one-call MoE (decode steps on CPU) against the grouped GEMMs, float32 and int8."""
+    E, H, I = 6, 48, 40
+    g = torch.Generator().manual_seed(T * 10 + k)
+    gate_up, down = 0.2 * torch.randn(E, 2 * I, H, generator=g), 0.2 * torch.randn(E, H, I, generator=g)
+    scales = (None, None)
+    if quantized:
+        (gate_up, gu_s), (down, d_s) = quantize_int8(gate_up), quantize_int8(down)
+        scales = (gu_s, d_s)
+    x = torch.randn(T, H, generator=g)
+    weights, experts = _routing(T, E, k, seed=T)
+    want = ops.moe_experts_grouped(x, weights, experts, gate_up, down, *scales)
+    got = numba_moe.moe_experts_cpu(x, weights, experts, gate_up, down, *scales)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
+    # The operator picks the kernel for short inputs, the grouped GEMMs for long ones.
+    torch.testing.assert_close(ops.moe_experts(x, weights, experts, gate_up, down, *scales), want, atol=2e-5, rtol=1e-5)
+    assert T <= numba_moe.MAX_TOKENS
+
+
+def test_dense_moe_matches_grouped_reference():
+    """The CUDA path (every expert over every token, no host sync) computes the same sum."""
+    E, H, I, T = 5, 32, 24, 7
+    g = torch.Generator().manual_seed(1)
+    gate_up, down = 0.2 * torch.randn(E, 2 * I, H, generator=g), 0.2 * torch.randn(E, H, I, generator=g)
+    x = torch.randn(T, H, generator=g)
+    weights, experts = _routing(T, E, 2, seed=3)
+    torch.testing.assert_close(ops.moe_experts_dense(x, weights, experts, gate_up, down),
+                               ops.moe_experts_grouped(x, weights, experts, gate_up, down), atol=1e-5, rtol=1e-5)
+
+
+def test_paged_decode_attention_matches_per_row_sdpa():
+    """One query per row over its paged prefix, against SDPA on each row's keys gathered in order."""
+    B, n_heads, n_kv, hd, bs, W = 3, 4, 2, 8, 4, 5
+    g = torch.Generator().manual_seed(2)
+    k_cache, v_cache = torch.randn(12, bs, n_kv, hd, generator=g), torch.randn(12, bs, n_kv, hd, generator=g)
+    tables = torch.tensor([[3, 7, 1, 0, 0], [5, 0, 0, 0, 0], [2, 4, 6, 8, 9]])
+    positions = torch.tensor([9, 0, 17])
+    q = torch.randn(B, n_heads, hd, generator=g)
+    got = ops.paged_decode_attention(q, k_cache, v_cache, tables, positions)
+    for b in range(B):
+        L = int(positions[b]) + 1
+        keys = k_cache[tables[b]].flatten(0, 1)[:L].transpose(0, 1)[None]  # (1, n_kv, L, hd)
+        vals = v_cache[tables[b]].flatten(0, 1)[:L].transpose(0, 1)[None]
+        want = F.scaled_dot_product_attention(q[b][None, :, None], keys, vals, enable_gqa=True)[0, :, 0]
+        torch.testing.assert_close(got[b], want, atol=1e-5, rtol=1e-5)
+    assert tables.shape[1] == W
+
+
+def test_custom_ops_pass_opcheck():
+    """The fake implementations agree with the real ones (shapes, strides, dtypes), as the
+    compiler relies on: torch.library.opcheck."""
+    E, H, I, T = 4, 16, 12, 3
+    g = torch.Generator().manual_seed(4)
+    gate_up, down = torch.randn(E, 2 * I, H, generator=g), torch.randn(E, H, I, generator=g)
+    weights, experts = _routing(T, E, 2, seed=5)
+    x = torch.randn(T, H, generator=g)
+    torch.library.opcheck(ops.moe_experts, (x, weights, experts, gate_up, down))
+    (qg, sg), (qd, sd) = quantize_int8(gate_up), quantize_int8(down)
+    torch.library.opcheck(ops.moe_experts, (x, weights, experts, qg, qd, sg, sd))
+    k_cache, v_cache = torch.randn(6, 4, 2, 8, generator=g), torch.randn(6, 4, 2, 8, generator=g)
+    torch.library.opcheck(ops.paged_decode_attention, (torch.randn(2, 4, 8, generator=g), k_cache, v_cache,
+                                                       torch.tensor([[1, 2], [3, 0]]), torch.tensor([5, 2])))
+    q, s = quantize_int8(torch.randn(10, H, generator=g))
+    torch.library.opcheck(int8_linear, (x, q, s, torch.randn(10, generator=g)))
+    torch.library.opcheck(int8_linear, (torch.randn(40, H, generator=g), q, s))  # the prefill path
+
+
+# ---- the whole step: one graph -------------------------------------------------------------------
+def _decode_inputs(stage: JambaStage, B: int):
+    cache = stage.make_cache(B, 32)
+    slots = [cache.allocate() for _ in range(B)]
+    cache.begin_decode(slots)
+    x = (torch.randint(3, stage.config.vocab_size, (B,)) if stage.is_first
+         else torch.randn(B, stage.config.hidden_size))
+    return x, cache, torch.tensor(slots), torch.zeros(B, dtype=torch.long)
+
+
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_decode_step_traces_as_one_graph(quantize):
+    """torch.compile(fullgraph=True) needs the whole decode step of a stage as one graph: first,
+    middle and last stages, float and int8 weights (the numba kernels behind custom operators)."""
+    whole = _random_stage("mqa-top1")
+    for stage in _split(whole, [0, 2, 4, 6]):
+        if quantize:
+            quantize_stage(stage, quantize)
+        with torch.inference_mode():
+            explained = torch._dynamo.explain(stage.decode)(*_decode_inputs(stage, 3))
+        assert explained.graph_break_count == 0 and explained.graph_count == 1, explained.break_reasons
+
+
+# ---- compiled == eager -------------------------------------------------------------------------
+def test_capture_sizes_pad_by_less_than_double():
+    assert capture_sizes(16) == [1, 2, 4, 8, 16] and capture_sizes(12) == [1, 2, 4, 8, 12] and capture_sizes(1) == [1]
+
+
+def test_compiled_decode_matches_eager_stage_by_stage():
+    """Three stages (first, middle, last) of a config with odd periods, top-1 routing, MQA, conv
+    width 3 and expand 1: each stage's compiled step (padded from 3 rows to 4, then 4 rows, then
+    3 rows again) feeds the next, and the last stage's log-probs match the eager stages' within
+    1e-4, with the same greedy tokens. The three runners share one compiled function in this
+    process: each must run its own stage."""
+    whole = _random_stage("mqa-top1", seed=1)
+    stages = _split(whole, [0, 2, 4, 6])
+    compiled_caches = [s.make_cache(4, 64) for s in stages]
+    eager_caches = [s.make_cache(4, 64) for s in stages]
+    runners = [DecodeRunner(s, c, sizes=[4]) for s, c in zip(stages, compiled_caches)]
+    for r in runners:
+        r.warm_up()
+    g = torch.Generator().manual_seed(0)
+
+    def prefill(slots: list[int], lengths: list[int]) -> torch.Tensor:
+        ids = torch.randint(3, whole.config.vocab_size, (sum(lengths),), generator=g)
+        outs = []
+        for caches in (compiled_caches, eager_caches):
+            for c in caches:
+                for s in slots:
+                    c.allocate(s)
+            x = ids
+            for stage, c in zip(stages, caches):
+                x = stage(x, c, slots, lengths)
+            outs.append(x)
+        torch.testing.assert_close(outs[0], outs[1])
+        return outs[0].argmax(-1)
+
+    tokens = prefill([0, 1, 2], [5, 1, 9])
+    rows = [0, 1, 2]
+    for step in range(12):
+        if step == 4:  # a fourth sequence joins: 4 rows, no padding
+            tokens = torch.cat([tokens, prefill([3], [3])])
+            rows = [0, 1, 2, 3]
+        if step == 8:  # the first leaves: 3 rows again, in another order
+            rows, tokens = [3, 1, 2], tokens[[3, 1, 2]]
+        x_c = x_e = tokens
+        for stage, runner, c in zip(stages, runners, eager_caches):
+            x_c = runner(x_c, rows)
+            x_e = stage(x_e, c, rows, [1] * len(rows))
+        lp_c, lp_e = torch.log_softmax(x_c.float(), -1), torch.log_softmax(x_e.float(), -1)
+        assert (lp_c - lp_e).abs().max() < 1e-4, step
+        assert torch.equal(x_c.argmax(-1), x_e.argmax(-1)), step
+        tokens = x_e.argmax(-1)
+    for c_c, c_e in zip(compiled_caches, eager_caches):
+        assert c_c.lengths == c_e.lengths
+
+
+@pytest.fixture(scope="module")
+def demo_lm(models):
+    from stages.tokenizer import Tokenizer
+
+    lm, _ = models
+    return lm, Tokenizer.from_dir(lm)
+
+
+def _generate(lm, tok, monkeypatch, mode: str, quantize: str | None = None, **options):
+    from cluster.runtime.local import LocalRunner
+    from stages.loading import load_stage
+
+    monkeypatch.setenv("JAMBA_DECODE", mode)
+    prompts = [tok.encode(t) for t in ["The weather today is", "Once upon a time", "a", "The weather today is"]]
+    params = [SamplingParams(max_new_tokens=24, ignore_eos=True, logprobs=True),
+              SamplingParams(max_new_tokens=30, ignore_eos=True, logprobs=True, temperature=0.8, top_p=0.9, seed=7),
+              SamplingParams(max_new_tokens=16, ignore_eos=True, logprobs=True),
+              SamplingParams(max_new_tokens=20, ignore_eos=True, logprobs=True)]
+    with LocalRunner(load_stage(lm, quantize=quantize)[0], tok, **options) as runner:
+        decoder = runner.engine.worker.decoder
+        first = runner.generate(prompts, params)
+        second = runner.generate(prompts, params)  # the prompts' prefixes are cached now
+        stats = runner.engine.scheduler.stats()
+    return first + second, decoder, stats
+
+
+def _same(got, want):
+    for g, w in zip(got, want):
+        assert g.output_ids == w.output_ids
+        assert max(abs(a - b) for a, b in zip(g.logprobs, w.logprobs)) < 1e-4
+
+
+@pytest.mark.parametrize("quantize", [None, "int8-experts"])
+def test_local_runner_compiled_matches_eager(demo_lm, monkeypatch, quantize):
+    """The trained demo model through the single process, float32 and int8 experts: greedy and
+    seeded sampling, the second call's prompts from the prefix cache; then with blocks so scarce
+    that running requests are preempted and replayed."""
+    lm, tok = demo_lm
+    options = dict(num_slots=2, max_batch_tokens=16, block_size=4)
+    want, eager_decoder, _ = _generate(lm, tok, monkeypatch, "eager", quantize, **options)
+    got, decoder, stats = _generate(lm, tok, monkeypatch, "compiled", quantize, **options)
+    assert eager_decoder is None and decoder is not None and decoder.sizes == [1, 2]
+    assert stats["cache"]["cached_tokens"] > 0
+    _same(got, want)
+    if quantize is None:
+        scarce = dict(options, num_blocks=10)  # two sequences grow to 8 blocks each
+        got, _, stats = _generate(lm, tok, monkeypatch, "compiled", **scarce)
+        assert stats["preemptions"] > 0
+        _same(got, want)
+
+
+def test_pipeline_compiled_matches_single_process(ray_cluster, demo_lm, monkeypatch):
+    """Two stages on Ray decode through their compiled steps (the driver's JAMBA_DECODE reaches the
+    stage actors) and give the eager single process's tokens and log-probs."""
+    from cluster.runtime.config import PipelineConfig
+    from cluster.runtime.pipeline import SyncPipeline
+
+    lm, tok = demo_lm
+    want, _, _ = _generate(lm, tok, monkeypatch, "eager", num_slots=4, max_batch_tokens=16)
+    monkeypatch.setenv("JAMBA_DECODE", "compiled")
+    pipe = SyncPipeline(PipelineConfig(str(lm), num_stages=2, num_slots=4, max_batch_tokens=16, cpus_per_stage=0.5))
+    try:
+        prompts = [tok.encode(t) for t in ["The weather today is", "Once upon a time", "a", "The weather today is"]]
+        params = [SamplingParams(max_new_tokens=24, ignore_eos=True, logprobs=True),
+                  SamplingParams(max_new_tokens=30, ignore_eos=True, logprobs=True, temperature=0.8, top_p=0.9, seed=7),
+                  SamplingParams(max_new_tokens=16, ignore_eos=True, logprobs=True),
+                  SamplingParams(max_new_tokens=20, ignore_eos=True, logprobs=True)]
+        got = pipe.generate(prompts, params) + pipe.generate(prompts, params)
+        infos = pipe.pipe.stage_info
+    finally:
+        pipe.close()
+    assert all(info.get("decode_compile_seconds", 0) > 0 for info in infos), infos
+    _same(got, want)
+
+
+def test_numba_kernels_keep_torch_thread_count():
+    """numba.set_num_threads resets the calling thread's OpenMP count (torch's too, one libgomp):
+    the kernels put torch's back, so a one-thread stage stays one thread and the compiled step's
+    guards hold."""
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        stage = _random_stage("mqa-top1")
+        cache = stage.make_cache(2, 16)
+        slots = [cache.allocate(), cache.allocate()]
+        stage(torch.tensor([5, 6, 7]), cache, slots, [2, 1])  # numba conv, scan and MoE kernels
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
