@@ -17,7 +17,8 @@ process lifecycle, restarts) and the microbatches take channels of their own:
   The scheduler listens for the last stage's answers. The kernel's socket buffers hold the next
   microbatch while a stage works on the current one, and only the receiving thread wakes for it.
 - A message carries the epoch's key (a connection without it is closed: the sockets listen on the
-  node's address, and Ray's authenticated calls are how the key reaches the stages), meta
+  node's address, and Ray's authenticated calls are how the key reaches the stages; channels.py
+  says how a connection that has not proven it is kept from stalling or filling a stage), meta
   (msgpack [epoch, seq]: which incarnation of the data plane, which microbatch), the microbatch
   header (stages/microbatch.py, encoded once here and forwarded unchanged), and a payload: the
   token ids into stage 0, the activations with the "inline" transport, the answers from the last
