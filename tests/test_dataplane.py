@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import time
 
 import pytest
 
@@ -143,6 +144,51 @@ def test_messages_without_the_key_are_dropped(ray_cluster, models, reference):
         pipe.close()
     assert rejected == [2, 2]
     assert [g.output_ids for g in got] == [w.output_ids for w in ref_lm.generate(prompts, params)]
+
+
+def test_strangers_stall_nothing(ray_cluster, models, reference):
+    """Strangers at every socket of the data plane (both stages' inboxes and the scheduler's answer
+    socket): one sends a byte and waits, 200 more connect and say nothing. The answers are
+    unchanged and come as fast (before, the one byte held a stage's loop for 30 s), and every
+    stranger is dropped within its deadline and counted where it connected."""
+    import socket
+
+    from cluster.runtime.channels import UNTRUSTED_DEADLINE_S, parse_address
+
+    lm, _ = models
+    ref_lm, _, tok = reference
+    prompts = [tok.encode(t) for t in PROMPTS]
+    params = [SamplingParams(max_new_tokens=6, ignore_eos=True) for _ in prompts]
+    pipe = SyncPipeline(PipelineConfig(str(lm), num_stages=2, cpus_per_stage=0.25))
+    strangers = []
+    try:
+        plane = pipe.pipe.dataplane
+        pipe.generate(prompts, params)  # warm-up
+        t0 = time.perf_counter()
+        quiet = pipe.generate(prompts, params)
+        quiet_s = time.perf_counter() - t0
+        for address in [*plane.inboxes, plane.answer_address]:
+            strangers.append(socket.create_connection(parse_address(address), timeout=10))
+            strangers[-1].sendall(b"x")
+            strangers += [socket.create_connection(parse_address(address), timeout=10) for _ in range(200)]
+        time.sleep(0.2)  # the stage loops take the byte in
+        t0 = time.perf_counter()
+        besieged = pipe.generate(prompts, params)
+        besieged_s = time.perf_counter() - t0
+        give_up = time.monotonic() + UNTRUSTED_DEADLINE_S + 10
+        while True:
+            rejected = [s["dataplane"]["rejected"] for s in pipe._call(pipe.pipe.stage_stats())] + [plane.rejected]
+            if rejected == [201] * 3 or time.monotonic() > give_up:
+                break
+            time.sleep(0.1)
+    finally:
+        for sock in strangers:
+            sock.close()
+        pipe.close()
+    assert [g.output_ids for g in besieged] == [g.output_ids for g in quiet]
+    assert [g.output_ids for g in quiet] == [w.output_ids for w in ref_lm.generate(prompts, params)]
+    assert besieged_s < 1.2 * quiet_s + 2.0, (quiet_s, besieged_s)
+    assert rejected == [201] * 3
 
 
 @pytest.mark.parametrize("option, message", [

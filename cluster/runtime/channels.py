@@ -13,20 +13,37 @@ A message is a fixed prefix and three parts:
     header   the microbatch header (stages/microbatch.py), bytes as the scheduler encoded it
     payload  token ids, activations, or the last stage's answer (may be empty)
 
-A connection whose first message lacks the key, or that sends something malformed, is closed and
-counted; nothing it sent reaches the stage.
+A sender opens its connection with a greeting, a prefix with the key and three zero lengths, so
+that it proves the key at once even if its first message comes minutes later.
+
+Strangers: the inboxes listen on the node's address, so anything that reaches the node can
+connect. Until a connection has sent a prefix with this epoch's key it is a stranger, and a
+stranger can neither stall the loop nor make it hold much:
+- `Inbox` never waits on one connection. Its sockets are non-blocking, each connection's bytes go
+  into a buffer of its own, and select() says which have more; a message is returned once its
+  whole body is in. So neither a stranger's single byte nor a trusted sender stalled mid-message
+  holds up the others (before this, one byte held the loop in a blocking read for 30 s).
+- A stranger's first 28 bytes are all that is read of it until they prove the key; a wrong key or
+  a length past MAX_PART closes it at once, before anything is allocated for the body.
+- At most MAX_UNTRUSTED strangers stay open (one more closes the oldest), each for at most
+  UNTRUSTED_DEADLINE_S.
+Every connection closed before it proved the key is counted in `rejected`, and nothing it sent
+reaches the stage. The scheduler's answer socket (dataplane.py) follows the same rules.
 """
 
 from __future__ import annotations
 
 import hmac
+import math
 import select
 import socket
 import struct
+import time
 
 PREFIX = struct.Struct("<16sIII")
 MAX_PART = 1 << 31  # a length past this is not a message of ours
-READ_TIMEOUT_S = 30.0  # the rest of a message, once its first bytes are in
+MAX_UNTRUSTED = 16  # connections that have not proven the key, per listening socket
+UNTRUSTED_DEADLINE_S = 2.0  # how long a connection has to prove the key (its greeting is immediate)
 
 
 def parse_address(address: str) -> tuple[str, int]:
@@ -56,6 +73,11 @@ def frame(key: bytes, meta: bytes, header: bytes, payload=b"") -> list:
     return [PREFIX.pack(key, len(meta), len(header), n), meta, header, payload]
 
 
+def greeting(key: bytes) -> bytes:
+    """What a sender writes first on a new connection: the key, and no message (receivers skip it)."""
+    return PREFIX.pack(key, 0, 0, 0)
+
+
 def send_all(sock: socket.socket, buffers: list) -> None:
     """Write every buffer (one system call for a message that fits the socket's buffer)."""
     views = [memoryview(b).cast("B") for b in buffers if memoryview(b).nbytes]
@@ -68,10 +90,12 @@ def send_all(sock: socket.socket, buffers: list) -> None:
             views[0] = views[0][sent:]
 
 
-def connect(address: str, timeout: float = 30.0) -> socket.socket:
+def connect(address: str, key: bytes, timeout: float = 30.0) -> socket.socket:
+    """A connection to an inbox, greeted with `key`."""
     sock = socket.create_connection(parse_address(address), timeout=timeout)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.settimeout(None)  # blocking writes: the kernel's buffer absorbs a microbatch or several
+    sock.sendall(greeting(key))
     return sock
 
 
@@ -82,56 +106,113 @@ class Inbox:
     def __init__(self, host: str, key: bytes) -> None:
         self.key = key
         self.listener = socket.create_server((host, 0))
+        self.listener.setblocking(False)
         self.address = f"tcp://{host}:{self.listener.getsockname()[1]}"
-        self.conns: list[socket.socket] = []
-        self.trusted: set[socket.socket] = set()  # connections that sent the key once
-        self.rejected = 0  # connections closed for a wrong key or a malformed message
+        self.peers: dict[socket.socket, _Peer] = {}  # in the order they connected
+        self.rejected = 0  # connections closed before they proved the key
 
     def recv(self, timeout: float) -> tuple[bytes, bytes, memoryview] | None:
-        """(meta, header, payload) of the next message, or None when nothing came within `timeout`
-        seconds (or what came was refused)."""
-        ready, _, _ = select.select([self.listener, *self.conns], [], [], timeout)
-        for s in ready:
-            if s is self.listener:
-                conn, _ = self.listener.accept()
-                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                conn.settimeout(READ_TIMEOUT_S)
-                self.conns.append(conn)
-                continue
-            message = self._read(s)
-            if message is not None:
-                return message
-        return None
+        """(meta, header, payload) of the next message, or None when none was complete within
+        `timeout` seconds."""
+        end = time.monotonic() + timeout
+        while True:
+            now = time.monotonic()
+            next_expiry = self._expire(now)
+            # The listener last: connections already open are read before new ones can push them out.
+            ready, _, _ = select.select([*self.peers, self.listener], [], [], max(0.0, min(end, next_expiry) - now))
+            for sock in ready:
+                if sock is self.listener:
+                    self._accept()
+                    continue
+                message = self._read(self.peers[sock])
+                if message is not None:
+                    return message
+            if time.monotonic() >= end:
+                return None
 
-    def _read(self, conn: socket.socket):
+    def _accept(self) -> None:
         try:
-            lengths = read_prefix(_recv_exact(conn, PREFIX.size), self.key)
-            body = _recv_exact(conn, sum(lengths))
-        except (OSError, ValueError, EOFError):
-            self._drop(conn, counted=conn not in self.trusted)
-            return None
-        self.trusted.add(conn)
-        return split(body, lengths)
+            sock, _ = self.listener.accept()
+        except OSError:  # gone before we took it
+            return
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.peers[sock] = _Peer(sock, time.monotonic() + UNTRUSTED_DEADLINE_S)
+        strangers = self._strangers()
+        if len(strangers) > MAX_UNTRUSTED:
+            self._drop(strangers[0], counted=True)
 
-    def _drop(self, conn: socket.socket, counted: bool) -> None:
+    def _read(self, peer: _Peer) -> tuple[bytes, bytes, memoryview] | None:
+        try:
+            return peer.read(self.key)
+        except (OSError, ValueError, EOFError):  # closed, or not a message of ours
+            self._drop(peer, counted=not peer.trusted)
+            return None
+
+    def _expire(self, now: float) -> float:
+        """Close the strangers past their deadline; returns when the next one is due."""
+        next_expiry = math.inf
+        for peer in self._strangers():
+            if peer.deadline <= now:
+                self._drop(peer, counted=True)
+            else:
+                next_expiry = min(next_expiry, peer.deadline)
+        return next_expiry
+
+    def _strangers(self) -> list[_Peer]:
+        return [p for p in self.peers.values() if not p.trusted]
+
+    def _drop(self, peer: _Peer, counted: bool) -> None:
         self.rejected += counted
-        self.conns.remove(conn)
-        self.trusted.discard(conn)
-        conn.close()
+        del self.peers[peer.sock]
+        peer.sock.close()
 
     def close(self) -> None:
-        for c in self.conns:
-            c.close()
-        self.conns.clear()
+        for sock in self.peers:
+            sock.close()
+        self.peers.clear()
         self.listener.close()
 
 
-def _recv_exact(conn: socket.socket, n: int) -> bytearray:
-    buf = bytearray(n)
-    view, got = memoryview(buf), 0
-    while got < n:
-        k = conn.recv_into(view[got:])
-        if k == 0:
-            raise EOFError("the connection closed mid-message")
-        got += k
-    return buf
+class _Peer:
+    """One connection to an inbox and how far its current message has come: first the prefix,
+    then (once the prefix has proven the key) the body, each received straight into a buffer of
+    its exact size. Reading no further than the current part leaves the next message's bytes in
+    the kernel, where select() sees them."""
+
+    def __init__(self, sock: socket.socket, deadline: float) -> None:
+        self.sock, self.deadline = sock, deadline
+        self.trusted = False  # sent a prefix with the key
+        self.lengths: tuple[int, int, int] | None = None  # of the message whose body is being read
+        self._expect(PREFIX.size)
+
+    def _expect(self, n: int) -> None:
+        self.buffer = bytearray(n)
+        self.view, self.got = memoryview(self.buffer), 0
+
+    def read(self, key: bytes) -> tuple[bytes, bytes, memoryview] | None:
+        """Take what the socket holds of the current message, without waiting; the message once its
+        body is complete. Raises ValueError for a prefix without the key, EOFError once closed."""
+        while True:
+            try:
+                n = self.sock.recv_into(self.view[self.got:])
+            except BlockingIOError:
+                return None
+            if n == 0:
+                raise EOFError("the connection closed")
+            self.got += n
+            if self.got < len(self.buffer):
+                return None  # the rest is not here yet
+            if self.lengths is None:  # a prefix
+                lengths = read_prefix(self.buffer, key)
+                self.trusted, self.deadline = True, math.inf
+                if sum(lengths):  # else a greeting: read the next prefix
+                    self.lengths = lengths
+                    self._expect(sum(lengths))
+                else:
+                    self.got = 0
+                continue
+            body, lengths = self.buffer, self.lengths
+            self.lengths = None
+            self._expect(PREFIX.size)
+            return split(body, lengths)

@@ -17,7 +17,8 @@ process lifecycle, restarts) and the microbatches take channels of their own:
   The scheduler listens for the last stage's answers. The kernel's socket buffers hold the next
   microbatch while a stage works on the current one, and only the receiving thread wakes for it.
 - A message carries the epoch's key (a connection without it is closed: the sockets listen on the
-  node's address, and Ray's authenticated calls are how the key reaches the stages), meta
+  node's address, and Ray's authenticated calls are how the key reaches the stages; channels.py
+  says how a connection that has not proven it is kept from stalling or filling a stage), meta
   (msgpack [epoch, seq]: which incarnation of the data plane, which microbatch), the microbatch
   header (stages/microbatch.py, encoded once here and forwarded unchanged), and a payload: the
   token ids into stage 0, the activations with the "inline" transport, the answers from the last
@@ -104,14 +105,20 @@ class DataPlane:
         self.pending: dict[int, asyncio.Future] = {}
         self.broken: DataPlaneError | None = DataPlaneError("the data plane is not started")
         self.inboxes: list[str] = []
+        self.rejected = 0  # connections to the answer socket closed before they proved the key
         self._answer_tasks: set[asyncio.Task] = set()
+        self._strangers: list[asyncio.Task] = []  # the answer connections yet to prove the key, oldest first
         self._watcher: asyncio.Task | None = None
 
-    async def start(self) -> None:
-        t0 = time.perf_counter()
+    async def listen(self) -> None:
+        """Open the socket the last stage's answers arrive on, once: it serves every epoch."""
         if self.answers is None:
             self.answers = await asyncio.start_server(self._read_answers, self.host, 0)
             self.answer_address = f"tcp://{self.host}:{self.answers.sockets[0].getsockname()[1]}"
+
+    async def start(self) -> None:
+        t0 = time.perf_counter()
+        await self.listen()
         self.epoch += 1
         self.key = secrets.token_bytes(16)
         epoch, P = self.epoch, len(self.actors)
@@ -131,6 +138,7 @@ class DataPlane:
             self.to_first.close()
         _, self.to_first = await asyncio.open_connection(*channels.parse_address(inboxes[0]))
         self.to_first.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.to_first.write(channels.greeting(self.key))
         await asyncio.gather(*[a.start_dataplane.remote(epoch) for a in self.actors])
         self.broken = None
         self._watcher = asyncio.get_running_loop().create_task(self._watch(epoch))
@@ -149,26 +157,46 @@ class DataPlane:
         return decode_answers(await fut)
 
     async def _read_answers(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        """One last stage's connection: answers until it closes. A connection without this epoch's
-        key (an old epoch's last stage, or anything else) is closed."""
-        self._answer_tasks.add(asyncio.current_task())
+        """One connection to the answer socket: the last stage's answers until it closes. The rules
+        for strangers are the inboxes' (channels.py): a connection has UNTRUSTED_DEADLINE_S to send
+        a prefix with this epoch's key (the last stage greets at once), at most MAX_UNTRUSTED wait
+        to (one more closes the oldest), and those closed before they proved the key are counted in
+        `rejected`. Until then the stream reads ahead at most 128 KiB (twice asyncio's limit) of
+        what one sends. A connection with an older epoch's key (an old epoch's last stage) is
+        closed uncounted."""
+        task = asyncio.current_task()
+        self._answer_tasks.add(task)
+        self._strangers.append(task)
+        if len(self._strangers) > channels.MAX_UNTRUSTED:
+            self.rejected += 1
+            self._strangers.pop(0).cancel()
+        trusted = False
         try:
+            prefix = await asyncio.wait_for(reader.readexactly(channels.PREFIX.size), channels.UNTRUSTED_DEADLINE_S)
             while True:
-                lengths = channels.read_prefix(await reader.readexactly(channels.PREFIX.size), self.key)
-                meta, _, answers = channels.split(await reader.readexactly(sum(lengths)), lengths)
-                epoch, seq = msgpack.unpackb(meta)
-                fut = self.pending.pop(seq, None) if epoch == self.epoch else None
-                if fut is not None and not fut.done():
-                    fut.set_result(answers)
-        except (asyncio.IncompleteReadError, ConnectionError, ValueError):  # closed, or not a message of ours
-            pass
+                lengths = channels.read_prefix(prefix, self.key)
+                if not trusted:
+                    trusted = True
+                    self._strangers.remove(task)
+                if sum(lengths):  # else a greeting
+                    meta, _, answers = channels.split(await reader.readexactly(sum(lengths)), lengths)
+                    epoch, seq = msgpack.unpackb(meta)
+                    fut = self.pending.pop(seq, None) if epoch == self.epoch else None
+                    if fut is not None and not fut.done():
+                        fut.set_result(answers)
+                prefix = await reader.readexactly(channels.PREFIX.size)
+        except (asyncio.IncompleteReadError, ConnectionError, ValueError, TimeoutError):  # closed, or not ours
+            self.rejected += not trusted
         except asyncio.CancelledError:
-            # `close` cancels this connection's task. End it quietly: asyncio's stream server asks a
-            # finished handler task for its exception, and a cancelled one would raise there.
+            # `close` cancels this connection's task, and so does a newer stranger pushing this one
+            # out. End it quietly: asyncio's stream server asks a finished handler task for its
+            # exception, and a cancelled one would raise there.
             pass
         finally:
+            if task in self._strangers:
+                self._strangers.remove(task)
             writer.close()
-            self._answer_tasks.discard(asyncio.current_task())
+            self._answer_tasks.discard(task)
 
     async def _watch(self, epoch: int) -> None:
         """Ping every stage until this epoch ends; break the data plane when one is gone (Ray

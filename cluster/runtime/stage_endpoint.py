@@ -60,7 +60,7 @@ class StageEndpoint:
         for a torch.distributed transport, join this epoch's process group (every stage calls this
         at the same time: the group's rendezvous waits for all of them)."""
         assert epoch == self.epoch, "connect of an epoch that was not opened"
-        self.out = channels.connect(next_address)
+        self.out = channels.connect(next_address, self.key)
         self.transport = transport
         if transport in ("gloo", "nccl") and self.num_stages > 1:
             self.group = _process_group(transport, store, epoch, self.rank, self.num_stages, host)

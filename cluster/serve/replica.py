@@ -189,7 +189,8 @@ class Replica:
 
     async def stats(self) -> dict:
         pipe = self.engine()
-        return {"scheduler": pipe.scheduler.stats(), "stages": await pipe.stage_stats()}
+        return {"scheduler": pipe.scheduler.stats(), "stages": await pipe.stage_stats(),
+                "dataplane": {"rejected": pipe.dataplane.rejected}}  # strangers at the answer socket
 
     async def _report_stats(self) -> None:
         counted = {"prompt_tokens": 0, "cached_tokens": 0}
