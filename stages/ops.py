@@ -16,7 +16,7 @@ the experts run every token (a weight of zero for the experts a token did not ch
 attention reads each row's block table to its full width (masked). On the CPU, where reading a
 value costs nothing, they do the least work: each expert runs only its tokens (a numba kernel for
 the few tokens of a decode step, stages/kernels/numba_moe.py; one GEMM per expert for prefill),
-and the attention reads only the blocks the longest row needs.
+and the attention reads each row's own blocks (a numba kernel, stages/kernels/numba_attention.py).
 """
 
 from __future__ import annotations
@@ -102,7 +102,17 @@ def paged_decode_attention(
     block_tables: torch.Tensor,  # (B, W) int64 each row's blocks
     positions: torch.Tensor,  # (B,) int64 each query's position: it sees keys 0..position
 ) -> torch.Tensor:  # (B, n_heads, hd), q's dtype
-    """Grouped-query attention of one new token per row over its paged prefix (its own key included).
+    """Grouped-query attention of one new token per row over its paged prefix (its own key included)."""
+    if q.device.type == "cpu" and q.dtype == k_cache.dtype == torch.float32:
+        from .kernels import numba_attention  # (numba on first use, as above)
+
+        return numba_attention.paged_decode_attention_cpu(q, k_cache, v_cache, block_tables, positions)
+    return paged_decode_attention_torch(q, k_cache, v_cache, block_tables, positions)
+
+
+def paged_decode_attention_torch(q, k_cache, v_cache, block_tables, positions) -> torch.Tensor:
+    """paged_decode_attention in torch ops: the reference the numba kernel is tested against, and
+    the path of CUDA tensors and of bf16 caches.
 
     Written as two batched matmuls over each KV head's group of query heads: SDPA's CPU path for
     this (GQA, a mask, strided keys) expands K and V to every query head, and took 10x longer

@@ -93,14 +93,17 @@ def test_dense_moe_matches_grouped_reference():
 
 
 def test_paged_decode_attention_matches_per_row_sdpa():
-    """One query per row over its paged prefix, against SDPA on each row's keys gathered in order."""
+    """One query per row over its paged prefix, against SDPA on each row's keys gathered in order:
+    the numba kernel and the torch path."""
     B, n_heads, n_kv, hd, bs, W = 3, 4, 2, 8, 4, 5
     g = torch.Generator().manual_seed(2)
     k_cache, v_cache = torch.randn(12, bs, n_kv, hd, generator=g), torch.randn(12, bs, n_kv, hd, generator=g)
     tables = torch.tensor([[3, 7, 1, 0, 0], [5, 0, 0, 0, 0], [2, 4, 6, 8, 9]])
     positions = torch.tensor([9, 0, 17])
     q = torch.randn(B, n_heads, hd, generator=g)
-    got = ops.paged_decode_attention(q, k_cache, v_cache, tables, positions)
+    got = ops.paged_decode_attention(q, k_cache, v_cache, tables, positions)  # numba on CPU float32
+    torch.testing.assert_close(got, ops.paged_decode_attention_torch(q, k_cache, v_cache, tables, positions),
+                               atol=1e-5, rtol=1e-5)
     for b in range(B):
         L = int(positions[b]) + 1
         keys = k_cache[tables[b]].flatten(0, 1)[:L].transpose(0, 1)[None]  # (1, n_kv, L, hd)
