@@ -15,16 +15,49 @@ import torch
 import torch.nn.functional as F
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear, with a faster GEMM shape for the skinny inputs of decode steps on CPU.
+# Float32 inputs of up to this many tokens go through a numba kernel (stages/kernels/numba_int8.py:
+# 1.6-5.5x MKL's speed for 1-8 tokens on this machine), if the weight has at least this many
+# elements (below, a call's fixed cost is more than MKL takes).
+SKINNY_MAX_T = 8
+SKINNY_MIN_WEIGHT = 1 << 16
 
-    MKL's sgemm for x (T, in) @ W.T runs 2-3x below memory speed when T is 8..128 (measured
-    on 2 cores; see BENCHMARKS.md); W @ x.T computes the same products and streams W at full speed.
-    """
-    if x.device.type == "cpu" and x.dim() == 2 and 8 <= x.shape[0] <= 128:
-        out = (weight @ x.t()).t()
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear, with faster paths for the skinny inputs of decode steps on CPU (`skinny_linear`)."""
+    if x.device.type == "cpu" and x.dim() == 2 and x.shape[0] <= 128 and (x.shape[0] >= 8 or _numba_fits(x, weight)):
+        out = skinny_linear(x, weight)
         return out if bias is None else out + bias
     return F.linear(x, weight, bias)
+
+
+def _numba_fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    return x.shape[0] <= SKINNY_MAX_T and x.dtype == weight.dtype == torch.float32 and weight.numel() >= SKINNY_MIN_WEIGHT
+
+
+@torch.library.custom_op("jamba::skinny_linear", mutates_args=())
+def skinny_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x (T, in) @ weight (out, in).T for up to 128 tokens on CPU, by the fastest path measured:
+
+    - up to SKINNY_MAX_T float32 tokens, a numba kernel (stages/kernels/numba_int8.py);
+    - otherwise W @ x.T, transposed back: MKL's sgemm for x @ W.T runs 2-3x below memory speed
+      when T is 8..128 (measured on 2 cores; see BENCHMARKS.md), and W @ x.T computes the same
+      products streaming W at full speed.
+
+    A custom operator, so that torch.compile neither traces into numba nor rewrites W @ x.T back
+    into the slow orientation (it did: the compiled decode step at batch 32 ran slower than eager).
+    """
+    if _numba_fits(x, weight):
+        from .kernels import numba_int8  # numba is imported on first use (stages/warmup.py)
+
+        return numba_int8.float_matmul_cpu(x, weight)
+    return (weight @ x.t()).t()
+
+
+@skinny_linear.register_fake
+def _(x, weight):
+    if _numba_fits(x, weight):
+        return x.new_empty(x.shape[0], weight.shape[0])
+    return x.new_empty(weight.shape[0], x.shape[0]).t()  # the transpose of W @ x.T, as computed
 
 
 def dequantize_int8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -132,6 +132,41 @@ def test_custom_ops_pass_opcheck():
     torch.library.opcheck(int8_linear, (torch.randn(40, H, generator=g), q, s))  # the prefill path
 
 
+@pytest.mark.parametrize("T", [1, 3, 8, 20])
+def test_skinny_linear_matches_mkl(T):
+    """The paths `linear` takes for skinny inputs (numba's matmul for a few float32 tokens, W @ x.T
+    up to 128) against F.linear."""
+    from stages import linear as lin
+
+    g = torch.Generator().manual_seed(T)
+    w, b = torch.randn(300, 256, generator=g), torch.randn(300, generator=g)
+    x = torch.randn(T, 256, generator=g)
+    assert w.numel() >= lin.SKINNY_MIN_WEIGHT
+    torch.testing.assert_close(lin.linear(x, w, b), F.linear(x, w, b), atol=1e-4, rtol=1e-5)
+    torch.library.opcheck(lin.skinny_linear, (x, w))
+
+
+def test_model_through_skinny_linear_matches_mkl(monkeypatch):
+    """A whole stage's decode steps with every linear layer through the numba matmul (the test
+    configs' weights are below its size threshold, so it is lowered here) give MKL's log-probs."""
+    from stages import linear as lin
+
+    stage = _random_stage("mqa-top1", seed=2)
+    out = {}
+    for name, min_weight in (("numba", 0), ("mkl", 1 << 62)):
+        monkeypatch.setattr(lin, "SKINNY_MIN_WEIGHT", min_weight)
+        cache = stage.make_cache(3, 32)
+        slots = [cache.allocate() for _ in range(3)]
+        tok = stage(torch.arange(3, 12), cache, slots, [4, 2, 3]).argmax(-1)
+        steps = []
+        for _ in range(6):
+            logits = stage(tok, cache, slots, [1, 1, 1])
+            steps.append(torch.log_softmax(logits, -1))
+            tok = logits.argmax(-1)
+        out[name] = torch.stack(steps)
+    assert (out["numba"] - out["mkl"]).abs().max() < 1e-4
+
+
 # ---- the whole step: one graph -------------------------------------------------------------------
 def _decode_inputs(stage: JambaStage, B: int):
     cache = stage.make_cache(B, 32)
@@ -143,9 +178,13 @@ def _decode_inputs(stage: JambaStage, B: int):
 
 
 @pytest.mark.parametrize("quantize", [None, "int8"])
-def test_decode_step_traces_as_one_graph(quantize):
+def test_decode_step_traces_as_one_graph(quantize, monkeypatch):
     """torch.compile(fullgraph=True) needs the whole decode step of a stage as one graph: first,
-    middle and last stages, float and int8 weights (the numba kernels behind custom operators)."""
+    middle and last stages, float and int8 weights (the numba kernels behind custom operators;
+    the float matmuls through numba's too)."""
+    from stages import linear as lin
+
+    monkeypatch.setattr(lin, "SKINNY_MIN_WEIGHT", 0)
     whole = _random_stage("mqa-top1")
     for stage in _split(whole, [0, 2, 4, 6]):
         if quantize:
