@@ -306,9 +306,9 @@ def test_pipeline_compiled_matches_single_process(ray_cluster, demo_lm, monkeypa
     from cluster.runtime.pipeline import SyncPipeline
 
     lm, tok = demo_lm
-    want, _, _ = _generate(lm, tok, monkeypatch, "eager", num_slots=4, max_batch_tokens=16)
+    want, _, _ = _generate(lm, tok, monkeypatch, "eager", num_slots=2, max_batch_tokens=16)
     monkeypatch.setenv("JAMBA_DECODE", "compiled")
-    pipe = SyncPipeline(PipelineConfig(str(lm), num_stages=2, num_slots=4, max_batch_tokens=16, cpus_per_stage=0.5))
+    pipe = SyncPipeline(PipelineConfig(str(lm), num_stages=2, num_slots=2, max_batch_tokens=16, cpus_per_stage=0.5))
     try:
         prompts = [tok.encode(t) for t in ["The weather today is", "Once upon a time", "a", "The weather today is"]]
         params = [SamplingParams(max_new_tokens=24, ignore_eos=True, logprobs=True),
