@@ -31,16 +31,21 @@ def make_hf_model(name: str, classification: bool = False, num_labels: int = 3, 
     cfg._attn_implementation = "eager"
     torch.manual_seed(seed)
     model = (JambaForSequenceClassification if classification else JambaForCausalLM)(cfg)
-    # HF's init (std 0.02) gives near-uniform outputs; larger random weights make a sharper test.
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if n.endswith("A_log"):
-                p.add_(0.5 * torch.rand_like(p))
-            elif "norm" in n or n.endswith(".D"):
-                p.copy_(1 + 0.2 * torch.randn_like(p))
-            else:
-                p.normal_(0, 0.15)
+    sharpen(model)
     return model.eval()
+
+
+@torch.no_grad()
+def sharpen(model) -> None:
+    """HF's init (std 0.02) gives near-uniform outputs; larger random weights make a sharper test.
+    A_log keeps its S4D-real init (log 1..d_state, which both inits start from) plus noise."""
+    for n, p in model.named_parameters():
+        if n.endswith("A_log"):
+            p.add_(0.5 * torch.rand_like(p))
+        elif "norm" in n or n.endswith(".D"):
+            p.copy_(1 + 0.2 * torch.randn_like(p))
+        else:
+            p.normal_(0, 0.15)
 
 
 def save_hf_model(model, path: Path, shard: str = "20KB") -> Path:

@@ -20,7 +20,7 @@ from stages.linear import int8_linear
 from stages.model import JambaStage
 from stages.quant import quantize_int8, quantize_stage
 from stages.sequence import SamplingParams
-from tests.hf_reference import CONFIGS
+from tests.hf_reference import CONFIGS, sharpen
 
 torch.set_num_threads(2)
 
@@ -28,16 +28,8 @@ torch.set_num_threads(2)
 def _random_stage(name: str, seed: int = 0) -> JambaStage:
     """A whole random-weight model of one of the hf_reference configs, weights as sharp as theirs."""
     torch.manual_seed(seed)
-    stage = JambaStage(JambaConfig(**CONFIGS[name]))
-    with torch.no_grad():
-        for n, p in stage.named_parameters():
-            if n.endswith("A_log"):
-                p.copy_(torch.log(torch.arange(1, p.shape[1] + 1, dtype=torch.float32)).repeat(p.shape[0], 1))
-                p.add_(0.5 * torch.rand_like(p))
-            elif "norm" in n or n.endswith(".D"):
-                p.copy_(1 + 0.2 * torch.randn_like(p))
-            else:
-                p.normal_(0, 0.15)
+    stage = JambaStage(JambaConfig(**CONFIGS[name]))  # A_log starts as log(1..d_state), as HF's does
+    sharpen(stage)
     return stage.eval()
 
 
