@@ -16,15 +16,16 @@ import torch.nn.functional as F
 
 
 # Float32 inputs of up to this many tokens go through a numba kernel (stages/kernels/numba_int8.py:
-# 1.6-5.5x MKL's speed for 1-8 tokens on this machine), if the weight has at least this many
-# elements (below, a call's fixed cost is more than MKL takes).
+# 1.6-5.5x MKL's speed for 1-8 tokens on this machine). Both skinny paths are for weights of at
+# least this many elements: below, a call's fixed cost is more than MKL takes.
 SKINNY_MAX_T = 8
 SKINNY_MIN_WEIGHT = 1 << 16
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear, with faster paths for the skinny inputs of decode steps on CPU (`skinny_linear`)."""
-    if x.device.type == "cpu" and x.dim() == 2 and x.shape[0] <= 128 and (x.shape[0] >= 8 or _numba_fits(x, weight)):
+    if (x.device.type == "cpu" and x.dim() == 2 and x.shape[0] <= 128 and weight.numel() >= SKINNY_MIN_WEIGHT
+            and (x.shape[0] >= 8 or _numba_fits(x, weight))):
         out = skinny_linear(x, weight)
         return out if bias is None else out + bias
     return F.linear(x, weight, bias)
