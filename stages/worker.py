@@ -46,7 +46,9 @@ class StageWorker:
         (compiled, fixed shapes: stages/decode.py) unless `enforce_eager` or JAMBA_DECODE=eager."""
         self.stage = stage
         self.cache = stage.make_cache(num_slots, max_seq_len, manage_blocks=False, **(paging or {}))
-        self.decoder = DecodeRunner(stage, self.cache) if decode_mode(enforce_eager) == "compiled" else None
+        # (A classifier's rows are never decoded.)
+        compiled = decode_mode(enforce_eager) == "compiled" and not stage.config.is_classifier
+        self.decoder = DecodeRunner(stage, self.cache) if compiled else None
         p = next(stage.parameters())
         self.is_last, self.hidden_size = stage.is_last, stage.config.hidden_size
         self.dtype, self.device = p.dtype, p.device

@@ -68,6 +68,8 @@ def _run(args, lm: str, cls: str, t0: float) -> None:
                   name="lm", route_prefix="/lm")
         serve.run(build_app({"model": cls, "name": "classifier", "stages": 1, "cpus_per_stage": 0.25}),
                   name="classifier", route_prefix="/classifier")
+        print("  starting: loading the stages and compiling their decode steps (on a machine's first start "
+              "a few minutes; later starts read them from the cache)", flush=True)
         wait_until_serving("lm")
         wait_until_serving("classifier")
         print(f"  service up in {time.perf_counter() - t0:.1f}s")
