@@ -14,6 +14,21 @@ import os
 from dataclasses import dataclass, field
 
 
+STRUCTURE_KINDS = ("json_schema", "json_object", "regex", "lark")
+
+
+@dataclass(frozen=True)
+class Structure:
+    """Output constrained to a grammar (stages/grammar.py compiles it): `kind` is one of
+    STRUCTURE_KINDS and `spec` its text: a JSON Schema (as JSON text), a regular expression, a
+    Lark grammar (llguidance's dialect, which may embed `%json {schema}`); "" for json_object."""
+
+    kind: str
+    spec: str = ""
+
+    MAX_SPEC = 1 << 20  # characters
+
+
 @dataclass
 class SamplingParams:
     max_new_tokens: int = 16
@@ -25,9 +40,20 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     logprobs: bool = False  # return log p(token) of each sampled token
     ignore_eos: bool = False
+    # The logits processors, applied on the last stage in this order before temperature, top-k and
+    # top-p (stages/sampling.py), as vLLM does. Penalties look at the row's own tokens only.
+    top_logprobs: int = 0  # also return the this-many most likely tokens at each step (0..MAX_TOP_LOGPROBS)
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit, in [-100, 100]
+    min_tokens: int = 0  # EOS and stop_token_ids cannot be drawn before this many tokens
+    repetition_penalty: float = 1.0  # transformers': divide positive logits of seen tokens (prompt + output), multiply negative
+    frequency_penalty: float = 0.0  # OpenAI's: minus this times the token's count in the output, in [-2, 2]
+    presence_penalty: float = 0.0  # OpenAI's: minus this if the token is in the output, in [-2, 2]
+    structure: Structure | None = None  # constrained decoding: the output must match this grammar
 
     MAX_STOP = 64
     MAX_STOP_LEN = 512
+    MAX_TOP_LOGPROBS = 20
+    MAX_LOGIT_BIAS = 1024
 
     def validate(self, vocab_size: int) -> None:
         """Raise ValueError naming the offending field."""
@@ -58,6 +84,41 @@ class SamplingParams:
             bad("stop_token_ids", "allows at most 1024 ids", f"{len(ids)} ids")
         if any(not 0 <= i < vocab_size for i in ids):
             bad("stop_token_ids", f"must be token ids in [0, {vocab_size})", [i for i in ids if not 0 <= i < vocab_size][:5])
+        n = self.top_logprobs
+        if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= self.MAX_TOP_LOGPROBS:
+            bad("top_logprobs", f"must be an integer in [0, {self.MAX_TOP_LOGPROBS}]", n)
+        bias = self.logit_bias
+        if not isinstance(bias, dict) or len(bias) > self.MAX_LOGIT_BIAS:
+            bad("logit_bias", f"must map at most {self.MAX_LOGIT_BIAS} token ids to numbers", type(bias).__name__
+                if not isinstance(bias, dict) else f"{len(bias)} entries")
+        for i, b in bias.items():
+            if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < vocab_size:
+                bad("logit_bias", f"keys must be token ids in [0, {vocab_size})", i)
+            if isinstance(b, bool) or not isinstance(b, (int, float)) or not -100 <= b <= 100:
+                bad("logit_bias", "values must be numbers in [-100, 100]", b)
+        m = self.min_tokens
+        if isinstance(m, bool) or not isinstance(m, int) or not 0 <= m <= self.max_new_tokens:
+            bad("min_tokens", "must be an integer in [0, max_new_tokens]", m)
+        r = self.repetition_penalty
+        if isinstance(r, bool) or not isinstance(r, (int, float)) or math.isnan(r) or not 0 < r <= 10:
+            bad("repetition_penalty", "must be in (0, 10]", r)
+        for name in ("frequency_penalty", "presence_penalty"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(v) or not -2 <= v <= 2:
+                bad(name, "must be in [-2, 2]", v)
+        st = self.structure
+        if st is not None:
+            if not isinstance(st, Structure) or st.kind not in STRUCTURE_KINDS:
+                bad("structure", f"must be one of {', '.join(STRUCTURE_KINDS)}", getattr(st, "kind", st))
+            if not isinstance(st.spec, str) or len(st.spec) > Structure.MAX_SPEC:
+                bad("structure", f"must be text of at most {Structure.MAX_SPEC} characters",
+                    f"{len(st.spec)} characters" if isinstance(st.spec, str) else type(st.spec).__name__)
+            if st.kind != "json_object" and not st.spec:
+                bad("structure", f"{st.kind} needs its text", st.spec)
+
+    @property
+    def penalized(self) -> bool:
+        return self.repetition_penalty != 1 or self.frequency_penalty != 0 or self.presence_penalty != 0
 
     def resolved_seed(self) -> int:
         """The request's seed: the given one, or a fresh random one for an unseeded request."""
@@ -72,6 +133,7 @@ class GenerationResult:
     logprobs: list[float] | None = None
     prompt_tokens: int = 0
     cached_tokens: int = 0  # prompt tokens taken from the prefix cache
+    top_logprobs: list[list[tuple[int, float]]] | None = None  # per output token: (id, logprob), most likely first
 
 
 @dataclass

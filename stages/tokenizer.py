@@ -235,6 +235,10 @@ class Tokenizer:
                 text = text.replace(old, new)
         return text
 
+    def to_json(self) -> str:
+        """The tokenizer.json this tokenizer was loaded from (what llguidance builds its own from)."""
+        return self._backend.to_str()
+
     def incremental_decoder(self, skip_special_tokens: bool = True) -> IncrementalDecoder:
         return IncrementalDecoder(self, skip_special_tokens)
 

@@ -12,9 +12,11 @@ own way (INVALID_ARGUMENT, HTTP 400 with `param`, a row's error).
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 
 from stages.config import JambaConfig
+from stages.grammar import GrammarError, Grammars, Matcher
 from stages.sequence import SamplingParams, pooling_position
 from stages.tokenizer import ChatTemplateError
 
@@ -31,6 +33,7 @@ class IntakeError(ValueError):
 class GenerateRequest:
     prompt: list[int]
     params: SamplingParams
+    grammar: Matcher | None = None  # params.structure, compiled (at its start; the scheduler copies it)
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,7 @@ class ClassifyRequest:
 class Intake:
     def __init__(self, config: JambaConfig, tokenizer, max_seq_len: int) -> None:
         self.config, self.tokenizer, self.max_seq_len = config, tokenizer, max_seq_len
+        self._grammars: Grammars | None = None
 
     # ---- prompts to token ids ---------------------------------------------------------------
     def text(self, text: str, field: str = "prompt") -> list[int]:
@@ -109,7 +113,34 @@ class Intake:
         if n + params.max_new_tokens > limit:
             raise IntakeError(max_field, f"{field} has {n} tokens and {max_field} is {params.max_new_tokens}, "
                                          f"more than the context of {limit}")
-        return GenerateRequest(ids, params)
+        return GenerateRequest(ids, params, self._grammar(params, prefix, names))
+
+    async def generation_async(self, ids: list[int], params: SamplingParams, field: str = "prompt",
+                               max_field: str = "max_new_tokens", prefix: str = "",
+                               names: dict[str, str] | None = None) -> GenerateRequest:
+        """`generation`, for a caller on an event loop: a structure compiled for the first time
+        is compiled in a thread, so a large schema holds up no other request."""
+        if params.structure is not None and self.tokenizer is not None and not self.grammars.cached(params.structure):
+            return await asyncio.to_thread(self.generation, ids, params, field, max_field, prefix, names)
+        return self.generation(ids, params, field, max_field, prefix, names)
+
+    @property
+    def grammars(self) -> Grammars:
+        if self._grammars is None:
+            self._grammars = Grammars(self._tokenizer("structure").to_json(), self.config.vocab_size,
+                                      self.config.eos_token_ids)
+        return self._grammars
+
+    def _grammar(self, params: SamplingParams, prefix: str, names: dict[str, str]) -> Matcher | None:
+        if params.structure is None:
+            return None
+        field = prefix + names.get("structure", "structure")
+        if self.tokenizer is None:
+            raise IntakeError(field, f"{field} needs a tokenizer, and the model has none (no tokenizer.json)")
+        try:
+            return self.grammars.matcher(params.structure)
+        except GrammarError as e:
+            raise IntakeError(field, f"{field}: {e}") from None
 
     def scoring(self, ids: list[int], field: str = "prompt") -> ScoreRequest:
         return ScoreRequest(self._fits(self.token_ids(ids, field), field))

@@ -81,6 +81,7 @@ class TokenEvent:
     token_id: int
     text: str  # newly final text (may be "" while a multi-byte character or a possible stop string is held back)
     logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None  # params.top_logprobs alternatives, most likely first
 
 
 class Task(Enum):
