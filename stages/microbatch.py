@@ -11,7 +11,8 @@ cache slot `rows[b].slot`. What the last stage returns for a row is the row's `w
 
     Want.NOTHING   None                  a prompt chunk that is not the prompt's last
     Want.TOKEN     (token id, logprob)   one token sampled at the row's last position with
-                                         `sampling` (stages/sampling.py)
+                   or (id, lp, top)      `sampling` (stages/sampling.py); `top`, [(id, logprob)]
+                                         most likely first, when sampling.top_logprobs > 0
     Want.SCORES    [logprob or None]     log p(targets[j] | tokens up to j) at each position j
                                          (None where the target is None)
     Want.LOGITS    [logit, ...]          the head's output at `position` (classification)
@@ -40,13 +41,23 @@ class Want(IntEnum):
 
 class Sampling(NamedTuple):
     """How to draw one token: the request's sampling parameters, and (seed, step), which pick the
-    random numbers (stages/sampling.py: the n-th token of a request always draws the same ones)."""
+    random numbers (stages/sampling.py: the n-th token of a request always draws the same ones).
+    The fields after `step` are the logits processors, None when off; what depends on the row's
+    tokens (the grammar's mask, the penalties' token counts) the scheduler works out for this
+    step, so the last stage keeps no state per request."""
 
     temperature: float  # 0 = greedy
     top_k: int  # 0 = off
     top_p: float  # 1 = off
     seed: int
     step: int  # index of the token being drawn among the request's outputs
+    top_logprobs: int = 0  # also answer the this-many most likely tokens
+    mask: bytes | None = None  # the grammar's allowed tokens: bit t % 32 of little-endian int32 word t // 32
+    logit_bias: list[tuple[int, float]] | None = None
+    banned: list[int] | None = None  # ids that may not be drawn yet (EOS and stop ids before min_tokens)
+    penalties: tuple[float, float, float] | None = None  # (repetition, frequency, presence)
+    seen: list[int] | None = None  # repetition penalty: the distinct ids of prompt and output
+    counts: list[tuple[int, int]] | None = None  # frequency/presence penalties: (id, count) over the output
 
 
 class Row(NamedTuple):

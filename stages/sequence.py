@@ -144,15 +144,21 @@ class SequenceState:
     params: SamplingParams
     eos_ids: list[int]
     tokenizer: object | None = None
+    grammar: object | None = None  # params.structure's matcher (stages/grammar.py: Matcher), its own copy
     slot: int = -1
     fed: int = 0  # tokens of prompt + output already in the cache
     output_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
     finish_reason: str | None = None
     seed: int = 0
+    counts: dict[int, int] = field(default_factory=dict)  # output token -> times drawn (penalties only)
+    seen: set[int] = field(default_factory=set)  # prompt and output ids (repetition penalty only)
 
     def __post_init__(self) -> None:
         self.seed = self.params.resolved_seed()
+        if self.params.repetition_penalty != 1:
+            self.seen = set(self.prompt)
 
     @property
     def tokens(self) -> list[int]:
@@ -164,15 +170,34 @@ class SequenceState:
         """Tokens not yet in the cache (the prompt's remainder, or the last sampled token)."""
         return self.tokens[self.fed :]
 
-    def add_token(self, token: int, logprob: float) -> bool:
+    def banned(self) -> list[int] | None:
+        """Ids the next token may not be: EOS and the stop ids, until min_tokens are out."""
+        p = self.params
+        if len(self.output_ids) >= p.min_tokens:
+            return None
+        return ([] if p.ignore_eos else list(self.eos_ids)) + list(p.stop_token_ids) or None
+
+    def add_token(self, token: int, logprob: float, top: list[tuple[int, float]] | None = None) -> bool:
         """Record a sampled token; returns True when the sequence is finished."""
         self.output_ids.append(token)
-        if self.params.logprobs:
-            self.logprobs.append(logprob)
         p = self.params
-        if (token in self.eos_ids and not p.ignore_eos) or token in p.stop_token_ids:
+        if p.logprobs:
+            self.logprobs.append(logprob)
+        if p.top_logprobs:
+            self.top_logprobs.append([tuple(t) for t in top or []])
+        if p.frequency_penalty or p.presence_penalty:
+            self.counts[token] = self.counts.get(token, 0) + 1
+        if p.repetition_penalty != 1:
+            self.seen.add(token)
+        grammar_done = False
+        if self.grammar is not None:
+            # The mask let only allowed tokens through, so this succeeds; an error ends the row all the same.
+            self.grammar.consume_token(token)
+            grammar_done = self.grammar.is_stopped() or self.grammar.is_error()
+        early = len(self.output_ids) < p.min_tokens
+        if grammar_done or (token in self.eos_ids and not p.ignore_eos) or token in p.stop_token_ids:
             self.finish_reason = "stop"
-        elif p.stop and self.tokenizer is not None and _find_stop(self.text_so_far(), p.stop) is not None:
+        elif p.stop and not early and self.tokenizer is not None and _find_stop(self.text_so_far(), p.stop) is not None:
             self.finish_reason = "stop"
         elif len(self.output_ids) >= p.max_new_tokens:
             self.finish_reason = "length"
@@ -191,6 +216,7 @@ class SequenceState:
         return GenerationResult(
             self.output_ids, self.finish_reason or "length", text,
             self.logprobs if self.params.logprobs else None, len(self.prompt),
+            top_logprobs=self.top_logprobs if self.params.top_logprobs else None,
         )
 
 

@@ -148,9 +148,10 @@ class StageWorker:
         answers: list[Answer] = [None] * len(rows)
         drawing = [k for k, r in enumerate(rows) if r.want == Want.TOKEN]
         if drawing:
-            tokens, logprobs = sample(out[torch.tensor([spans[k][0] for k in drawing])], [rows[k].sampling for k in drawing])
-            for k, t, lp in zip(drawing, tokens, logprobs):
-                answers[k] = (t, lp)
+            tokens, logprobs, tops = sample(out[torch.tensor([spans[k][0] for k in drawing])],
+                                            [rows[k].sampling for k in drawing])
+            for k, t, lp, top in zip(drawing, tokens, logprobs, tops):
+                answers[k] = (t, lp) if top is None else (t, lp, top)
         # Every scored position of every row in one log-softmax and one gather (not one read per token).
         scored = [(spans[k][0] + j, t) for k, r in enumerate(rows) if r.want == Want.SCORES
                   for j, t in enumerate(r.targets) if t is not None]

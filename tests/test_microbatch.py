@@ -47,7 +47,7 @@ def test_the_last_stage_answers_what_each_row_wants(worker):
     cache = worker.stage.make_cache(3, 64)  # the same rows, each alone, on a cache of its own
     slots = [cache.allocate() for _ in range(3)]
     out = worker.stage(ids, cache, slots, [3, 4, 5], output_index=torch.arange(12))
-    token, lp = sample(out[2:3], [spec])
+    token, lp, _ = sample(out[2:3], [spec])
     assert got[0] == (token[0], pytest.approx(lp[0], abs=1e-6))
     want = torch.log_softmax(out[3:7].float(), -1)
     assert got[1][:3] == pytest.approx([want[0, 7].item(), want[1, 8].item(), want[2, 9].item()], abs=1e-6)

@@ -192,7 +192,7 @@ class Scheduler:
         one step per token. A GenerationResult is always the last event of its list."""
         self._check_open()
         prompt = list(request.prompt)
-        state = SequenceState(prompt, request.params, self.eos_ids, self.tokenizer)
+        state = self._state(request)
         req = _Request(Task.GENERATE, prompt, state=state, events=asyncio.Queue(), deadline=deadline)
         if self.tokenizer is not None:
             req.decoder = self.tokenizer.incremental_decoder()
@@ -217,10 +217,14 @@ class Scheduler:
         """A whole generation: its result, with no event per token (what unary calls, the command
         line's rows and batch jobs want: a stream's events cost a task wake-up per token)."""
         self._check_open()
-        state = SequenceState(list(request.prompt), request.params, self.eos_ids, self.tokenizer)
+        state = self._state(request)
         req = _Request(Task.GENERATE, list(request.prompt), state=state,
                        future=asyncio.get_running_loop().create_future(), deadline=deadline)
         return await self._wait(req)
+
+    def _state(self, request: GenerateRequest) -> SequenceState:
+        grammar = request.grammar.deep_copy() if request.grammar is not None else None  # a request may run twice
+        return SequenceState(list(request.prompt), request.params, self.eos_ids, self.tokenizer, grammar)
 
     async def score(self, request: ScoreRequest, deadline: float | None = None) -> list[float | None]:
         """log p(token i | tokens < i) for every token of the prompt; None for the first."""
@@ -488,9 +492,7 @@ class Scheduler:
         ids.extend(r.tokens[start : start + n])
         end = start + n
         if r.task is Task.GENERATE and end == len(r.tokens):  # its last token goes in: draw the next one
-            p = r.state.params
-            row = Row(r.slot, n, Want.TOKEN, Sampling(p.temperature, p.top_k, p.top_p, r.state.seed,
-                                                      len(r.state.output_ids)))
+            row = Row(r.slot, n, Want.TOKEN, self._sampling(r.state))
         elif r.task is Task.SCORE:
             targets = r.prompt[start + 1 : end + 1]
             row = Row(r.slot, n, Want.SCORES, targets=targets + [None] * (n - len(targets)))
@@ -500,6 +502,24 @@ class Scheduler:
             row = Row(r.slot, n)
         r.in_flight = True
         return (r, n), row
+
+    @staticmethod
+    def _sampling(s: SequenceState) -> Sampling:
+        """How the last stage draws `s`'s next token: its parameters, and what its processors
+        need from its tokens so far (stages/sampling.py)."""
+        p = s.params
+        if p.structure is None and not p.logit_bias and not p.min_tokens and not p.penalized and not p.top_logprobs:
+            return Sampling(p.temperature, p.top_k, p.top_p, s.seed, len(s.output_ids))
+        penalized = p.penalized
+        return Sampling(
+            p.temperature, p.top_k, p.top_p, s.seed, len(s.output_ids), p.top_logprobs,
+            mask=s.grammar.compute_bitmask() if s.grammar is not None else None,
+            logit_bias=list(p.logit_bias.items()) or None,
+            banned=s.banned(),
+            penalties=(p.repetition_penalty, p.frequency_penalty, p.presence_penalty) if penalized else None,
+            seen=list(s.seen) if penalized and p.repetition_penalty != 1 else None,
+            counts=list(s.counts.items()) if penalized and s.counts else None,
+        )
 
     async def _run(self, rows: list[tuple[_Request, int]], mb: Microbatch, ids: array) -> None:
         try:
@@ -527,7 +547,7 @@ class Scheduler:
                 continue
             if r.task is Task.GENERATE:
                 if res is not None:
-                    self._on_token(r, res[0], res[1])
+                    self._on_token(r, res[0], res[1], res[2] if len(res) > 2 else None)
             elif r.task is Task.SCORE:
                 r.scores.extend(res)
                 if r.fed == len(r.prompt):
@@ -536,14 +556,15 @@ class Scheduler:
                 self._finish(r, res)
         self.wakeup.set()
 
-    def _on_token(self, r: _Request, token: int, logprob: float) -> None:
+    def _on_token(self, r: _Request, token: int, logprob: float, top: list | None) -> None:
         s = r.state
-        finished = s.add_token(token, logprob)
+        finished = s.add_token(token, logprob, top)
         if r.events is None:  # complete(): only the result
             if finished:
                 self._finish(r, self._result(r))
             return
         lp = logprob if s.params.logprobs else None
+        top = s.top_logprobs[-1] if s.params.top_logprobs else None
         text = ""
         if r.decoder is not None:
             # The decoder releases text once its characters are complete; on top of that, hold
@@ -555,11 +576,11 @@ class Scheduler:
                 text = r.text[r.emitted : upto]
                 r.emitted = upto
         if not finished:
-            r.events.put_nowait(TokenEvent(token, text, lp))
+            r.events.put_nowait(TokenEvent(token, text, lp, top))
             return
         res = self._result(r)  # its text is cut before a stop string; what was streamed is a prefix of it
         tail = res.text[r.emitted :] if res.text is not None else ""
-        r.events.put_nowait(TokenEvent(token, text + tail, lp))
+        r.events.put_nowait(TokenEvent(token, text + tail, lp, top))
         r.events.put_nowait(res)
         r.done = True
         self._release(r)
