@@ -34,6 +34,19 @@ from typing import Protocol
 from .sequence import Structure
 
 
+MAX_DEPTH = 64  # JSON schema nesting
+
+
+def _depth(value, limit: int = MAX_DEPTH + 1) -> int:
+    """How deep `value` nests (counting stops past `limit`: no recursion on hostile input)."""
+    depth, level = 0, [value]
+    while level and depth < limit:
+        depth += 1
+        level = [v for x in level for v in (x.values() if isinstance(x, dict) else x if isinstance(x, list) else ())
+                 if isinstance(v, (dict, list))]
+    return depth
+
+
 class GrammarError(ValueError):
     """The structure does not compile: not JSON Schema, a bad regex, a Lark syntax error, ..."""
 
@@ -64,8 +77,12 @@ def grammar_text(structure: Structure) -> str:
                 schema = json.loads(spec)
             except json.JSONDecodeError as e:
                 raise GrammarError(f"the JSON schema is not JSON: {e}") from None
+            except RecursionError:
+                raise GrammarError(f"the JSON schema is nested more than {MAX_DEPTH} levels deep") from None
             if not isinstance(schema, (dict, bool)):
                 raise GrammarError(f"a JSON schema is an object or a boolean, not {type(schema).__name__}")
+        if _depth(schema) > MAX_DEPTH:
+            raise GrammarError(f"the JSON schema is nested more than {MAX_DEPTH} levels deep")
         try:
             # Compact JSON (no whitespace between items): shorter outputs, and nothing for a small model to ramble in.
             return llguidance.LLMatcher.grammar_from_json_schema(
@@ -131,5 +148,7 @@ class Grammars:
 def _first_line(message: str) -> str:
     if message.startswith("NoExtension"):
         return "the grammar matches no text at all"
+    if message.startswith("panic"):
+        return "the grammar is too large or too complex to serve"
     lines = [line for line in message.strip().splitlines() if line.strip()]
     return " ".join(lines[:3])[:500] or "the grammar does not compile"

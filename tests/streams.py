@@ -8,15 +8,23 @@ import asyncio
 from typing import Callable
 
 from cluster.runtime.pipeline import Pipeline
-from stages.sequence import GenerationResult, SamplingParams
+from stages.sequence import GenerationResult, SamplingParams, Structure
 
 
 def stream_params(i: int) -> SamplingParams:
     """Stream i's parameters: odd streams greedy, even ones seeded sampling (which must also come
-    out identical after a recovery); 40 tokens, never cut short by EOS."""
+    out identical after a recovery); 40 tokens, never cut short by EOS. Every fourth stream also
+    has penalties, a logit bias and top_logprobs, and the ones between are held to a grammar
+    (whose matcher lives in the scheduler and must not be disturbed by the replay)."""
     if i % 2:
         return SamplingParams(max_new_tokens=40, ignore_eos=True)
-    return SamplingParams(max_new_tokens=40, temperature=0.8, top_p=0.9, seed=100 + i, ignore_eos=True)
+    extra = {}
+    if i % 4 == 0:
+        extra = dict(repetition_penalty=1.2, frequency_penalty=0.3, presence_penalty=0.2, logit_bias={42: 2.0},
+                     top_logprobs=2)
+    else:
+        extra = dict(structure=Structure("regex", "[a-z]+( [a-z]+)*"))
+    return SamplingParams(max_new_tokens=40, temperature=0.8, top_p=0.9, seed=100 + i, ignore_eos=True, **extra)
 
 
 async def streams_through_a_fault(pipe: Pipeline, prompts: list[list[int]], params: list[SamplingParams],
