@@ -5,6 +5,9 @@ one table (`pyarrow.parquet.read_table(OUT/data)`, `ray.data.read_parquet(OUT/da
                    row contract are kept as JSON text in one `extra` column; `messages`, `logit_bias`
                    and `json_schema` are JSON text too)
     errors parts   id, source_file, source_row, error (the reason), input (the raw row)
+
+An OpenAI batch job's data parts hold id (the custom_id), source_file, source_row, custom_id,
+status_code and output (the output line, JSON text): see openai_batch.py.
 """
 
 from __future__ import annotations
@@ -36,7 +39,14 @@ ERROR_SCHEMA = pa.schema([("id", pa.string()), ("source_file", pa.string()), ("s
                           ("error", pa.string()), ("input", pa.string())])
 
 
+# An OpenAI batch job's parts (openai_batch.py): each request's custom_id, status code and output line.
+_OPENAI = [("id", pa.string()), ("source_file", pa.string()), ("source_row", pa.int64()), ("custom_id", pa.string()),
+           ("status_code", pa.int64()), ("output", pa.string())]
+
+
 def output_schema(task: str) -> pa.Schema:
+    if task == "openai":
+        return pa.schema(_OPENAI + [("extra", pa.string())])
     return pa.schema(_BASE + (_SAMPLING if task == "generate" else []) + _RESULTS[task] + [("extra", pa.string())])
 
 
