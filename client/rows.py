@@ -11,9 +11,10 @@ chat template, the context, whether a schema compiles) is checked by whoever run
 
 Fields outside the contract are the row's own data (an `id`, a note), carried to the output
 untouched, except those that look like a parameter: another API's name for one of ours
-(OpenAI's `max_tokens`, vLLM's `guided_json`, transformers' `do_sample`, ...), a sampling field
-on a score or classify row, or a near-miss of a field name (`temprature`). Those are errors that
-say what to write instead, since ignoring them would silently change what the row asks for.
+(OpenAI's `max_tokens`, vLLM's `guided_json`, transformers' `do_sample`, ...) or a near-miss of
+a field name (`temprature`). Those are errors that say what to write instead, since ignoring
+them would silently change what the row asks for. (Sampling fields on a score or classify row
+are the contract's own, and unused there: one file may serve generate and score.)
 """
 
 from __future__ import annotations
@@ -100,18 +101,14 @@ def row_input(row: dict[str, Any], task: str) -> tuple[str, Any]:
         raise RowError("messages must be a non-empty list of {role, content} objects")
     if not value:
         raise RowError(f"{field} is empty")
-    check_fields(row, task)
+    check_fields(row)
     return field, value
 
 
-def check_fields(row: dict[str, Any], task: str) -> None:
-    """Refuse the fields that look like parameters this row cannot take (see the module's docstring)."""
+def check_fields(row: dict[str, Any]) -> None:
+    """Refuse the fields that look like parameters the contract does not have (see the module's docstring)."""
     for name in row:
-        if name in INPUT_FIELDS or name in RESULT_FIELDS or name == "id":
-            continue
-        if name in SAMPLING_FIELDS:
-            if task != "generate" and row[name] is not None:
-                raise RowError(f"{name} is a sampling field: {task} rows take none (only generate samples)")
+        if name in INPUT_FIELDS or name in SAMPLING_FIELDS or name in RESULT_FIELDS or name == "id":
             continue
         if name in FOREIGN_FIELDS:
             raise RowError(f"unknown field {name}: {FOREIGN_FIELDS[name]}")

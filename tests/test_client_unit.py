@@ -729,8 +729,8 @@ def test_cli_bad_sampling_options(address, tmp_path, capsys):
 
 
 def test_cli_rows_refuse_fields_that_look_like_parameters(service, address, tmp_path):
-    """Another API's name for a field, a near-miss, or a sampling field on a score row is an error
-    naming it (never silently ignored); a field of the row's own (a note) is carried through."""
+    """Another API's name for a field, or a near-miss, is an error naming it (never silently
+    ignored); a field of the row's own (a note) is carried through."""
     lines = [{"prompt": "a", "max_tokens": 5}, {"prompt": "a", "temprature": 0.5},
              {"prompt": "a", "response_format": {"type": "json_object"}}, {"prompt": "a", "guided_json": {}},
              {"prompt": "a", "note": {"k": 1}, "max_new_tokens": 1}, {"prompt": "a", "regex": "a", "grammar": "start: x"},
@@ -744,5 +744,6 @@ def test_cli_rows_refuse_fields_that_look_like_parameters(service, address, tmp_
     assert rows[4]["note"] == {"k": 1} and rows[4]["output_ids"] == [10]
     assert rows[5]["error"].startswith("at most one of json_schema, json_object, regex, grammar")
     assert rows[6]["error"] == "logit_bias keys must be token ids, got 'five'"
-    rc, rows = run_cli(tmp_path, "score", address, [{"text": "a", "temperature": 0.5}])
-    assert rc == 1 and rows[0]["error"] == "temperature is a sampling field: score rows take none (only generate samples)"
+    rc, rows = run_cli(tmp_path, "score", address, [{"text": "a", "max_tokens": 5}, {"text": "a", "max_new_tokens": 5}])
+    assert rc == 1 and rows[0]["error"].startswith("unknown field max_tokens")
+    assert rows[1]["token_logprobs"][0] is None  # generate's fields on a score row: the same file serves both
