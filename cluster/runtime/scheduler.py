@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import AsyncIterator, Awaitable, Callable
 
+from stages.grammar import Masks
 from stages.microbatch import Answer, BlockTableUpdate, Microbatch, Restore, Row, Sampling, TakeSnapshot, Want
 from stages.paging import BlockManager, SeqPages
 from stages.sequence import GenerationResult, SequenceState
@@ -170,6 +171,7 @@ class Scheduler:
         self.error: BaseException | None = None
         self.microbatches = 0
         self.finished_at: deque[float] = deque(maxlen=64)  # when recent requests finished: the drain rate
+        self.masks = Masks()  # constrained rows' grammar masks (stages/grammar.py)
         self._task = asyncio.get_running_loop().create_task(self._loop())
 
     # ---- public API: requests come checked from the intake (intake.py) -----------------------
@@ -480,6 +482,7 @@ class Scheduler:
             self.prefill_tokens += n
         if not rows and not self.to_free:
             return None
+        self._fill_masks(rows)
         mb = Microbatch([row for _, row in rows], self.to_free, self.to_alloc, self.to_blocks, self.to_restore, snaps)
         self.to_free, self.to_alloc, self.to_blocks, self.to_restore = [], [], [], []
         self.microbatches += 1
@@ -503,6 +506,16 @@ class Scheduler:
         r.in_flight = True
         return (r, n), row
 
+    def _fill_masks(self, rows: list) -> None:
+        """The grammar masks of the microbatch's constrained rows, all at once (in parallel)."""
+        constrained = [k for k, ((r, _), row) in enumerate(rows) if row.want == Want.TOKEN and r.state.grammar is not None]
+        if not constrained:
+            return
+        masks = self.masks([rows[k][0][0].state.grammar for k in constrained])
+        for k, mask in zip(constrained, masks):
+            (r, n), row = rows[k]
+            rows[k] = ((r, n), row._replace(sampling=row.sampling._replace(mask=mask)))
+
     @staticmethod
     def _sampling(s: SequenceState) -> Sampling:
         """How the last stage draws `s`'s next token: its parameters, and what its processors
@@ -513,7 +526,6 @@ class Scheduler:
         penalized = p.penalized
         return Sampling(
             p.temperature, p.top_k, p.top_p, s.seed, len(s.output_ids), p.top_logprobs,
-            mask=s.grammar.compute_bitmask() if s.grammar is not None else None,
             logit_bias=list(p.logit_bias.items()) or None,
             banned=s.banned(),
             penalties=(p.repetition_penalty, p.frequency_penalty, p.presence_penalty) if penalized else None,
