@@ -44,7 +44,7 @@ import pyarrow.parquet as pq
 from pydantic import ValidationError
 
 from cluster.runtime.engine import SyncEngine
-from cluster.runtime.intake import GenerateRequest, Intake, IntakeError
+from cluster.runtime.intake import GenerateRequest, Intake, IntakeError, ScoreRequest
 from cluster.serve.openai_protocol import (APIError, ChatCompletions, ChatRequest, CompletionRequest, Completions,
                                            _validation_error, bad, choice_params, refuse_unsupported, sampling_params)
 from stages.sequence import GenerationResult
@@ -152,7 +152,7 @@ class Prepared:
     custom_id: str
     builder: Completions | None = None  # None: refused (error holds why)
     jobs: list[GenerateRequest] = field(default_factory=list)
-    echo_scores: list[Any] = field(default_factory=list)  # /v1/completions echo with logprobs: the prompts' ScoreRequests
+    echo_scores: list[ScoreRequest] = field(default_factory=list)  # echo with logprobs: the prompts, scored
     echo_texts: list[tuple[str | None, list[int]]] = field(default_factory=list)
     error: APIError | None = None
 
