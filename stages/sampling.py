@@ -24,6 +24,7 @@ the raw distribution, as scoring would report them (vLLM's default, "raw_logprob
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from .microbatch import Sampling
@@ -41,13 +42,12 @@ def _has_processors(p: Sampling) -> bool:
 
 
 def allowed_tokens(mask: bytes, vocab_size: int) -> torch.Tensor:
-    """A grammar bitmask as a bool tensor over the vocabulary (ids past the mask are not allowed)."""
-    words = torch.frombuffer(bytearray(mask), dtype=torch.int32)
-    bits = (words.unsqueeze(1) >> torch.arange(32, dtype=torch.int32)) & 1
-    allowed = bits.flatten().bool()[:vocab_size]
-    if allowed.numel() < vocab_size:
-        allowed = torch.cat([allowed, allowed.new_zeros(vocab_size - allowed.numel())])
-    return allowed
+    """A grammar bitmask as a bool tensor over the vocabulary (ids past the mask are not allowed).
+    One numpy call unpacks it: torch's bit ops would be several passes, each waking OpenMP threads."""
+    bits = np.unpackbits(np.frombuffer(mask, dtype=np.uint8), bitorder="little")[:vocab_size]
+    if bits.size < vocab_size:
+        bits = np.concatenate([bits, np.zeros(vocab_size - bits.size, dtype=np.uint8)])
+    return torch.from_numpy(bits.view(np.bool_))
 
 
 def process_logits(x: torch.Tensor, p: Sampling) -> torch.Tensor:
