@@ -6,7 +6,8 @@ Uses the embedded demo checkpoints (models/: a 12.9M-parameter Jamba trained on 
 fortune cookies, and a classifier that tells which fortune file a text comes from), starts a local
 Ray cluster, serves a 2-stage pipeline of the LM and a 1-stage classifier behind Ray Serve's gRPC
 ingress, then, through the client library: streams a generation, runs a batch generation, a chat,
-a classification and a score, printing results and timings. Everything is shut down at the end.
+a generation held to a JSON Schema, a classification and a score, printing results and timings.
+Everything is shut down at the end.
 """
 
 from __future__ import annotations
@@ -103,6 +104,22 @@ def _run(args, lm: str, cls: str, t0: float) -> None:
             chat = c.chat([{"role": "system", "content": "You are brief."}, {"role": "user", "content": "Say hello."}],
                           max_new_tokens=24)
             print(f"\n-- chat ({(time.perf_counter() - t) * 1000:.0f} ms): {chat.text!r}")
+
+            t = time.perf_counter()
+            fortune = {"type": "object", "additionalProperties": False, "required": ["fortune", "luck", "lucky_numbers"],
+                       "properties": {"fortune": {"type": "string", "maxLength": 60},
+                                      "luck": {"enum": ["great", "good", "mixed", "bad"]},
+                                      "lucky_numbers": {"type": "array", "minItems": 2, "maxItems": 4,
+                                                        "items": {"type": "integer", "minimum": 1, "maximum": 99}}}}
+            out = c.generate(["Your fortune for today, as JSON:"], json_schema=fortune, max_new_tokens=96,
+                             temperature=0.8, seed=7)[0]
+            print(f"\n-- structured output ({(time.perf_counter() - t) * 1000:.0f} ms): a JSON Schema (an enum, an "
+                  "integer range, an array of 2-4 items) holds even a fortune-cookie model to valid JSON:")
+            print(f"   {out.text}")
+            try:
+                print(f"   parsed: {json.loads(out.text)}")
+            except ValueError:  # max_new_tokens ran out first: the text is a prefix of a valid document
+                print(f"   (cut at max_new_tokens: {out.finish_reason})")
 
             t = time.perf_counter()
             scores = c.score(prompts[:2])
