@@ -7,9 +7,9 @@ installs anywhere, as a distribution of its own (client/pyproject.toml: `pip ins
 """
 
 from .client import AsyncGenerateStream, AsyncJambaClient, GenerateStream, JambaClient, RetryPolicy
-from .messages import Classification, Completion, Delta, JambaError, ModelInfo, ScoreResult, Stage
+from .messages import Classification, Completion, Delta, JambaError, ModelInfo, ScoreResult, Stage, TopLogprob
 
 __all__ = [
     "JambaClient", "AsyncJambaClient", "JambaError", "RetryPolicy", "GenerateStream", "AsyncGenerateStream",
-    "Completion", "Delta", "Classification", "ScoreResult", "ModelInfo", "Stage",
+    "Completion", "Delta", "TopLogprob", "Classification", "ScoreResult", "ModelInfo", "Stage",
 ]

@@ -7,11 +7,15 @@
     jamba client info     --address HOST:PORT [--output info.json]
     common options: [--application NAME] [--timeout S]
                     [--tls] [--ca-cert F] [--client-cert F --client-key F] [--tls-server-name NAME]
+    generate and stream: [--json-schema FILE|JSON | --json-object | --regex RE | --grammar FILE|TEXT]
+                    [--top-logprobs N] [--logit-bias ID=BIAS ...] [--min-tokens N]
+                    [--repetition-penalty R] [--frequency-penalty F] [--presence-penalty P]
 
-Rows and output rows follow the offline contracts (README, cluster/rows.py): a row names its
+Rows and output rows follow the offline contracts (README, client/rows.py): a row names its
 input with one of `prompt`, `input_ids` or `messages` (`text` too for score and classify) and,
-for generate and stream, may carry sampling fields; the output row is the input row plus the
-results. Input defaults to stdin, output to stdout. Any certificate option implies --tls.
+for generate and stream, may carry sampling fields, which override the sampling options; the
+output row is the input row plus the results (`top_logprobs` too when asked for). Input
+defaults to stdin, output to stdout. Any certificate option implies --tls.
 
 How rows become RPCs: `generate` groups the rows of a chunk that have identical sampling
 parameters into Generate calls of up to --batch-size prompts (rows that differ only in, say,
@@ -52,7 +56,7 @@ from protos import jamba_pb2 as pb
 
 from .client import JambaClient
 from .messages import JambaError, sampling_params, to_chat
-from .rows import RowError, parse_line, row_input, row_sampling
+from .rows import STRUCTURE_FIELDS, RowError, parse_line, row_input, row_sampling, top_logprobs_field
 
 # Nothing from cluster/ or stages/ (no torch, no Ray): this runs where only the client is installed.
 
@@ -93,6 +97,8 @@ def _add_commands(sub) -> None:
         _add_connection_args(s)
         s.add_argument("--input", default="-", help="JSON Lines file (default: stdin)")
         s.add_argument("--output", default="-", help="JSON Lines output file (default: stdout)")
+        if name in ("generate", "stream"):
+            _add_sampling_args(s)
         if name != "stream":
             s.add_argument("--batch-size", type=_positive_int, default=32, help="rows per RPC (default 32)")
             s.add_argument("--concurrency", type=_positive_int, default=4, help="RPCs in flight (default 4)")
@@ -123,6 +129,70 @@ def _add_connection_args(s: argparse.ArgumentParser) -> None:
     g.add_argument("--client-cert", help="PEM certificate chain for mutual TLS (with --client-key)")
     g.add_argument("--client-key", help="PEM private key for mutual TLS (with --client-cert)")
     g.add_argument("--tls-server-name", help="name to check the server's certificate against (default: the host)")
+
+
+def _add_sampling_args(s: argparse.ArgumentParser) -> None:
+    g = s.add_argument_group(
+        "sampling defaults", "for every row; a row's own field overrides its option (a row's json_schema, "
+        "json_object, regex or grammar replaces the structure options)")
+    g.add_argument("--json-schema", metavar="FILE|JSON", type=_json_schema,
+                   help="constrain each output to JSON that validates against this JSON Schema (a file, or the "
+                        "schema itself); the output ends (finish_reason stop) when the JSON is complete")
+    g.add_argument("--json-object", action="store_true", help="constrain each output to a JSON object")
+    g.add_argument("--regex", help="constrain each output to match this regular expression, whole")
+    g.add_argument("--grammar", metavar="FILE|TEXT", type=_file_or_text,
+                   help="constrain each output to this Lark grammar (llguidance's dialect; a file, or the text)")
+    g.add_argument("--top-logprobs", type=int, metavar="N",
+                   help="add each output token's N most likely alternatives (0-20) to the row, as top_logprobs")
+    g.add_argument("--logit-bias", action="append", type=_logit_bias, metavar="ID=BIAS",
+                   help="add BIAS (-100 to 100) to token ID's logit at every step; repeatable")
+    g.add_argument("--min-tokens", type=int, metavar="N", help="no EOS or stop token before N output tokens")
+    g.add_argument("--repetition-penalty", type=float, metavar="R",
+                   help="divide the positive logits of tokens already seen (prompt and output) by R, multiply the "
+                        "negative ones (transformers'; 1 = off)")
+    g.add_argument("--frequency-penalty", type=float, metavar="F",
+                   help="subtract F x the token's count in the output from its logit (OpenAI's; -2 to 2)")
+    g.add_argument("--presence-penalty", type=float, metavar="P",
+                   help="subtract P from the logit of each token already in the output (OpenAI's; -2 to 2)")
+
+
+def _json_schema(value: str) -> Any:
+    """A JSON Schema from a file, or given inline."""
+    path = Path(value)
+    text = path.read_text(encoding="utf-8") if path.is_file() else value
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        where = f"the file {value}" if path.is_file() else "it (and no file has that name)"
+        raise argparse.ArgumentTypeError(f"not JSON: {where}: {e.msg} at line {e.lineno} column {e.colno}") from None
+
+
+def _file_or_text(value: str) -> str:
+    path = Path(value)
+    return path.read_text(encoding="utf-8") if path.is_file() else value
+
+
+def _logit_bias(value: str) -> tuple[int, float]:
+    token, sep, bias = value.partition("=")
+    try:
+        return int(token), float(bias)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be ID=BIAS, e.g. 50256=-100, not {value!r}") from None
+
+
+def sampling_defaults(args) -> dict[str, Any]:
+    """The sampling options given on the command line, as sampling_params() kwargs."""
+    given = {"json_schema": args.json_schema, "json_object": args.json_object or None, "regex": args.regex,
+             "grammar": args.grammar, "top_logprobs": args.top_logprobs, "min_tokens": args.min_tokens,
+             "logit_bias": dict(args.logit_bias) if args.logit_bias else None,
+             "repetition_penalty": args.repetition_penalty, "frequency_penalty": args.frequency_penalty,
+             "presence_penalty": args.presence_penalty}
+    defaults = {k: v for k, v in given.items() if v is not None}
+    try:
+        sampling_params(**defaults)  # e.g. two structures: a setup error, before any row
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"the sampling options: {e}") from None
+    return defaults
 
 
 def _timeout(s: str) -> float | None:
@@ -197,9 +267,10 @@ def run_rows(args) -> int:
     t0, n_rows, n_errors = time.perf_counter(), 0, 0
     with connect(args) as client, _open_output(args.output) as out, \
             ThreadPoolExecutor(max_workers=args.concurrency) as pool:
+        defaults = sampling_defaults(args) if args.task == "generate" else {}
         for chunk in chunks(read_lines(args.input), CHUNK_ROWS):
             try:
-                results = _run_chunk(client, pool, args.task, chunk, args.batch_size)
+                results = _run_chunk(client, pool, args.task, chunk, args.batch_size, defaults)
             except JambaError as e:
                 pool.shutdown(wait=False, cancel_futures=True)  # don't start the chunk's other batches
                 return _fatal(e)
@@ -212,13 +283,13 @@ def run_rows(args) -> int:
 
 
 def _run_chunk(client: JambaClient, pool: ThreadPoolExecutor, task: str, chunk: list[tuple[int, str]],
-               batch_size: int) -> list[tuple[int, dict[str, Any], str | None]]:
+               batch_size: int, defaults: dict[str, Any]) -> list[tuple[int, dict[str, Any], str | None]]:
     """One (lineno, output row, error) per line of the chunk, in input order."""
     done: dict[int, tuple[dict[str, Any], str | None]] = {}
     groups: dict[bytes, list[Job]] = {}
     for lineno, line in chunk:
         try:
-            job = parse_row(lineno, line, task)
+            job = parse_row(lineno, line, task, defaults)
             groups.setdefault(job.key(), []).append(job)
         except RowError as e:
             done[lineno] = ({"line": lineno, "error": str(e)}, str(e))
@@ -256,11 +327,12 @@ def _run_batch(client: JambaClient, task: str, jobs: list[Job]) -> dict[int, tup
 def run_stream(args) -> int:
     name = _check_input(args.input)
     n_rows = n_errors = 0
+    defaults = sampling_defaults(args)
     with connect(args) as client, _open_output(args.output) as out:
         for lineno, line in read_lines(args.input):
             n_rows += 1
             try:
-                job = parse_row(lineno, line, "generate")
+                job = parse_row(lineno, line, "generate", defaults)
             except RowError as e:
                 n_errors += _write(out, name, lineno, {"line": lineno, "error": str(e)}, str(e))
                 continue
@@ -284,9 +356,10 @@ def run_stream(args) -> int:
 
 
 # ---- rows ---------------------------------------------------------------------------------------
-def parse_row(lineno: int, line: str, task: str) -> Job:
-    """Check a line's shape (client/rows.py) and build its prompt and params. What needs the model
-    (token ids in range, the chat template, fitting the context) is checked by the server."""
+def parse_row(lineno: int, line: str, task: str, defaults: dict[str, Any] | None = None) -> Job:
+    """Check a line's shape (client/rows.py) and build its prompt and params: the row's sampling
+    fields over `defaults` (the command line's). What needs the model (token ids in range, the chat
+    template, fitting the context, a schema that compiles) is checked by the server."""
     row = parse_line(line)
     field, value = row_input(row, task)
     if field in ("prompt", "text"):
@@ -303,7 +376,10 @@ def parse_row(lineno: int, line: str, task: str) -> Job:
             raise RowError(f"messages: {e}") from None
     params: dict[str, Any] = {}
     if task == "generate":
-        params = row_sampling(row)
+        own = row_sampling(row)
+        if any(k in own for k in STRUCTURE_FIELDS):  # the row's structure replaces the command line's
+            defaults = {k: v for k, v in (defaults or {}).items() if k not in STRUCTURE_FIELDS}
+        params = {**(defaults or {}), **own}
         try:
             sampling_params(**params)
         except (TypeError, ValueError) as e:
@@ -315,6 +391,8 @@ def generation_row(row: dict[str, Any], c) -> dict[str, Any]:
     out = dict(row, output_ids=c.output_ids, text=c.text, finish_reason=c.finish_reason)
     if c.logprobs is not None:
         out["logprobs"] = c.logprobs
+    if c.top_logprobs is not None:
+        out["top_logprobs"] = top_logprobs_field(c.top_logprobs)
     return out
 
 

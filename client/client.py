@@ -197,13 +197,14 @@ class GenerateStream:
     client.generate_stream(...)` drops it). Errors raise JambaError from the iteration.
     """
 
-    def __init__(self, start, logprobs: bool, settings: "_Settings", first_message_timeout: float | None = None) -> None:
+    def __init__(self, start, params: pb.SamplingParams, settings: "_Settings",
+                 first_message_timeout: float | None = None) -> None:
         self._start, self._settings = start, settings  # start() begins (or restarts) the RPC
         self._give_up = time.monotonic() + settings.wait_when_busy
         self._first_timeout = first_message_timeout
         self._expired = False
         self._call = start()
-        self._logprobs = logprobs
+        self._logprobs, self._top = params.logprobs, params.top_logprobs > 0  # what the call asked for
         self._finished = self._received = False
         self.completion: Completion | None = None
 
@@ -218,12 +219,12 @@ class GenerateStream:
             self._finished = True
             raise JambaError(grpc.StatusCode.INTERNAL, _NO_FINAL)
         if msg.WhichOneof("event") == "final":
-            self.completion = completion_from_pb(msg.final, self._logprobs)
+            self.completion = completion_from_pb(msg.final, self._logprobs, self._top)
             while self._read() is not None:  # the server closes after the final message;
                 pass  # reading on surfaces a trailing error status
             self._finished = True
             raise StopIteration
-        return delta_from_pb(msg.delta, self._logprobs)
+        return delta_from_pb(msg.delta, self._logprobs, self._top)
 
     def _read(self) -> pb.GenerateStreamResponse | None:
         while True:
@@ -293,12 +294,13 @@ class AsyncGenerateStream:
     """The grpc.aio counterpart of GenerateStream: `async for delta in stream`, then
     `stream.completion`. Stop early with `async with`, `close()` or `cancel()`."""
 
-    def __init__(self, start, logprobs: bool, settings: "_Settings", first_message_timeout: float | None = None) -> None:
+    def __init__(self, start, params: pb.SamplingParams, settings: "_Settings",
+                 first_message_timeout: float | None = None) -> None:
         self._start, self._settings = start, settings
         self._give_up = time.monotonic() + settings.wait_when_busy
         self._first_timeout = first_message_timeout
         self._call = start()
-        self._logprobs = logprobs
+        self._logprobs, self._top = params.logprobs, params.top_logprobs > 0  # what the call asked for
         self._finished = self._received = False
         self.completion: Completion | None = None
 
@@ -313,12 +315,12 @@ class AsyncGenerateStream:
             self._finished = True
             raise JambaError(grpc.StatusCode.INTERNAL, _NO_FINAL)
         if msg.WhichOneof("event") == "final":
-            self.completion = completion_from_pb(msg.final, self._logprobs)
+            self.completion = completion_from_pb(msg.final, self._logprobs, self._top)
             while await self._read() is not None:
                 pass
             self._finished = True
             raise StopAsyncIteration
-        return delta_from_pb(msg.delta, self._logprobs)
+        return delta_from_pb(msg.delta, self._logprobs, self._top)
 
     async def _read(self) -> pb.GenerateStreamResponse | None:
         while True:
@@ -411,12 +413,14 @@ class JambaClient:
         """Complete a batch of prompts with the same sampling params (one RPC); results in order.
 
         params: max_new_tokens, temperature, top_k, top_p, seed, stop (str or list),
-        stop_token_ids, logprobs (see messages.sampling_params); unset ones take the server's
-        defaults.
+        stop_token_ids, logprobs, ignore_eos, top_logprobs, logit_bias, min_tokens,
+        repetition_penalty, frequency_penalty, presence_penalty, and at most one structure:
+        json_schema (a dict or JSON text), json_object=True, regex or grammar (Lark); see
+        messages.sampling_params. Unset ones take the server's defaults.
         """
         p = sampling_params(**params)
         resp = self._call(self._stub.Generate, generate_request(prompts, p), timeout, metadata)
-        return [completion_from_pb(c, p.logprobs) for c in resp.completions]
+        return [completion_from_pb(c, p.logprobs, p.top_logprobs > 0) for c in resp.completions]
 
     def generate_stream(self, prompt: PromptLike, *, timeout: float | None = None, metadata: Metadata | None = None,
                         first_message_timeout: float | None = None, **params) -> GenerateStream:
@@ -428,7 +432,7 @@ class JambaClient:
         request = generate_stream_request(prompt, p)
         return GenerateStream(
             lambda: self._stub.GenerateStream(request, **self._settings.call_kwargs(timeout, metadata)),
-            p.logprobs, self._settings, first_message_timeout)
+            p, self._settings, first_message_timeout)
 
     def chat(self, messages: Sequence[Mapping[str, str]], *, timeout: float | None = None,
              metadata: Metadata | None = None, **params) -> Completion:
@@ -490,7 +494,7 @@ class AsyncJambaClient:
         """See JambaClient.generate."""
         p = sampling_params(**params)
         resp = await self._call(self._stub.Generate, generate_request(prompts, p), timeout, metadata)
-        return [completion_from_pb(c, p.logprobs) for c in resp.completions]
+        return [completion_from_pb(c, p.logprobs, p.top_logprobs > 0) for c in resp.completions]
 
     def generate_stream(self, prompt: PromptLike, *, timeout: float | None = None, metadata: Metadata | None = None,
                         first_message_timeout: float | None = None, **params) -> AsyncGenerateStream:
@@ -499,7 +503,7 @@ class AsyncJambaClient:
         request = generate_stream_request(prompt, p)
         return AsyncGenerateStream(
             lambda: self._stub.GenerateStream(request, **self._settings.call_kwargs(timeout, metadata)),
-            p.logprobs, self._settings, first_message_timeout)
+            p, self._settings, first_message_timeout)
 
     async def chat(self, messages: Sequence[Mapping[str, str]], *, timeout: float | None = None,
                    metadata: Metadata | None = None, **params) -> Completion:

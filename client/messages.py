@@ -9,6 +9,7 @@ the server knows the model: it answers INVALID_ARGUMENT with a message naming th
 
 from __future__ import annotations
 
+import json
 import numbers
 import re
 from collections.abc import Mapping, Sequence
@@ -65,9 +66,18 @@ class JambaError(Exception):
 
 
 # ---- results ----------------------------------------------------------------------------------
+class TopLogprob(NamedTuple):
+    """A likely token at an output position: its id, log-probability and text (on its own: a
+    byte-level token may be part of a character)."""
+
+    token_id: int
+    logprob: float
+    token: str
+
+
 @dataclass
 class Completion:
-    """One finished generation. `logprobs` is None unless the call asked for them."""
+    """One finished generation. `logprobs` and `top_logprobs` are None unless the call asked for them."""
 
     output_ids: list[int]
     text: str
@@ -76,6 +86,7 @@ class Completion:
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int = 0  # prompt tokens the server took from its prefix cache
+    top_logprobs: list[list[TopLogprob]] | None = None  # per output token, most likely first
 
 
 @dataclass
@@ -86,6 +97,7 @@ class Delta:
     token_ids: list[int]
     text: str
     logprobs: list[float] | None
+    top_logprobs: list[list[TopLogprob]] | None = None  # per token, most likely first
 
 
 @dataclass
@@ -214,21 +226,36 @@ def _describe(x: Any) -> str:
 
 
 # ---- sampling parameters ----------------------------------------------------------------------
+STRUCTURES = ("json_schema", "json_object", "regex", "grammar")  # the proto's structure oneof
+
+
 def sampling_params(*, max_new_tokens: int | None = None, temperature: float | None = None, top_k: int | None = None,
                     top_p: float | None = None, seed: int | None = None, stop: str | Sequence[str] | None = None,
                     stop_token_ids: Sequence[int] | None = None, logprobs: bool = False,
-                    ignore_eos: bool = False) -> pb.SamplingParams:
+                    ignore_eos: bool = False, top_logprobs: int | None = None,
+                    logit_bias: Mapping[int, float] | None = None, min_tokens: int | None = None,
+                    repetition_penalty: float | None = None, frequency_penalty: float | None = None,
+                    presence_penalty: float | None = None, json_schema: str | Mapping | bool | None = None,
+                    json_object: bool = False, regex: str | None = None, grammar: str | None = None,
+                    ) -> pb.SamplingParams:
     """The SamplingParams proto; only the fields given are set, so the server's defaults apply to
-    the rest (max_new_tokens 16, greedy, no top-k/top-p, unseeded). `stop` may be one string."""
+    the rest (max_new_tokens 16, greedy, no top-k/top-p, unseeded, no penalties). `stop` may be one
+    string; `logit_bias` maps token ids (ints) to the number added to their logits.
+
+    At most one structure constrains the output: `json_schema` (a JSON Schema, as a dict or JSON
+    text), `json_object=True` (any JSON object), `regex`, or `grammar` (Lark, llguidance's dialect).
+    """
     p = pb.SamplingParams()
-    for name, value in (("max_new_tokens", max_new_tokens), ("top_k", top_k), ("seed", seed)):
+    for name, value in (("max_new_tokens", max_new_tokens), ("top_k", top_k), ("seed", seed),
+                        ("top_logprobs", top_logprobs), ("min_tokens", min_tokens)):
         if value is not None:
             if not _is_int(value):
                 raise TypeError(f"{name} must be an integer, got {type(value).__name__}")
             if name == "seed" and not 0 <= value < 2**64:
                 raise ValueError(f"seed must be in [0, 2**64), got {value}")
             _set(p, name, int(value))
-    for name, value in (("temperature", temperature), ("top_p", top_p)):
+    for name, value in (("temperature", temperature), ("top_p", top_p), ("repetition_penalty", repetition_penalty),
+                        ("frequency_penalty", frequency_penalty), ("presence_penalty", presence_penalty)):
         if value is not None:
             if not isinstance(value, numbers.Real) or isinstance(value, bool):
                 raise TypeError(f"{name} must be a number, got {type(value).__name__}")
@@ -242,13 +269,42 @@ def sampling_params(*, max_new_tokens: int | None = None, temperature: float | N
         if not _is_sequence(stop_token_ids) or not all(_is_int(i) for i in stop_token_ids):
             raise TypeError("stop_token_ids must be a list of integers")
         _set(p, "stop_token_ids", [int(i) for i in stop_token_ids])
-    if not isinstance(logprobs, bool):
-        raise TypeError("logprobs must be true or false")
-    p.logprobs = logprobs
-    if not isinstance(ignore_eos, bool):
-        raise TypeError("ignore_eos must be true or false")
-    p.ignore_eos = ignore_eos
+    for name, value in (("logprobs", logprobs), ("ignore_eos", ignore_eos), ("json_object", json_object)):
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be true or false")
+    p.logprobs, p.ignore_eos = logprobs, ignore_eos
+    if logit_bias is not None:
+        _set(p, "logit_bias", _logit_bias(logit_bias))
+    _set_structure(p, json_schema=json_schema, json_object=json_object, regex=regex, grammar=grammar)
     return p
+
+
+def _logit_bias(bias: Any) -> dict[int, float]:
+    if not isinstance(bias, Mapping):
+        raise TypeError(f"logit_bias must map token ids to numbers, got {type(bias).__name__}")
+    out = {}
+    for k, v in bias.items():
+        if not _is_int(k):
+            raise TypeError(f"logit_bias keys must be token ids, got {k!r}")
+        if not isinstance(v, numbers.Real) or isinstance(v, bool):
+            raise TypeError(f"logit_bias[{k}] must be a number, got {type(v).__name__}")
+        out[int(k)] = float(v)
+    return out
+
+
+def _set_structure(p: pb.SamplingParams, **given: Any) -> None:
+    """The structure oneof from whichever of STRUCTURES is given (json_object=False is not given)."""
+    chosen = {k: v for k, v in given.items() if v is not None and not (k == "json_object" and v is False)}
+    if len(chosen) > 1:
+        raise ValueError(f"at most one of {', '.join(STRUCTURES)} constrains the output (got {', '.join(chosen)})")
+    for name, value in chosen.items():
+        if name == "json_schema" and not isinstance(value, str):
+            if not isinstance(value, (Mapping, bool)):
+                raise TypeError(f"json_schema must be a JSON Schema (a dict, or JSON text), got {type(value).__name__}")
+            value = json.dumps(value, ensure_ascii=False)
+        elif name != "json_object" and not isinstance(value, str):
+            raise TypeError(f"{name} must be a string, got {type(value).__name__}")
+        _set(p, name, value)
 
 
 def _set(p: pb.SamplingParams, name: str, value: Any) -> None:
@@ -256,6 +312,8 @@ def _set(p: pb.SamplingParams, name: str, value: Any) -> None:
     try:
         if isinstance(value, list):
             getattr(p, name).extend(value)
+        elif isinstance(value, dict):
+            getattr(p, name).update(value)
         else:
             setattr(p, name, value)
     except (TypeError, ValueError) as e:
@@ -282,15 +340,21 @@ def score_request(inputs: Sequence[PromptLike]) -> pb.ScoreRequest:
 # ---- responses --------------------------------------------------------------------------------
 # A repeated field cannot say "not asked for" apart from "empty", so the caller passes whether
 # it asked for logprobs: None then means "not requested", [] a genuinely empty list.
-def completion_from_pb(c: pb.Completion, logprobs: bool) -> Completion:
+def completion_from_pb(c: pb.Completion, logprobs: bool, top_logprobs: bool = False) -> Completion:
     return Completion(output_ids=list(c.output_ids), text=c.text, finish_reason=c.finish_reason,
                       logprobs=list(c.logprobs) if logprobs else None,
                       prompt_tokens=c.usage.prompt_tokens, completion_tokens=c.usage.completion_tokens,
-                      cached_tokens=c.usage.cached_tokens)
+                      cached_tokens=c.usage.cached_tokens,
+                      top_logprobs=_top_logprobs(c.top_logprobs) if top_logprobs else None)
 
 
-def delta_from_pb(d: pb.TokenDelta, logprobs: bool) -> Delta:
-    return Delta(token_ids=list(d.token_ids), text=d.text, logprobs=list(d.logprobs) if logprobs else None)
+def delta_from_pb(d: pb.TokenDelta, logprobs: bool, top_logprobs: bool = False) -> Delta:
+    return Delta(token_ids=list(d.token_ids), text=d.text, logprobs=list(d.logprobs) if logprobs else None,
+                 top_logprobs=_top_logprobs(d.top_logprobs) if top_logprobs else None)
+
+
+def _top_logprobs(steps) -> list[list[TopLogprob]]:
+    return [[TopLogprob(c.token_id, c.logprob, c.token) for c in step.candidates] for step in steps]
 
 
 def classification_from_pb(c: pb.Classification) -> Classification:

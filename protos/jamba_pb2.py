@@ -24,13 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12protos/jamba.proto\x12\x08jamba.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"/\n\x04\x43hat\x12\'\n\x08messages\x18\x01 \x03(\x0b\x32\x15.jamba.v1.ChatMessage\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x03\"j\n\x06Prompt\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12\'\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x12.jamba.v1.TokenIdsH\x00\x12\x1e\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x0e.jamba.v1.ChatH\x00\x42\x07\n\x05input\"\x8e\x02\n\x0eSamplingParams\x12\x1b\n\x0emax_new_tokens\x18\x01 \x01(\x03H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x03H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x04 \x01(\x01H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\x03\x12\x10\n\x08logprobs\x18\x08 \x01(\x08\x12\x12\n\nignore_eos\x18\t \x01(\x08\x42\x11\n\x0f_max_new_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_kB\x08\n\x06_top_pB\x07\n\x05_seed\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x03\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x03\x12\x15\n\rcached_tokens\x18\x03 \x01(\x03\"w\n\nCompletion\x12\x12\n\noutput_ids\x18\x01 \x03(\x03\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12\x10\n\x08logprobs\x18\x04 \x03(\x01\x12\x1e\n\x05usage\x18\x05 \x01(\x0b\x32\x0f.jamba.v1.Usage\"^\n\x0fGenerateRequest\x12!\n\x07prompts\x18\x01 \x03(\x0b\x32\x10.jamba.v1.Prompt\x12(\n\x06params\x18\x02 \x01(\x0b\x32\x18.jamba.v1.SamplingParams\"=\n\x10GenerateResponse\x12)\n\x0b\x63ompletions\x18\x01 \x03(\x0b\x32\x14.jamba.v1.Completion\"c\n\x15GenerateStreamRequest\x12 \n\x06prompt\x18\x01 \x01(\x0b\x32\x10.jamba.v1.Prompt\x12(\n\x06params\x18\x02 \x01(\x0b\x32\x18.jamba.v1.SamplingParams\"?\n\nTokenDelta\x12\x11\n\ttoken_ids\x18\x01 \x03(\x03\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x10\n\x08logprobs\x18\x03 \x03(\x01\"o\n\x16GenerateStreamResponse\x12%\n\x05\x64\x65lta\x18\x01 \x01(\x0b\x32\x14.jamba.v1.TokenDeltaH\x00\x12%\n\x05\x66inal\x18\x02 \x01(\x0b\x32\x14.jamba.v1.CompletionH\x00\x42\x07\n\x05\x65vent\"3\n\x0f\x43lassifyRequest\x12 \n\x06inputs\x18\x01 \x03(\x0b\x32\x10.jamba.v1.Prompt\">\n\x0e\x43lassification\x12\x0e\n\x06logits\x18\x01 \x03(\x01\x12\r\n\x05probs\x18\x02 \x03(\x01\x12\r\n\x05label\x18\x03 \x01(\t\"=\n\x10\x43lassifyResponse\x12)\n\x07results\x18\x01 \x03(\x0b\x32\x18.jamba.v1.Classification\"0\n\x0cScoreRequest\x12 \n\x06inputs\x18\x01 \x03(\x0b\x32\x10.jamba.v1.Prompt\"M\n\x0bScoreResult\x12\x11\n\ttoken_ids\x18\x01 \x03(\x03\x12\x16\n\x0etoken_logprobs\x18\x02 \x03(\x01\x12\x13\n\x0bsum_logprob\x18\x03 \x01(\x01\"7\n\rScoreResponse\x12&\n\x07results\x18\x01 \x03(\x0b\x32\x15.jamba.v1.ScoreResult\"\x12\n\x10ModelInfoRequest\"B\n\tStageInfo\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x13\n\x0bstart_layer\x18\x02 \x01(\x05\x12\x11\n\tend_layer\x18\x03 \x01(\x05\"\x9e\x03\n\x11ModelInfoResponse\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x0c\n\x04task\x18\x02 \x01(\t\x12\x12\n\nnum_layers\x18\x03 \x01(\x05\x12\x13\n\x0bhidden_size\x18\x04 \x01(\x05\x12\x12\n\nvocab_size\x18\x05 \x01(\x05\x12\x13\n\x0bnum_experts\x18\x06 \x01(\x05\x12\x1b\n\x13num_experts_per_tok\x18\x07 \x01(\x05\x12\x19\n\x11\x61ttn_layer_period\x18\x08 \x01(\x05\x12\x19\n\x11\x61ttn_layer_offset\x18\t \x01(\x05\x12\x13\n\x0bmax_context\x18\n \x01(\x05\x12#\n\x06stages\x18\x0b \x03(\x0b\x32\x13.jamba.v1.StageInfo\x12\x0e\n\x06labels\x18\x0c \x03(\t\x12\x11\n\tnum_slots\x18\r \x01(\x05\x12\x10\n\x08quantize\x18\x0e \x01(\t\x12\x12\n\nblock_size\x18\x0f \x01(\x05\x12\x12\n\nnum_blocks\x18\x10 \x01(\x05\x12\x15\n\rnum_snapshots\x18\x11 \x01(\x05\x12\x14\n\x0cprefix_cache\x18\x12 \x01(\x08\x32\xeb\x02\n\x0cJambaService\x12\x41\n\x08Generate\x12\x19.jamba.v1.GenerateRequest\x1a\x1a.jamba.v1.GenerateResponse\x12U\n\x0eGenerateStream\x12\x1f.jamba.v1.GenerateStreamRequest\x1a .jamba.v1.GenerateStreamResponse0\x01\x12\x41\n\x08\x43lassify\x12\x19.jamba.v1.ClassifyRequest\x1a\x1a.jamba.v1.ClassifyResponse\x12\x38\n\x05Score\x12\x16.jamba.v1.ScoreRequest\x1a\x17.jamba.v1.ScoreResponse\x12\x44\n\tModelInfo\x12\x1a.jamba.v1.ModelInfoRequest\x1a\x1b.jamba.v1.ModelInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12protos/jamba.proto\x12\x08jamba.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"/\n\x04\x43hat\x12\'\n\x08messages\x18\x01 \x03(\x0b\x32\x15.jamba.v1.ChatMessage\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x03\"j\n\x06Prompt\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12\'\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x12.jamba.v1.TokenIdsH\x00\x12\x1e\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x0e.jamba.v1.ChatH\x00\x42\x07\n\x05input\"\xf3\x04\n\x0eSamplingParams\x12\x1b\n\x0emax_new_tokens\x18\x01 \x01(\x03H\x01\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x01H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x03H\x03\x88\x01\x01\x12\x12\n\x05top_p\x18\x04 \x01(\x01H\x04\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x05\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\x03\x12\x10\n\x08logprobs\x18\x08 \x01(\x08\x12\x12\n\nignore_eos\x18\t \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\n \x01(\x05\x12;\n\nlogit_bias\x18\x0b \x03(\x0b\x32\'.jamba.v1.SamplingParams.LogitBiasEntry\x12\x12\n\nmin_tokens\x18\x0c \x01(\x03\x12\x1f\n\x12repetition_penalty\x18\r \x01(\x01H\x06\x88\x01\x01\x12\x19\n\x11\x66requency_penalty\x18\x0e \x01(\x01\x12\x18\n\x10presence_penalty\x18\x0f \x01(\x01\x12\x15\n\x0bjson_schema\x18\x10 \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x11 \x01(\x08H\x00\x12\x0f\n\x05regex\x18\x12 \x01(\tH\x00\x12\x11\n\x07grammar\x18\x13 \x01(\tH\x00\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x03\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\x0b\n\tstructureB\x11\n\x0f_max_new_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_kB\x08\n\x06_top_pB\x07\n\x05_seedB\x15\n\x13_repetition_penalty\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x03\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x03\x12\x15\n\rcached_tokens\x18\x03 \x01(\x03\">\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x03\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\x12\r\n\x05token\x18\x03 \x01(\t\"7\n\x0bTopLogprobs\x12(\n\ncandidates\x18\x01 \x03(\x0b\x32\x14.jamba.v1.TopLogprob\"\xa4\x01\n\nCompletion\x12\x12\n\noutput_ids\x18\x01 \x03(\x03\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12\x10\n\x08logprobs\x18\x04 \x03(\x01\x12\x1e\n\x05usage\x18\x05 \x01(\x0b\x32\x0f.jamba.v1.Usage\x12+\n\x0ctop_logprobs\x18\x06 \x03(\x0b\x32\x15.jamba.v1.TopLogprobs\"^\n\x0fGenerateRequest\x12!\n\x07prompts\x18\x01 \x03(\x0b\x32\x10.jamba.v1.Prompt\x12(\n\x06params\x18\x02 \x01(\x0b\x32\x18.jamba.v1.SamplingParams\"=\n\x10GenerateResponse\x12)\n\x0b\x63ompletions\x18\x01 \x03(\x0b\x32\x14.jamba.v1.Completion\"c\n\x15GenerateStreamRequest\x12 \n\x06prompt\x18\x01 \x01(\x0b\x32\x10.jamba.v1.Prompt\x12(\n\x06params\x18\x02 \x01(\x0b\x32\x18.jamba.v1.SamplingParams\"l\n\nTokenDelta\x12\x11\n\ttoken_ids\x18\x01 \x03(\x03\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x10\n\x08logprobs\x18\x03 \x03(\x01\x12+\n\x0ctop_logprobs\x18\x04 \x03(\x0b\x32\x15.jamba.v1.TopLogprobs\"o\n\x16GenerateStreamResponse\x12%\n\x05\x64\x65lta\x18\x01 \x01(\x0b\x32\x14.jamba.v1.TokenDeltaH\x00\x12%\n\x05\x66inal\x18\x02 \x01(\x0b\x32\x14.jamba.v1.CompletionH\x00\x42\x07\n\x05\x65vent\"3\n\x0f\x43lassifyRequest\x12 \n\x06inputs\x18\x01 \x03(\x0b\x32\x10.jamba.v1.Prompt\">\n\x0e\x43lassification\x12\x0e\n\x06logits\x18\x01 \x03(\x01\x12\r\n\x05probs\x18\x02 \x03(\x01\x12\r\n\x05label\x18\x03 \x01(\t\"=\n\x10\x43lassifyResponse\x12)\n\x07results\x18\x01 \x03(\x0b\x32\x18.jamba.v1.Classification\"0\n\x0cScoreRequest\x12 \n\x06inputs\x18\x01 \x03(\x0b\x32\x10.jamba.v1.Prompt\"M\n\x0bScoreResult\x12\x11\n\ttoken_ids\x18\x01 \x03(\x03\x12\x16\n\x0etoken_logprobs\x18\x02 \x03(\x01\x12\x13\n\x0bsum_logprob\x18\x03 \x01(\x01\"7\n\rScoreResponse\x12&\n\x07results\x18\x01 \x03(\x0b\x32\x15.jamba.v1.ScoreResult\"\x12\n\x10ModelInfoRequest\"B\n\tStageInfo\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x13\n\x0bstart_layer\x18\x02 \x01(\x05\x12\x11\n\tend_layer\x18\x03 \x01(\x05\"\x9e\x03\n\x11ModelInfoResponse\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x0c\n\x04task\x18\x02 \x01(\t\x12\x12\n\nnum_layers\x18\x03 \x01(\x05\x12\x13\n\x0bhidden_size\x18\x04 \x01(\x05\x12\x12\n\nvocab_size\x18\x05 \x01(\x05\x12\x13\n\x0bnum_experts\x18\x06 \x01(\x05\x12\x1b\n\x13num_experts_per_tok\x18\x07 \x01(\x05\x12\x19\n\x11\x61ttn_layer_period\x18\x08 \x01(\x05\x12\x19\n\x11\x61ttn_layer_offset\x18\t \x01(\x05\x12\x13\n\x0bmax_context\x18\n \x01(\x05\x12#\n\x06stages\x18\x0b \x03(\x0b\x32\x13.jamba.v1.StageInfo\x12\x0e\n\x06labels\x18\x0c \x03(\t\x12\x11\n\tnum_slots\x18\r \x01(\x05\x12\x10\n\x08quantize\x18\x0e \x01(\t\x12\x12\n\nblock_size\x18\x0f \x01(\x05\x12\x12\n\nnum_blocks\x18\x10 \x01(\x05\x12\x15\n\rnum_snapshots\x18\x11 \x01(\x05\x12\x14\n\x0cprefix_cache\x18\x12 \x01(\x08\x32\xeb\x02\n\x0cJambaService\x12\x41\n\x08Generate\x12\x19.jamba.v1.GenerateRequest\x1a\x1a.jamba.v1.GenerateResponse\x12U\n\x0eGenerateStream\x12\x1f.jamba.v1.GenerateStreamRequest\x1a .jamba.v1.GenerateStreamResponse0\x01\x12\x41\n\x08\x43lassify\x12\x19.jamba.v1.ClassifyRequest\x1a\x1a.jamba.v1.ClassifyResponse\x12\x38\n\x05Score\x12\x16.jamba.v1.ScoreRequest\x1a\x17.jamba.v1.ScoreResponse\x12\x44\n\tModelInfo\x12\x1a.jamba.v1.ModelInfoRequest\x1a\x1b.jamba.v1.ModelInfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.jamba_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._loaded_options = None
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_options = b'8\001'
   _globals['_CHATMESSAGE']._serialized_start=32
   _globals['_CHATMESSAGE']._serialized_end=76
   _globals['_CHAT']._serialized_start=78
@@ -40,39 +42,45 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PROMPT']._serialized_start=152
   _globals['_PROMPT']._serialized_end=258
   _globals['_SAMPLINGPARAMS']._serialized_start=261
-  _globals['_SAMPLINGPARAMS']._serialized_end=531
-  _globals['_USAGE']._serialized_start=533
-  _globals['_USAGE']._serialized_end=613
-  _globals['_COMPLETION']._serialized_start=615
-  _globals['_COMPLETION']._serialized_end=734
-  _globals['_GENERATEREQUEST']._serialized_start=736
-  _globals['_GENERATEREQUEST']._serialized_end=830
-  _globals['_GENERATERESPONSE']._serialized_start=832
-  _globals['_GENERATERESPONSE']._serialized_end=893
-  _globals['_GENERATESTREAMREQUEST']._serialized_start=895
-  _globals['_GENERATESTREAMREQUEST']._serialized_end=994
-  _globals['_TOKENDELTA']._serialized_start=996
-  _globals['_TOKENDELTA']._serialized_end=1059
-  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1061
-  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1172
-  _globals['_CLASSIFYREQUEST']._serialized_start=1174
-  _globals['_CLASSIFYREQUEST']._serialized_end=1225
-  _globals['_CLASSIFICATION']._serialized_start=1227
-  _globals['_CLASSIFICATION']._serialized_end=1289
-  _globals['_CLASSIFYRESPONSE']._serialized_start=1291
-  _globals['_CLASSIFYRESPONSE']._serialized_end=1352
-  _globals['_SCOREREQUEST']._serialized_start=1354
-  _globals['_SCOREREQUEST']._serialized_end=1402
-  _globals['_SCORERESULT']._serialized_start=1404
-  _globals['_SCORERESULT']._serialized_end=1481
-  _globals['_SCORERESPONSE']._serialized_start=1483
-  _globals['_SCORERESPONSE']._serialized_end=1538
-  _globals['_MODELINFOREQUEST']._serialized_start=1540
-  _globals['_MODELINFOREQUEST']._serialized_end=1558
-  _globals['_STAGEINFO']._serialized_start=1560
-  _globals['_STAGEINFO']._serialized_end=1626
-  _globals['_MODELINFORESPONSE']._serialized_start=1629
-  _globals['_MODELINFORESPONSE']._serialized_end=2043
-  _globals['_JAMBASERVICE']._serialized_start=2046
-  _globals['_JAMBASERVICE']._serialized_end=2409
+  _globals['_SAMPLINGPARAMS']._serialized_end=888
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=740
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=788
+  _globals['_USAGE']._serialized_start=890
+  _globals['_USAGE']._serialized_end=970
+  _globals['_TOPLOGPROB']._serialized_start=972
+  _globals['_TOPLOGPROB']._serialized_end=1034
+  _globals['_TOPLOGPROBS']._serialized_start=1036
+  _globals['_TOPLOGPROBS']._serialized_end=1091
+  _globals['_COMPLETION']._serialized_start=1094
+  _globals['_COMPLETION']._serialized_end=1258
+  _globals['_GENERATEREQUEST']._serialized_start=1260
+  _globals['_GENERATEREQUEST']._serialized_end=1354
+  _globals['_GENERATERESPONSE']._serialized_start=1356
+  _globals['_GENERATERESPONSE']._serialized_end=1417
+  _globals['_GENERATESTREAMREQUEST']._serialized_start=1419
+  _globals['_GENERATESTREAMREQUEST']._serialized_end=1518
+  _globals['_TOKENDELTA']._serialized_start=1520
+  _globals['_TOKENDELTA']._serialized_end=1628
+  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1630
+  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1741
+  _globals['_CLASSIFYREQUEST']._serialized_start=1743
+  _globals['_CLASSIFYREQUEST']._serialized_end=1794
+  _globals['_CLASSIFICATION']._serialized_start=1796
+  _globals['_CLASSIFICATION']._serialized_end=1858
+  _globals['_CLASSIFYRESPONSE']._serialized_start=1860
+  _globals['_CLASSIFYRESPONSE']._serialized_end=1921
+  _globals['_SCOREREQUEST']._serialized_start=1923
+  _globals['_SCOREREQUEST']._serialized_end=1971
+  _globals['_SCORERESULT']._serialized_start=1973
+  _globals['_SCORERESULT']._serialized_end=2050
+  _globals['_SCORERESPONSE']._serialized_start=2052
+  _globals['_SCORERESPONSE']._serialized_end=2107
+  _globals['_MODELINFOREQUEST']._serialized_start=2109
+  _globals['_MODELINFOREQUEST']._serialized_end=2127
+  _globals['_STAGEINFO']._serialized_start=2129
+  _globals['_STAGEINFO']._serialized_end=2195
+  _globals['_MODELINFORESPONSE']._serialized_start=2198
+  _globals['_MODELINFORESPONSE']._serialized_end=2612
+  _globals['_JAMBASERVICE']._serialized_start=2615
+  _globals['_JAMBASERVICE']._serialized_end=2978
 # @@protoc_insertion_point(module_scope)

@@ -145,6 +145,39 @@ class Grammars:
         return matcher
 
 
+class Masks:
+    """The next-token bitmasks of many matchers at once, computed in parallel by llguidance's
+    thread pool (the GIL is dropped while it works): what the scheduler calls for a microbatch."""
+
+    def __init__(self, threads: int | None = None) -> None:
+        self._threads = threads
+        self._executor = None
+        self._words = 0  # int32 words per mask, learned from the first one
+
+    def __call__(self, matchers: list[Matcher]) -> list[bytes]:
+        import llguidance
+        import numpy as np
+
+        if not self._words or len(matchers) == 1:
+            first = matchers[0].compute_bitmask()
+            self._words = len(first) // 4
+            if len(matchers) == 1:
+                return [first]
+            rest = self(matchers[1:])
+            return [first, *rest]
+        if self._executor is None:
+            self._executor = llguidance.LLExecutor(self._threads)
+        pairs = [(m, i) for i, m in enumerate(matchers)]
+        out = np.empty((len(matchers), self._words), dtype=np.int32)
+        try:
+            self._executor.unsafe_compute_mask_ptr(pairs, out.ctypes.data, self._words * 4, len(matchers))
+        except ValueError:  # compute_bitmask's masks have a spare word the executor's do not take
+            self._words -= 1
+            out = np.empty((len(matchers), self._words), dtype=np.int32)
+            self._executor.unsafe_compute_mask_ptr(pairs, out.ctypes.data, self._words * 4, len(matchers))
+        return [row.tobytes() for row in out]
+
+
 def _first_line(message: str) -> str:
     if message.startswith("NoExtension"):
         return "the grammar matches no text at all"

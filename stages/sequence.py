@@ -13,6 +13,8 @@ import math
 import os
 from dataclasses import dataclass, field
 
+from .microbatch import Sampling
+
 
 STRUCTURE_KINDS = ("json_schema", "json_object", "regex", "lark")
 
@@ -176,6 +178,23 @@ class SequenceState:
         if len(self.output_ids) >= p.min_tokens:
             return None
         return ([] if p.ignore_eos else list(self.eos_ids)) + list(p.stop_token_ids) or None
+
+    def sampling(self) -> Sampling:
+        """How the last stage draws the next token: the parameters, and what the logits
+        processors need from the tokens so far (stages/sampling.py). The grammar's mask is
+        left out: the scheduler computes a microbatch's masks together (stages/grammar.py:Masks)."""
+        p, step = self.params, len(self.output_ids)
+        if p.structure is None and not p.logit_bias and not p.min_tokens and not p.penalized and not p.top_logprobs:
+            return Sampling(p.temperature, p.top_k, p.top_p, self.seed, step)
+        penalized = p.penalized
+        return Sampling(
+            p.temperature, p.top_k, p.top_p, self.seed, step, p.top_logprobs,
+            logit_bias=list(p.logit_bias.items()) or None,
+            banned=self.banned(),
+            penalties=(p.repetition_penalty, p.frequency_penalty, p.presence_penalty) if penalized else None,
+            seen=list(self.seen) if penalized and p.repetition_penalty != 1 else None,
+            counts=list(self.counts.items()) if penalized and self.counts else None,
+        )
 
     def add_token(self, token: int, logprob: float, top: list[tuple[int, float]] | None = None) -> bool:
         """Record a sampled token; returns True when the sequence is finished."""

@@ -103,6 +103,53 @@ def test_bad_sampling_params_name_the_field(kwargs, err, words):
         sampling_params(temprature=1.0)  # a misspelt name is not silently ignored
 
 
+def test_sampling_params_carry_processors_and_structures():
+    p = sampling_params(top_logprobs=3, logit_bias={5: -100, 7: 1.5}, min_tokens=2, repetition_penalty=1.2,
+                        frequency_penalty=0.5, presence_penalty=-0.5)
+    assert (p.top_logprobs, dict(p.logit_bias), p.min_tokens) == (3, {5: -100.0, 7: 1.5}, 2)
+    assert p.HasField("repetition_penalty") and p.repetition_penalty == pytest.approx(1.2)
+    assert (p.frequency_penalty, p.presence_penalty) == (0.5, -0.5) and p.WhichOneof("structure") is None
+    assert not sampling_params().HasField("repetition_penalty")  # unset: the server's 1 (off)
+
+    schema = {"type": "object", "properties": {"a": {"enum": ["x", "y"]}}, "additionalProperties": False}
+    p = sampling_params(json_schema=schema)
+    assert p.WhichOneof("structure") == "json_schema" and json.loads(p.json_schema) == schema
+    assert sampling_params(json_schema='{"type": "integer"}').json_schema == '{"type": "integer"}'  # JSON text as is
+    assert sampling_params(json_object=True).WhichOneof("structure") == "json_object"
+    assert sampling_params(json_object=False).WhichOneof("structure") is None
+    assert sampling_params(regex="(yes|no)").regex == "(yes|no)"
+    assert sampling_params(grammar='start: "a"+').WhichOneof("structure") == "grammar"
+
+
+@pytest.mark.parametrize("kwargs, err, words", [
+    ({"json_schema": {"type": "object"}, "regex": "a"}, ValueError, "at most one of json_schema, json_object"),
+    ({"json_object": True, "grammar": "start: x"}, ValueError, "at most one of"),
+    ({"json_schema": 42}, TypeError, "json_schema must be a JSON Schema"),
+    ({"regex": ["a"]}, TypeError, "regex must be a string"),
+    ({"json_object": "yes"}, TypeError, "json_object must be true or false"),
+    ({"logit_bias": {"5": 1.0}}, TypeError, "logit_bias keys must be token ids"),
+    ({"logit_bias": {5: "up"}}, TypeError, r"logit_bias\[5\] must be a number"),
+    ({"logit_bias": [5]}, TypeError, "logit_bias must map token ids"),
+    ({"top_logprobs": 2.5}, TypeError, "top_logprobs must be an integer"),
+    ({"presence_penalty": "high"}, TypeError, "presence_penalty must be a number"),
+    ({"logit_bias": {2**70: 1.0}}, ValueError, "logit_bias"),
+])
+def test_bad_processor_and_structure_params_name_the_field(kwargs, err, words):
+    with pytest.raises(err, match=words):
+        sampling_params(**kwargs)
+
+
+def test_top_logprobs_from_protos():
+    top = [pb.TopLogprobs(candidates=[pb.TopLogprob(token_id=5, logprob=-0.1, token="a"),
+                                      pb.TopLogprob(token_id=9, logprob=-2.5, token="b")])]
+    c = pb.Completion(output_ids=[5], text="a", finish_reason="length", top_logprobs=top)
+    got = completion_from_pb(c, logprobs=False, top_logprobs=True).top_logprobs
+    assert got == [[(5, -0.1, "a"), (9, -2.5, "b")]] and got[0][1].token == "b" and got[0][0].token_id == 5
+    assert completion_from_pb(c, logprobs=False).top_logprobs is None  # not asked for
+    d = delta_from_pb(pb.TokenDelta(token_ids=[5], text="a", top_logprobs=top), logprobs=False, top_logprobs=True)
+    assert d.top_logprobs == got
+
+
 def test_results_from_protos():
     c = pb.Completion(output_ids=[5, 6, 2], text="hi", finish_reason="stop", logprobs=[-0.1, -0.2, -0.3],
                       usage=pb.Usage(prompt_tokens=4, completion_tokens=3))
@@ -181,6 +228,7 @@ class CannedService(pb_grpc.JambaServiceServicer):
         self.stream_attempts = 0  # GenerateStream calls (it is refused as busy the same way)
         self.attempt_times: list[float] = []
         self.batches: list[int] = []  # prompts per Generate call that got an answer
+        self.params: list[pb.SamplingParams] = []  # the SamplingParams of each Generate/GenerateStream call
         self.metadata: list[dict[str, str]] = []
         self.stream_ended = threading.Event()  # set when a GenerateStream call terminates
         self.stream_was_cancelled = False
@@ -206,16 +254,24 @@ class CannedService(pb_grpc.JambaServiceServicer):
         if request.params.HasField("temperature") and request.params.temperature < 0:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "params.temperature must be >= 0")
         self.batches.append(len(request.prompts))
+        self.params.append(request.params)
         n = request.params.max_new_tokens if request.params.HasField("max_new_tokens") else 2
-        completions = [self._completion(p, n, request.params.logprobs) for p in request.prompts]
+        completions = [self._completion(p, n, request.params) for p in request.prompts]
         return pb.GenerateResponse(completions=completions)
 
     @staticmethod
-    def _completion(prompt, n, logprobs):
+    def _completion(prompt, n, params):
         ids = list(range(10, 10 + n))
         return pb.Completion(output_ids=ids, text="".join(f"<{i}>" for i in ids), finish_reason="length",
-                             logprobs=[-0.5] * n if logprobs else [],
-                             usage=pb.Usage(prompt_tokens=len(prompt.token_ids.ids) or 3, completion_tokens=n))
+                             logprobs=[-0.5] * n if params.logprobs else [],
+                             usage=pb.Usage(prompt_tokens=len(prompt.token_ids.ids) or 3, completion_tokens=n),
+                             top_logprobs=[CannedService._top(i, params.top_logprobs) for i in ids])
+
+    @staticmethod
+    def _top(token: int, k: int) -> pb.TopLogprobs:
+        """k candidates at a position: the token itself first, then the ones after it."""
+        return pb.TopLogprobs(candidates=[pb.TopLogprob(token_id=token + j, logprob=-0.5 * (j + 1), token=f"<{token + j}>")
+                                          for j in range(k)])
 
     def GenerateStream(self, request, context):
         self.stream_attempts += 1
@@ -228,6 +284,7 @@ class CannedService(pb_grpc.JambaServiceServicer):
             self.stream_was_cancelled = not self._finished
             self.stream_ended.set()
         self._finished = False
+        self.params.append(request.params)
         context.add_callback(ended)
         self._wait(self.slow_start, context)
         n = request.params.max_new_tokens if request.params.HasField("max_new_tokens") else 2
@@ -236,11 +293,13 @@ class CannedService(pb_grpc.JambaServiceServicer):
             if not context.is_active():
                 return
             lp = [-0.5] if request.params.logprobs else []
-            yield pb.GenerateStreamResponse(delta=pb.TokenDelta(token_ids=[10 + i], text=f"<{10 + i}>", logprobs=lp))
+            top = [self._top(10 + i, request.params.top_logprobs)] if request.params.top_logprobs else []
+            yield pb.GenerateStreamResponse(delta=pb.TokenDelta(token_ids=[10 + i], text=f"<{10 + i}>", logprobs=lp,
+                                                                top_logprobs=top))
             i += 1
             time.sleep(0.01 if self.endless else 0)
         if not self.skip_final:
-            yield pb.GenerateStreamResponse(final=self._completion(request.prompt, n, request.params.logprobs))
+            yield pb.GenerateStreamResponse(final=self._completion(request.prompt, n, request.params))
         self._finished = True
 
     def Classify(self, request, context):
@@ -621,3 +680,70 @@ def test_cli_score_and_stream(service, address, tmp_path, capsys):
                        "finish_reason": "length"}
     assert rows[1] == {"line": 2, "error": "a row must be a JSON object, not list"}
     assert rows[2]["output_ids"] == [10, 11]  # the canned stream does not check ids
+
+
+def test_cli_sampling_options_and_row_overrides(service, address, tmp_path, capsys):
+    """The sampling options reach every row's request; a row's own field overrides its option, and
+    a row's structure replaces the command line's; top_logprobs come back in the output rows."""
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+    (tmp_path / "schema.json").write_text(json.dumps(schema))
+    lines = [{"prompt": "a", "max_new_tokens": 2}, {"prompt": "b", "max_new_tokens": 2, "regex": "[ab]+", "top_logprobs": 1},
+             {"prompt": "c", "max_new_tokens": 1, "json_object": False}]
+    options = ["--json-schema", str(tmp_path / "schema.json"), "--top-logprobs", "2", "--logit-bias", "5=-100",
+               "--logit-bias", "7=1.5", "--min-tokens", "1", "--repetition-penalty", "1.1", "--frequency-penalty", "0.2",
+               "--presence-penalty", "0.3"]
+    rc, rows = run_cli(tmp_path, "generate", address, lines, options)
+    assert rc == 0, capsys.readouterr().err
+    calls = {p.WhichOneof("structure"): p for p in service.params}  # the rows' structures differ: one call each
+    a, b, c = calls["json_schema"], calls["regex"], calls[None]
+    assert json.loads(a.json_schema) == schema and a.top_logprobs == 2 and dict(a.logit_bias) == {5: -100.0, 7: 1.5}
+    assert (a.min_tokens, a.frequency_penalty, a.presence_penalty) == (1, pytest.approx(0.2), pytest.approx(0.3))
+    assert a.repetition_penalty == pytest.approx(1.1)
+    assert b.WhichOneof("structure") == "regex" and b.top_logprobs == 1 and dict(b.logit_bias) == {5: -100.0, 7: 1.5}
+    assert c.WhichOneof("structure") is None  # json_object false: this row is unconstrained
+    assert rows[0]["top_logprobs"] == [[{"token_id": 10, "token": "<10>", "logprob": -0.5},
+                                        {"token_id": 11, "token": "<11>", "logprob": -1.0}],
+                                       [{"token_id": 11, "token": "<11>", "logprob": -0.5},
+                                        {"token_id": 12, "token": "<12>", "logprob": -1.0}]]
+    assert [len(step) for step in rows[1]["top_logprobs"]] == [1, 1]
+
+    service.params.clear()
+    rc, rows = run_cli(tmp_path, "stream", address, [{"prompt": "s", "max_new_tokens": 2}],
+                       ["--regex", "(yes|no)", "--top-logprobs", "1"])
+    assert rc == 0 and service.params[0].regex == "(yes|no)"
+    assert rows[0]["top_logprobs"] == [[{"token_id": 10, "token": "<10>", "logprob": -0.5}],
+                                       [{"token_id": 11, "token": "<11>", "logprob": -0.5}]]
+
+
+def test_cli_bad_sampling_options(address, tmp_path, capsys):
+    (tmp_path / "in.jsonl").write_text('{"prompt": "a"}\n')
+    base = ["generate", "--address", address, "--input", str(tmp_path / "in.jsonl")]
+    with pytest.raises(SystemExit) as e:
+        cli_main([*base, "--json-schema", "{not json"])
+    assert e.value.code == 2 and "--json-schema: not JSON: it (and no file has that name)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli_main([*base, "--logit-bias", "five=-1"])
+    assert "must be ID=BIAS" in capsys.readouterr().err
+    assert cli_main([*base, "--regex", "a", "--json-object"]) == 2
+    assert "the sampling options: at most one of json_schema, json_object, regex, grammar" in capsys.readouterr().err
+
+
+def test_cli_rows_refuse_fields_that_look_like_parameters(service, address, tmp_path):
+    """Another API's name for a field, or a near-miss, is an error naming it (never silently
+    ignored); a field of the row's own (a note) is carried through."""
+    lines = [{"prompt": "a", "max_tokens": 5}, {"prompt": "a", "temprature": 0.5},
+             {"prompt": "a", "response_format": {"type": "json_object"}}, {"prompt": "a", "guided_json": {}},
+             {"prompt": "a", "note": {"k": 1}, "max_new_tokens": 1}, {"prompt": "a", "regex": "a", "grammar": "start: x"},
+             {"prompt": "a", "logit_bias": {"five": 1}}]
+    rc, rows = run_cli(tmp_path, "generate", address, lines)
+    assert rc == 1
+    assert rows[0]["error"] == "unknown field max_tokens: write max_new_tokens (max_tokens is OpenAI's name)"
+    assert rows[1]["error"] == "unknown field temprature: did you mean temperature?"
+    assert rows[2]["error"].startswith("unknown field response_format: write json_schema: {schema} or json_object: true")
+    assert rows[3]["error"].startswith("unknown field guided_json: write json_schema")
+    assert rows[4]["note"] == {"k": 1} and rows[4]["output_ids"] == [10]
+    assert rows[5]["error"].startswith("at most one of json_schema, json_object, regex, grammar")
+    assert rows[6]["error"] == "logit_bias keys must be token ids, got 'five'"
+    rc, rows = run_cli(tmp_path, "score", address, [{"text": "a", "max_tokens": 5}, {"text": "a", "max_new_tokens": 5}])
+    assert rc == 1 and rows[0]["error"].startswith("unknown field max_tokens")
+    assert rows[1]["token_logprobs"][0] is None  # generate's fields on a score row: the same file serves both

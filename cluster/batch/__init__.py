@@ -5,7 +5,8 @@
     ray job submit --working-dir . -- python -m cluster.cli batch score --model /models/jamba --input ... --output ...
 
 The room: job.py (the job: BatchConfig, the CPU rule, run_job), inputs.py (files, globs, reading),
-rows.py (the JSON Lines rows on an engine), worker.py (the pool actor), commit.py (exactly once),
+rows.py (the JSON Lines rows on an engine), openai_batch.py (OpenAI Batch API files: requests in,
+OpenAI's output and error files out), worker.py (the pool actor), commit.py (exactly once),
 outputs.py (the Parquet tables), progress.py (the progress line). It uses the runtime
 (cluster/runtime: the engine and its pipeline) and Ray Data; it knows nothing of Serve, gRPC or
 HTTP, and the command line (cluster/cli/batch.py) calls it.
@@ -15,12 +16,15 @@ recursively; names starting with '.' or '_' are skipped) or a glob (`*`, `?`, `[
 the local disk or any filesystem pyarrow opens by URI (s3://, gs://, hdfs://, ...). --input may be
 repeated. Rows follow the JSON Lines contracts of `jamba score|classify|generate` (rows.py):
 one of prompt/text/input_ids/messages, optional sampling fields for generate, and an optional `id`.
+JSON Lines of OpenAI batch requests (`custom_id`, `method`, `url`, `body`) are recognised by their
+keys, or named with --format openai, and answered as OpenAI's Batch API does (openai_batch.py).
 
 Output directory:
 
     OUT/data/part-<key>.parquet     result rows (id, source_file, source_row, the inputs, the result fields)
     OUT/errors/part-<key>.parquet   bad rows: id, source_file, source_row, error (the reason), input (the raw row)
     OUT/_SUMMARY.json               written last, only when the job completed: counts, time, throughput
+    OUT/output.jsonl, errors.jsonl  OpenAI batch requests' output and error files, when the job completed
     OUT/_RUN                        the id of the run that owns the directory now (a fence, see below)
 
 `id` is the row's own `id` (as a string) when it has one; otherwise `FILE:ROW`. Every row also

@@ -58,10 +58,11 @@ def _hidden(rel: str) -> bool:
 
 
 def resolve_inputs(inputs: list[str], fmt: str = "auto") -> tuple[pafs.FileSystem, dict[str, list[str]]]:
-    """Expand files, directories and globs to {"jsonl": [...], "parquet": [...]}, sorted, on one filesystem."""
-    if fmt not in ("auto", "jsonl", "parquet"):
-        raise ValueError(f"--format must be auto, jsonl or parquet, not {fmt!r}")
-    fs0, found = None, {"jsonl": [], "parquet": []}
+    """Expand files, directories and globs to {"jsonl": [...], "parquet": [...]}, sorted, on one
+    filesystem; with fmt "openai" (OpenAI batch files, which are JSON Lines) every file is "openai"."""
+    if fmt not in ("auto", "jsonl", "parquet", "openai"):
+        raise ValueError(f"--format must be auto, jsonl, parquet or openai, not {fmt!r}")
+    fs0, found = None, {"jsonl": [], "parquet": [], "openai": []}
     for spec in inputs:
         fs, path = filesystem(spec)
         if fs0 is None:

@@ -27,6 +27,7 @@ from stages.config import JambaConfig, check_quant_mode
 
 from .commit import (DATA_DIR, ERRORS_DIR, RUN_FILE, SUMMARY, committed, done_index, recover, remove_duplicates,
                      write_atomic)
+from . import openai_batch
 from .inputs import JambaRowsDatasource, filesystem, is_local, resolve_inputs
 from .progress import ProgressSink, reporting
 from .rows import TASKS, check_task
@@ -41,7 +42,7 @@ class BatchConfig:
     inputs: list[str]  # files, directories or globs, local or URIs
     output: str  # the output directory; a rerun with the same one resumes
     engine: PipelineConfig  # each pipeline's (cpus_per_stage None: the CPU rule below)
-    input_format: str = "auto"  # auto (by extension) | jsonl | parquet
+    input_format: str = "auto"  # auto (by extension; OpenAI batch files by their lines) | jsonl | parquet | openai
     pipelines: int = 1  # Ray Data pool actors, each driving a pipeline of its own
     reserve_cpus: float | None = None  # CPUs kept for Ray Data's reads (default: 0.5 up to 4 cluster CPUs, else 1)
     batch_size: int = 256  # rows per batch, and per committed part
@@ -85,6 +86,7 @@ def preflight(cfg: BatchConfig) -> tuple[str, pafs.FileSystem, dict[str, list[st
         raise FileNotFoundError(f"{cfg.engine.model_dir} is not a model directory (no config.json)")
     check_task(cfg.task, JambaConfig.from_file(mpath), mpath)
     in_fs, groups = resolve_inputs(cfg.inputs, cfg.input_format)
+    groups = openai_batch.find_requests(in_fs, groups, cfg.input_format, cfg.task)
     return mpath, in_fs, groups
 
 
@@ -93,6 +95,7 @@ def run_job(cfg: BatchConfig) -> dict:
     started = time.time()
     t0 = time.perf_counter()
     mpath, in_fs, groups = preflight(cfg)
+    openai = "openai" in groups  # OpenAI batch requests (openai_batch.py), not rows
 
     cluster_cpus = ray.cluster_resources().get("CPU", 0)
     stages = cfg.engine.num_stages
@@ -109,6 +112,8 @@ def run_job(cfg: BatchConfig) -> dict:
     for d in (root, posixpath.join(root, DATA_DIR), posixpath.join(root, ERRORS_DIR)):
         fs.create_dir(d, recursive=True)
     removed = recover(fs, root)
+    if openai:
+        openai_batch.forget_files(fs, root)
     if any(removed.values()):
         log.info("cleaned up after an interrupted run: %d temporary file(s), %d uncommitted errors part(s)",
                  removed["temporary"], removed["orphan_errors"])
@@ -145,7 +150,8 @@ def run_job(cfg: BatchConfig) -> dict:
                 compute=ActorPoolStrategy(size=cfg.pipelines, max_tasks_in_flight_per_actor=cfg.calls_per_actor,
                                           max_concurrent_calls_per_actor=cfg.calls_per_actor,
                                           enable_true_multi_threading=cfg.calls_per_actor > 1),
-                fn_constructor_kwargs=dict(task=cfg.task, engine=engine, output=cfg.output, run_id=run_id, sink=sink),
+                fn_constructor_kwargs=dict(task="openai" if openai else cfg.task, engine=engine, output=cfg.output,
+                                           run_id=run_id, sink=sink),
             )
             with reporting(cfg.task, remaining, cfg.progress_interval, sink, wall0):
                 for b in out.iter_batches(batch_size=None, batch_format="pyarrow"):
@@ -166,13 +172,18 @@ def run_job(cfg: BatchConfig) -> dict:
         if remaining is not None and total != already + remaining:
             raise RuntimeError(f"{cfg.output} holds {total} row(s), expected {already + remaining}: rerun the job to finish it")
         n_err = sum(pq.ParquetFile(p, filesystem=fs).metadata.num_rows for p in paths if f"/{ERRORS_DIR}/" in p)
+        files = {}
+        if openai:  # OpenAI's output and error files; a request answered with a 400 failed too
+            _, n_err = openai_batch.write_files(fs, root, paths)
+            files = {"format": "openai", "output_file": posixpath.join(cfg.output, openai_batch.OUTPUT_FILE),
+                     "error_file": posixpath.join(cfg.output, openai_batch.ERROR_FILE) if n_err else None}
         secs = time.perf_counter() - t0
         run_secs = time.perf_counter() - t_run
         # steady state: from the first pipeline being ready to the last commit (no startup, no count pass)
         steady = (progress.done_at - progress.ready_at) if progress.ready_at and progress.done_at else 0.0
         summary = {
             "task": cfg.task, "model": cfg.engine.model_dir, "input": cfg.inputs, "output": cfg.output, "complete": True,
-            "rows": total, "rows_ok": total - n_err, "rows_failed": n_err,
+            "rows": total, "rows_ok": total - n_err, "rows_failed": n_err, **files,
             "parts": sum(1 for p in paths if f"/{DATA_DIR}/" in p),
             "this_run": {
                 "rows": progress.rows, "failed": progress.failed, "tokens": progress.tokens, "skipped_committed": already,

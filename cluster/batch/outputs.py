@@ -2,8 +2,12 @@
 one table (`pyarrow.parquet.read_table(OUT/data)`, `ray.data.read_parquet(OUT/data)`).
 
     data parts     id, source_file, source_row, the inputs, the result fields (fields outside the
-                   row contract are kept as JSON text in one `extra` column; `messages` too)
+                   row contract are kept as JSON text in one `extra` column; `messages`, `logit_bias`
+                   and `json_schema` are JSON text too)
     errors parts   id, source_file, source_row, error (the reason), input (the raw row)
+
+An OpenAI batch job's data parts hold id (the custom_id), source_file, source_row, custom_id,
+status_code and output (the output line, JSON text): see openai_batch.py.
 """
 
 from __future__ import annotations
@@ -17,18 +21,32 @@ from .inputs import json_default
 
 _BASE = [("id", pa.string()), ("source_file", pa.string()), ("source_row", pa.int64()),
          ("prompt", pa.string()), ("text", pa.string()), ("input_ids", pa.list_(pa.int64())), ("messages", pa.string())]
+# The row's sampling fields (client/rows.py); logit_bias and json_schema as JSON text.
 _SAMPLING = [("max_new_tokens", pa.int64()), ("temperature", pa.float64()), ("top_k", pa.int64()), ("top_p", pa.float64()),
-             ("seed", pa.int64()), ("stop", pa.list_(pa.string())), ("stop_token_ids", pa.list_(pa.int64()))]
+             ("seed", pa.int64()), ("stop", pa.list_(pa.string())), ("stop_token_ids", pa.list_(pa.int64())),
+             ("ignore_eos", pa.bool_()), ("logit_bias", pa.string()), ("min_tokens", pa.int64()),
+             ("repetition_penalty", pa.float64()), ("frequency_penalty", pa.float64()), ("presence_penalty", pa.float64()),
+             ("json_schema", pa.string()), ("json_object", pa.bool_()), ("regex", pa.string()), ("grammar", pa.string())]
+_FLOATS = ("temperature", "top_p", "repetition_penalty", "frequency_penalty", "presence_penalty")
+_TOP_LOGPROB = pa.struct([("token_id", pa.int64()), ("token", pa.string()), ("logprob", pa.float64())])
 _RESULTS = {
     "score": [("token_logprobs", pa.list_(pa.float64())), ("sum_logprob", pa.float64())],
     "classify": [("logits", pa.list_(pa.float64())), ("probs", pa.list_(pa.float64())), ("label", pa.string())],
-    "generate": [("output_ids", pa.list_(pa.int64())), ("finish_reason", pa.string()), ("logprobs", pa.list_(pa.float64()))],
+    "generate": [("output_ids", pa.list_(pa.int64())), ("finish_reason", pa.string()), ("logprobs", pa.list_(pa.float64())),
+                 ("top_logprobs", pa.list_(pa.list_(_TOP_LOGPROB)))],
 }
 ERROR_SCHEMA = pa.schema([("id", pa.string()), ("source_file", pa.string()), ("source_row", pa.int64()),
                           ("error", pa.string()), ("input", pa.string())])
 
 
+# An OpenAI batch job's parts (openai_batch.py): each request's custom_id, status code and output line.
+_OPENAI = [("id", pa.string()), ("source_file", pa.string()), ("source_row", pa.int64()), ("custom_id", pa.string()),
+           ("status_code", pa.int64()), ("output", pa.string())]
+
+
 def output_schema(task: str) -> pa.Schema:
+    if task == "openai":
+        return pa.schema(_OPENAI + [("extra", pa.string())])
     return pa.schema(_BASE + (_SAMPLING if task == "generate" else []) + _RESULTS[task] + [("extra", pa.string())])
 
 
@@ -55,14 +73,14 @@ def _cell(name: str, v: Any):
         return None
     if isinstance(v, str):
         v = _utf8(v)
-    if name == "messages":
+    if name in ("messages", "logit_bias") or (name == "json_schema" and not isinstance(v, str)):
         return _utf8(json.dumps(v, ensure_ascii=False, default=json_default))
     if name == "stop" and isinstance(v, str):
         return [v]
-    if name in ("temperature", "top_p") and isinstance(v, int) and not isinstance(v, bool):
+    if name in _FLOATS and isinstance(v, int) and not isinstance(v, bool):
         return float(v)
-    if name == "logprobs" and not isinstance(v, list):
-        return None  # the input flag; the column holds the sampled tokens' log-probs
+    if name in ("logprobs", "top_logprobs") and not isinstance(v, list):
+        return None  # the input's ask; the column holds the answer
     return v
 
 

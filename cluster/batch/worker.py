@@ -15,6 +15,7 @@ import pyarrow as pa
 from cluster.runtime.config import PipelineConfig
 from cluster.runtime.pipeline import SyncPipeline
 
+from . import openai_batch
 from .commit import DATA_DIR, ERRORS_DIR, RUN_FILE, part_key, read_bytes, write_atomic
 from .inputs import filesystem
 from .outputs import error_table, output_table, row_id
@@ -26,7 +27,8 @@ class BatchWorker:
 
     def __init__(self, task: str, engine: PipelineConfig, output: str, run_id: str, sink=None) -> None:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-        self.task, self.run_id, self.sink = task, run_id, sink
+        self.task, self.run_id, self.sink = task, run_id, sink  # task "openai": OpenAI batch requests
+        self.model_name = posixpath.basename(engine.model_dir.rstrip("/"))  # what OpenAI responses name
         self.fs, self.root = filesystem(output)
         self.pipe = SyncPipeline(engine)
         self.lock = threading.Lock()
@@ -41,7 +43,7 @@ class BatchWorker:
         srcs = list(zip(files, nums))
         chunk = list(enumerate(lines))
         try:
-            results, tokens = run_chunk(self.pipe, self.task, chunk)
+            results, tokens = self._run(chunk)
         except Exception:
             sched = self.pipe.engine.scheduler
             if sched.error is not None or sched.closed:
@@ -50,7 +52,7 @@ class BatchWorker:
             results, tokens = [], 0
             for item in chunk:
                 try:
-                    res, n = run_chunk(self.pipe, self.task, [item])
+                    res, n = self._run([item])
                     results += res
                     tokens += n
                 except Exception as e:
@@ -80,6 +82,11 @@ class BatchWorker:
         return pa.table({"part": [key], "rows": [len(srcs) if committed else 0], "failed": [len(errors) if committed else 0],
                          "tokens": [tokens], "seconds": [time.perf_counter() - t0], "committed": [committed],
                          "ready_at": [self.ready_at], "done_at": [done_at], "recoveries": [new_recoveries]})
+
+    def _run(self, chunk: list[tuple[int, str]]) -> tuple[list[dict], int]:
+        if self.task == "openai":
+            return openai_batch.run_chunk(self.pipe, chunk, self.model_name)
+        return run_chunk(self.pipe, self.task, chunk)
 
     def _commit(self, key: str, data: pa.Table, errors: pa.Table | None) -> bool:
         name = f"part-{key}.parquet"

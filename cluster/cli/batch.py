@@ -27,8 +27,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input", action="append", required=True, metavar="PATH",
                    help="JSON Lines or Parquet: a file, a directory or a glob, local or a URI (s3://...); repeatable")
     p.add_argument("--output", required=True, help="output directory (local or a URI); rerun with the same one to resume")
-    p.add_argument("--format", dest="input_format", default="auto", choices=["auto", "jsonl", "parquet"],
-                   help="input format (default: by file extension)")
+    p.add_argument("--format", dest="input_format", default="auto", choices=["auto", "jsonl", "parquet", "openai"],
+                   help="input format (default: by file extension, and JSON Lines of OpenAI batch requests by their "
+                        "keys); openai: OpenAI Batch API request files, answered in OUTPUT/output.jsonl and "
+                        "errors.jsonl as OpenAI's Batch API does")
     p.add_argument("--pipelines", type=int, default=1, help="pipelines (Ray Data pool actors), each its own stages")
     add_pipeline_args(p, 1, "stages per pipeline")
     p.add_argument("--reserve-cpus", type=float, default=None,

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from client.cli import chunks, read_lines
 from cluster.batch.rows import check_task, run_chunk
+from cluster.runtime.config import default
 from cluster.runtime.dataplane import TRANSPORTS
 
 from .args import (DTYPES, OFFLINE_MAX_BATCH_TOKENS, PLACEMENT_STRATEGIES, add_batching_args, add_cache_args,
@@ -76,6 +77,12 @@ def add_parsers(sub) -> None:
     w.add_argument("--device", default="cpu")
     w.add_argument("--quantize", action="append", default=[], metavar="MODE",
                    help="also warm the int8 matmul of a stage quantized with MODE (stages/quant.py); repeatable")
+    w.add_argument("--enforce-eager", action="store_true", default=None,
+                   help="skip the compiled decode steps (warm only the kernels)")
+    add_pipeline_args(w, 1, "the stages to compile decode steps for, as they will be served (default 1: the whole "
+                            "model in one stage); the compiled step depends on each stage's layers and cache sizes")
+    add_batching_args(w, default("max_batch_tokens"))
+    add_cache_args(w)
     w.set_defaults(func=run_warmup)
 
 
@@ -158,23 +165,38 @@ def make_demo(args) -> int:
 
 
 def run_warmup(args) -> int:
+    """Compile every kernel, and the decode step of every batch size (stages/decode.py), of each
+    stage as `--stages`/`--layer-split` and the cache flags will serve it, into $JAMBA_KERNEL_CACHE."""
     from stages.warmup import use_kernel_cache
 
     use_kernel_cache()  # before anything imports the numba kernels
 
     import tempfile
 
+    from cluster.runtime.config import PipelineConfig, plan_pipeline
     from stages.demo import make_demo_model
-    from stages.loading import load_stage
-    from stages.warmup import warm_up
+    from stages.worker import StageWorker
 
     with tempfile.TemporaryDirectory() as tmp:
-        model = args.model or make_demo_model(Path(tmp) / "demo-lm")
+        model = str(args.model or make_demo_model(Path(tmp) / "demo-lm"))
+        splits = resolve_split(model, args.stages, args.layer_split)
+        # (--dtype and --quantize are lists here: every combination is warmed.)
+        cfg = PipelineConfig(model, **{k: v for k, v in engine_fields(args).items() if k not in ("dtype", "quantize")})
+        paging = plan_pipeline(cfg).paging
+        pools = {k: paging[k] for k in ("block_size", "num_blocks", "num_snapshots")}
         for dtype in args.dtype or [None]:
             for quantize in [None, *args.quantize]:
-                stage, _ = load_stage(model, dtype=dtype, device=args.device, quantize=quantize)
-                print(f"warmed {model} ({dtype or 'as stored'}{', ' + quantize if quantize else ''}, {args.device}) in "
-                      f"{warm_up(stage):.1f}s; cache: {os.environ.get('JAMBA_KERNEL_CACHE') or 'the tools defaults'}")
+                for start, end in splits:
+                    worker = StageWorker.load(model, start, end, cfg.num_slots, paging["max_seq_len"],
+                                              dtype=dtype, device=args.device, quantize=quantize, paging=pools,
+                                              enforce_eager=bool(args.enforce_eager))
+                    info = worker.load_info
+                    decode = (f", decode steps for batch {'/'.join(map(str, worker.decoder.sizes))} in "
+                              f"{info.get('decode_compile_seconds', 0):.1f}s" if worker.decoder else "")
+                    print(f"warmed layers [{start}, {end}) of {model} ({dtype or 'as stored'}"
+                          f"{', ' + quantize if quantize else ''}, {args.device}): kernels in "
+                          f"{info['warmup_seconds']:.1f}s{decode}; cache: "
+                          f"{os.environ.get('JAMBA_KERNEL_CACHE') or 'the tools defaults'}", flush=True)
     return 0
 
 

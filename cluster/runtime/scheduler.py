@@ -46,7 +46,8 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import AsyncIterator, Awaitable, Callable
 
-from stages.microbatch import Answer, BlockTableUpdate, Microbatch, Restore, Row, Sampling, TakeSnapshot, Want
+from stages.grammar import Masks
+from stages.microbatch import Answer, BlockTableUpdate, Microbatch, Restore, Row, TakeSnapshot, Want
 from stages.paging import BlockManager, SeqPages
 from stages.sequence import GenerationResult, SequenceState
 
@@ -170,6 +171,7 @@ class Scheduler:
         self.error: BaseException | None = None
         self.microbatches = 0
         self.finished_at: deque[float] = deque(maxlen=64)  # when recent requests finished: the drain rate
+        self.masks = Masks()  # constrained rows' grammar masks (stages/grammar.py)
         self._task = asyncio.get_running_loop().create_task(self._loop())
 
     # ---- public API: requests come checked from the intake (intake.py) -----------------------
@@ -480,6 +482,7 @@ class Scheduler:
             self.prefill_tokens += n
         if not rows and not self.to_free:
             return None
+        self._fill_masks(rows)
         mb = Microbatch([row for _, row in rows], self.to_free, self.to_alloc, self.to_blocks, self.to_restore, snaps)
         self.to_free, self.to_alloc, self.to_blocks, self.to_restore = [], [], [], []
         self.microbatches += 1
@@ -492,7 +495,7 @@ class Scheduler:
         ids.extend(r.tokens[start : start + n])
         end = start + n
         if r.task is Task.GENERATE and end == len(r.tokens):  # its last token goes in: draw the next one
-            row = Row(r.slot, n, Want.TOKEN, self._sampling(r.state))
+            row = Row(r.slot, n, Want.TOKEN, r.state.sampling())
         elif r.task is Task.SCORE:
             targets = r.prompt[start + 1 : end + 1]
             row = Row(r.slot, n, Want.SCORES, targets=targets + [None] * (n - len(targets)))
@@ -503,23 +506,11 @@ class Scheduler:
         r.in_flight = True
         return (r, n), row
 
-    @staticmethod
-    def _sampling(s: SequenceState) -> Sampling:
-        """How the last stage draws `s`'s next token: its parameters, and what its processors
-        need from its tokens so far (stages/sampling.py)."""
-        p = s.params
-        if p.structure is None and not p.logit_bias and not p.min_tokens and not p.penalized and not p.top_logprobs:
-            return Sampling(p.temperature, p.top_k, p.top_p, s.seed, len(s.output_ids))
-        penalized = p.penalized
-        return Sampling(
-            p.temperature, p.top_k, p.top_p, s.seed, len(s.output_ids), p.top_logprobs,
-            mask=s.grammar.compute_bitmask() if s.grammar is not None else None,
-            logit_bias=list(p.logit_bias.items()) or None,
-            banned=s.banned(),
-            penalties=(p.repetition_penalty, p.frequency_penalty, p.presence_penalty) if penalized else None,
-            seen=list(s.seen) if penalized and p.repetition_penalty != 1 else None,
-            counts=list(s.counts.items()) if penalized and s.counts else None,
-        )
+    def _fill_masks(self, rows: list) -> None:
+        """The grammar masks of the microbatch's constrained rows, all at once (in parallel)."""
+        held = [k for k, ((r, _), row) in enumerate(rows) if row.want == Want.TOKEN and r.state.grammar is not None]
+        for k, mask in zip(held, self.masks([rows[k][0][0].state.grammar for k in held]) if held else []):
+            rows[k] = (rows[k][0], rows[k][1]._replace(sampling=rows[k][1].sampling._replace(mask=mask)))
 
     async def _run(self, rows: list[tuple[_Request, int]], mb: Microbatch, ids: array) -> None:
         try:

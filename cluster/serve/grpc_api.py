@@ -23,7 +23,7 @@ from cluster.runtime.engine import Engine
 from cluster.runtime.intake import IntakeError
 from cluster.runtime.scheduler import DeadlineExceededError, QueueFullError, SchedulerClosedError, TokenEvent
 from protos import jamba_pb2 as pb
-from stages.sequence import GenerationResult, SamplingParams, label_probs
+from stages.sequence import GenerationResult, SamplingParams, Structure, label_probs
 
 from .replica import NotReadyError, Replica
 
@@ -70,6 +70,10 @@ def prompt_ids(engine: Engine, prompt: pb.Prompt, field: str) -> list[int]:
     return engine.intake.chat(messages, f"{field}.chat")
 
 
+# The proto's structure oneof: its field names, and the Structure kind each one is.
+STRUCTURE_KINDS = {"json_schema": "json_schema", "json_object": "json_object", "regex": "regex", "grammar": "lark"}
+
+
 def sampling_params(p: pb.SamplingParams) -> SamplingParams:
     return SamplingParams(
         max_new_tokens=p.max_new_tokens if p.HasField("max_new_tokens") else DEFAULT_MAX_NEW_TOKENS,
@@ -78,14 +82,33 @@ def sampling_params(p: pb.SamplingParams) -> SamplingParams:
         top_p=p.top_p if p.HasField("top_p") else 1.0,
         seed=p.seed if p.HasField("seed") else None,
         stop=list(p.stop), stop_token_ids=list(p.stop_token_ids), logprobs=p.logprobs, ignore_eos=p.ignore_eos,
+        top_logprobs=p.top_logprobs, logit_bias=dict(p.logit_bias), min_tokens=p.min_tokens,
+        repetition_penalty=p.repetition_penalty if p.HasField("repetition_penalty") else 1.0,
+        frequency_penalty=p.frequency_penalty, presence_penalty=p.presence_penalty, structure=structure(p),
     )
 
 
-def completion(r: GenerationResult) -> pb.Completion:
+def structure(p: pb.SamplingParams) -> Structure | None:
+    """The structure oneof as the engine's Structure; json_object false is no structure."""
+    which = p.WhichOneof("structure")
+    if which is None or (which == "json_object" and not p.json_object):
+        return None
+    return Structure(STRUCTURE_KINDS[which], "" if which == "json_object" else getattr(p, which))
+
+
+def completion(r: GenerationResult, tokenizer) -> pb.Completion:
     return pb.Completion(
         output_ids=r.output_ids, text=r.text or "", finish_reason=r.finish_reason, logprobs=r.logprobs or [],
         usage=pb.Usage(prompt_tokens=r.prompt_tokens, completion_tokens=len(r.output_ids), cached_tokens=r.cached_tokens),
+        top_logprobs=[top_logprobs(step, tokenizer) for step in r.top_logprobs or []],
     )
+
+
+def top_logprobs(step: list[tuple[int, float]], tokenizer) -> pb.TopLogprobs:
+    """One output position's candidates, each with its token's text."""
+    return pb.TopLogprobs(candidates=[
+        pb.TopLogprob(token_id=t, logprob=lp, token=tokenizer.decode([t], skip_special_tokens=False) if tokenizer else "")
+        for t, lp in step])
 
 
 def classification(logits: list[float], id2label: dict[int, str]) -> pb.Classification:
@@ -146,21 +169,25 @@ class GrpcApi:
         return [prompt_ids(engine, p, n) for p, n in zip(prompts, names)]
 
     @staticmethod
-    def _generations(engine: Engine, prompts: list[list[int]], params: SamplingParams, fields: list[str]):
-        return [engine.intake.generation(ids, params, name, max_field=SAMPLING + "max_new_tokens", prefix=SAMPLING)
+    async def _generations(engine: Engine, prompts: list[list[int]], p: pb.SamplingParams, fields: list[str]):
+        """The checked requests; a structure compiled for the first time compiles in a thread (the
+        prompts share it: the first compiles it, the others find it cached)."""
+        params = sampling_params(p)
+        names = {"structure": p.WhichOneof("structure") or "structure"}  # an error names the field the caller set
+        return [await engine.intake.generation_async(ids, params, name, max_field=SAMPLING + "max_new_tokens",
+                                                     prefix=SAMPLING, names=names)
                 for ids, name in zip(prompts, fields)]
 
     async def generate(self, request: pb.GenerateRequest, ctx: RayServegRPCContext) -> pb.GenerateResponse:
         async def body():
             engine = self._engine(False, "Generate")
             ids = self._prompts(engine, request.prompts, "prompts")
-            requests = self._generations(engine, ids, sampling_params(request.params),
-                                         [f"prompts[{i}]" for i in range(len(ids))])
+            requests = await self._generations(engine, ids, request.params, [f"prompts[{i}]" for i in range(len(ids))])
             self.replica.metrics.tokens_in.inc(sum(map(len, ids)))
             until = deadline(ctx)
             results = await asyncio.gather(*[engine.scheduler.complete(r, until) for r in requests])
             self.replica.metrics.tokens_out.inc(sum(len(r.output_ids) for r in results))
-            return pb.GenerateResponse(completions=[completion(r) for r in results])
+            return pb.GenerateResponse(completions=[completion(r, engine.tokenizer) for r in results])
         return await self._guard("Generate", ctx, body())
 
     async def generate_stream(self, request: pb.GenerateStreamRequest, ctx: RayServegRPCContext):
@@ -170,7 +197,7 @@ class GrpcApi:
             engine = self.replica.engine()
             ids = self._prompts(engine, [request.prompt] if request.HasField("prompt") else [], "prompt", single=True)[0]
             engine = self._engine(False, "GenerateStream")
-            [req] = self._generations(engine, [ids], sampling_params(request.params), ["prompt"])
+            [req] = await self._generations(engine, [ids], request.params, ["prompt"])
             # Chunks: every token that is ready goes out in one message, so a stream that falls
             # behind (many streams, a busy proxy) catches up instead of lagging one message per token.
             stream = engine.scheduler.generate_chunks(req, deadline(ctx))
@@ -193,11 +220,13 @@ class GrpcApi:
                     last = now
                     yield pb.GenerateStreamResponse(delta=pb.TokenDelta(
                         token_ids=[ev.token_id for ev in tokens], text="".join(ev.text for ev in tokens),
-                        logprobs=[ev.logprob for ev in tokens if ev.logprob is not None]))
+                        logprobs=[ev.logprob for ev in tokens if ev.logprob is not None],
+                        top_logprobs=[top_logprobs(ev.top_logprobs, engine.tokenizer)
+                                      for ev in tokens if ev.top_logprobs is not None]))
                 if isinstance(chunk[-1], GenerationResult):
                     metrics.tokens_out.inc(len(chunk[-1].output_ids))
                     metrics.requests.inc(tags={"method": "GenerateStream", "code": "OK"})
-                    yield pb.GenerateStreamResponse(final=completion(chunk[-1]))
+                    yield pb.GenerateStreamResponse(final=completion(chunk[-1], engine.tokenizer))
                     return
                 if interval and last is not None:
                     await asyncio.sleep(max(0.0, last + interval - time.perf_counter()))
