@@ -155,11 +155,29 @@ PAD, BOS, EOS, UNK = "<|pad|>", "<|startoftext|>", "<|endoftext|>", "<|unk|>"
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 DEMO_SPECIAL_TOKENS = (PAD, BOS, EOS, UNK, IM_START, IM_END)  # ids 0..5, in this order
 DEMO_MODEL_MAX_LENGTH = 4096
+# ChatML turns. With `tools`, a first system turn lists them and assistant turns write their
+# `tool_calls` the way Jamba-1.5/1.6/1.7's own template does (<tool_definitions> ... </tool_definitions>,
+# <tool_calls>[...]</tool_calls>; cluster/serve/tool_calls.py reads that format back). Without tools
+# and tool calls the text is what the plain ChatML template gave, byte for byte. Whitespace that
+# matters is written inside {{ '...' }}: trim_blocks/lstrip_blocks would eat it next to a tag.
 DEMO_CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for m in messages %}"
+    "{{ bos_token }}"
+    "{% if tools %}<|im_start|>system{{ '\\n' }}"
+    "{% if messages and messages[0]['role'] == 'system' %}{{ messages[0]['content'] + '\\n\\n' }}{% endif %}"
+    "<tool_definitions>{{ '\\n# Tools\\n\\n## Functions' }}"
+    "{% for tool in tools %}{{ '\\n\\n' + ((tool['function'] if tool['function'] is defined else tool) | tojson(indent=2)) }}"
+    "{% endfor %}{{ '\\n' }}</tool_definitions><|im_end|>{{ '\\n' }}{% endif %}"
+    "{% for m in messages %}"
     "{% if m['role'] not in ['system','user','assistant','tool'] %}"
     "{{ raise_exception('Unknown role: ' + m['role']) }}{% endif %}"
-    "<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if not (tools and loop.first and m['role'] == 'system') %}"
+    "<|im_start|>{{ m['role'] }}\n"
+    "{% if m['tool_calls'] %}{{ m['content'] or '' }}<tool_calls>{{ '[\\n    ' }}"
+    "{% for call in m['tool_calls'] %}{% set f = call['function'] if call['function'] is defined else call %}"
+    "{{ '{\"name\": \"' + f['name'] + '\", \"arguments\": ' + (f['arguments'] if f['arguments'] is string "
+    "else f['arguments'] | tojson) + '}' }}{{ ',\\n    ' if not loop.last else '\\n' }}{% endfor %}"
+    "]</tool_calls>"
+    "{% else %}{{ m['content'] }}{% endif %}<|im_end|>\n{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 

@@ -237,6 +237,50 @@ def test_chat_content_parts_pass_through(tok, hf):
     )
 
 
+
+PLAIN_CHATML = (  # the demo template before it learned tools: tool-less chats must render exactly so
+    "{{ bos_token }}{% for m in messages %}{% if m['role'] not in ['system','user','assistant','tool'] %}"
+    "{{ raise_exception('Unknown role: ' + m['role']) }}{% endif %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
+    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather now in a city",
+                                           "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                                                          "required": ["city"]}}},
+         {"type": "function", "function": {"name": "noop"}}]
+TOOL_TURNS = [
+    {"role": "user", "content": "Weather in Paris and Rome?"},
+    {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}},
+        {"id": "call_2", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Rome"}}}]},
+    {"role": "tool", "tool_call_id": "call_1", "content": '{"temp": 20}'},
+]
+
+
+def test_demo_template_renders_tools_in_jambas_format(tok, hf, tok_dir, tmp_path):
+    """The demo template lists `tools` in a first system turn and writes assistant `tool_calls` as
+    Jamba's template does (<tool_definitions>, <tool_calls>[...]</tool_calls>); transformers agrees;
+    chats without tools or tool calls render exactly as the plain ChatML template did."""
+    for messages in (MESSAGES, MESSAGES[1:], TOOL_TURNS, [MESSAGES[0]] + TOOL_TURNS):
+        for tools in (TOOLS, None):
+            for gen in (True, False):
+                ours = tok.apply_chat_template(messages, add_generation_prompt=gen, tools=tools)
+                assert ours == hf.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=gen)
+    text = tok.apply_chat_template([MESSAGES[0]] + TOOL_TURNS, tools=TOOLS)
+    assert text.startswith(f"{BOS}{IM_START}system\nYou are terse.\n\n<tool_definitions>\n# Tools\n\n## Functions\n\n{{\n"
+                           '  "name": "get_weather",\n')
+    assert text.count(f"{IM_START}system") == 1  # the system message went into the tools turn
+    assert ('<tool_calls>[\n    {"name": "get_weather", "arguments": {"city": "Paris"}},\n'
+            '    {"name": "get_weather", "arguments": {"city": "Rome"}}\n]</tool_calls>') in text
+    plain = with_template(tok_dir, tmp_path, PLAIN_CHATML)
+    rng = random.Random(0)
+    for _ in range(200):
+        messages = [{"role": rng.choice(["system", "user", "assistant", "tool"]),
+                     "content": rng.choice(["", "hi", " a\nb ", "{{ x }}", "日本", "<tool_calls>"])}
+                    for _ in range(rng.randrange(1, 6))]
+        gen = rng.random() < 0.5
+        assert tok.apply_chat_template(messages, add_generation_prompt=gen) == \
+            plain.apply_chat_template(messages, add_generation_prompt=gen)
+
 def test_chat_template_file_and_extra_variables(tok_dir, tmp_path):
     template = "{% for m in messages %}{{ m['role'] }}:{{ m['content'] }}|{{ tools | tojson }}|{{ who }}\n{% endfor %}"
     tok = with_template(tok_dir, tmp_path, template)

@@ -59,12 +59,13 @@ class Intake:
             raise IntakeError(field, f"{field} is empty")
         return self.token_ids(self._tokenizer(field).encode(text), field)
 
-    def chat(self, messages: list[dict], field: str = "messages") -> list[int]:
-        """A conversation, rendered with the checkpoint's chat template."""
+    def chat(self, messages: list[dict], field: str = "messages", tools: list[dict] | None = None) -> list[int]:
+        """A conversation, rendered with the checkpoint's chat template; `tools` (OpenAI's function
+        definitions) reach the template as its `tools` variable."""
         if not messages:
             raise IntakeError(field, f"{field} is empty")
         try:
-            ids = self._tokenizer(field).encode_chat(messages)
+            ids = self._tokenizer(field).encode_chat(messages, **({"tools": tools} if tools else {}))
         except ChatTemplateError as e:
             raise IntakeError(field, f"{field}: the chat template failed: {e}") from None
         except ValueError as e:

@@ -10,9 +10,13 @@ Serve's HTTP proxy: the replica's FastAPI app is built here, per replica.
     GET  /v1/models, /v1/models/{model}
     GET  /health                200 while the pipeline serves; 503 while it starts, and once it failed
 
-What OpenAI's API has and this server does not (top_logprobs, penalties, logit_bias, suffix,
-tools, JSON response formats) is refused with a 400 naming the field, never ignored. Beyond
-OpenAI's fields, requests may carry vLLM's `top_k`, `ignore_eos` and `stop_token_ids`.
+Beyond plain sampling: structured output (response_format, vLLM's structured_outputs and guided_*,
+compiled by the intake: stages/grammar.py), top_logprobs, penalties, logit_bias, min_tokens, and
+tool calling (tools through the chat template; tool_choice "required" or a named function forced
+by a grammar, "auto" read out of the text: tool_calls.py). What OpenAI's API has and this server
+does not (suffix, best_of, images) is refused with a 400 naming the field, never ignored. Beyond
+OpenAI's fields, requests may carry vLLM's `top_k`, `ignore_eos`, `stop_token_ids`,
+`repetition_penalty` and `min_tokens`.
 
 Errors are OpenAI's shape, {"error": {"message", "type", "param", "code"}}: 400 for a bad field
 (param names it), 404 for an unknown model or path, 429 with Retry-After when the queue is full,
@@ -24,6 +28,7 @@ cancels its request in the replica, which aborts it and frees its slots on every
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import math
 import time
@@ -36,15 +41,19 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from cluster.runtime.engine import Engine
 from cluster.runtime.intake import GenerateRequest, IntakeError
 from cluster.runtime.scheduler import DeadlineExceededError, QueueFullError, SchedulerClosedError
-from stages.sequence import GenerationResult
+from stages.grammar import GrammarError
+from stages.sequence import GenerationResult, Structure
 
 from .openai_protocol import (APIError, ChatCompletions, ChatRequest, CompletionRequest, Completions, bad,
-                              choice_params, parse, refuse_unsupported, sampling_params, sse)
+                              chat_message, choice_params, output_structure, parse, refuse_unsupported,
+                              sampling_params, sse)
 from .replica import NotReadyError, Replica
+from .tool_calls import NAME, Function, ToolCallFormat, ToolCallReader, ToolsUnsupported
 
 log = logging.getLogger("ray.serve")
 
 MAX_PROMPTS = 256  # prompts in one completions request, as for gRPC's Generate
+MAX_COMPLETION_LOGPROBS = 5  # OpenAI's limit on /v1/completions' logprobs
 COMPLETIONS_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the rest of the context
 REFUSALS = (IntakeError, NotReadyError, QueueFullError, SchedulerClosedError, DeadlineExceededError)
 
@@ -79,6 +88,7 @@ class OpenAIServer:
         self.name = replica.name
         self.config = replica.config
         self.created = int(time.time())
+        self._tools: ToolCallFormat | ToolsUnsupported | None = None  # the chat template's tool-call format
 
     def _engine(self, model: str) -> Engine:
         """The engine, once the request names this endpoint's model; NotReadyError (503) while it starts."""
@@ -105,9 +115,12 @@ class OpenAIServer:
             raise bad("suffix", "suffix is not supported")
         if req.best_of not in (None, req.n):
             raise bad("best_of", "best_of is not supported (only equal to n)")
-        if req.logprobs not in (None, 0):
-            raise bad("logprobs", "logprobs must be 0 or null: this server returns each chosen token's "
-                                  "log-probability (tokens, token_logprobs), not the top alternatives")
+        if req.logprobs is not None and not 0 <= req.logprobs <= MAX_COMPLETION_LOGPROBS:
+            raise bad("logprobs", f"logprobs must be between 0 and {MAX_COMPLETION_LOGPROBS} (how many of the most "
+                                  f"likely tokens to return at each step), got {req.logprobs}")
+        if req.echo and req.logprobs:
+            raise bad("echo", "echo with logprobs above 0 is not supported (the prompt's alternatives are not "
+                              "computed); use logprobs: 0")
         p, intake = req.prompt, engine.intake
         if isinstance(p, str):
             prompts = [(p, intake.text(p, "prompt"))]
@@ -122,10 +135,13 @@ class OpenAIServer:
         else:
             prompts = [(None, intake.token_ids(ids, f"prompt[{i}]")) for i, ids in enumerate(p)]
         max_tokens = COMPLETIONS_MAX_TOKENS if req.max_tokens is None else req.max_tokens
-        params = sampling_params(req, max_tokens, req.logprobs is not None)
-        checked = [intake.generation(ids, params, "prompt" if len(prompts) == 1 else f"prompt[{i}]", "max_tokens")
+        field, structure = output_structure(req) or ("response_format", None)
+        params = sampling_params(req, max_tokens, req.logprobs is not None, req.logprobs or 0, structure)
+        names = {"structure": field, "top_logprobs": "logprobs"}
+        checked = [await intake.generation_async(ids, params, "prompt" if len(prompts) == 1 else f"prompt[{i}]",
+                                                 "max_tokens", names=names)
                    for i, (_, ids) in enumerate(prompts)]
-        jobs = [(i * req.n + j, GenerateRequest(r.prompt, choice_params(r.params, j)))
+        jobs = [(i * req.n + j, GenerateRequest(r.prompt, choice_params(r.params, j), r.grammar))
                 for i, r in enumerate(checked) for j in range(req.n)]
         echoes = await self._echoes(engine, prompts, req) if req.echo else {}
         self.replica.metrics.tokens_in.inc(sum(len(ids) for _, ids in prompts))
@@ -155,35 +171,104 @@ class OpenAIServer:
         req = await parse(request, ChatRequest)
         engine = self._engine(req.model)
         refuse_unsupported(req)
-        if req.top_logprobs:
-            raise bad("top_logprobs", "top_logprobs is not supported (only 0): this server returns each chosen "
-                                      "token's log-probability, not the top alternatives")
-        if req.tools or req.tool_choice not in (None, "none"):
-            raise bad("tools" if req.tools else "tool_choice", "tools are not supported")
-        if req.response_format and req.response_format.get("type") != "text":
-            raise bad("response_format", "response_format must be {\"type\": \"text\"}: structured output is "
-                                         "not supported")
+        if req.top_logprobs and not req.logprobs:
+            raise bad("top_logprobs", "top_logprobs needs logprobs: true")
         if engine.tokenizer is None and req.messages:
             raise bad("messages", "the model has no tokenizer, so no chat template; use /v1/completions with token ids")
-        messages = []
-        for m in req.messages:
-            content = m.content if isinstance(m.content, str) or m.content is None else \
-                "\n".join(part.text for part in m.content)
-            messages.append({"role": m.role, "content": content or "", **({"name": m.name} if m.name else {})})
-        ids = engine.intake.chat(messages, "messages")
-        field = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+        tools, reader, forced = await self._tool_calling(engine, req)
+        messages = [chat_message(m, i) for i, m in enumerate(req.messages)]
+        ids = engine.intake.chat(messages, "messages", tools=tools)
+        field, structure = output_structure(req) or ("response_format", None)
+        if forced is not None:
+            if structure is not None:
+                raise bad(field, f"{field} cannot be combined with tool_choice {_choice_name(req.tool_choice)}: "
+                                 "the answer is a tool call")
+            field, structure = "tools", forced
+        max_field = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
         asked = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         # Unasked, a chat may take the rest of the context (at least one token, or the intake says it is full).
         max_tokens = asked if asked is not None else max(1, engine.max_seq_len - len(ids))
-        checked = engine.intake.generation(ids, sampling_params(req, max_tokens, req.logprobs), "messages", field)
-        jobs = [(j, GenerateRequest(ids, choice_params(checked.params, j))) for j in range(req.n)]
+        params = sampling_params(req, max_tokens, req.logprobs, req.top_logprobs or 0, structure)
+        checked = await engine.intake.generation_async(ids, params, "messages", max_field, names={"structure": field})
+        jobs = [(j, GenerateRequest(ids, choice_params(checked.params, j), checked.grammar)) for j in range(req.n)]
         self.replica.metrics.tokens_in.inc(len(ids))
-        out = ChatCompletions(self.name, self._token_text, req, [(None, ids)])
+        out = ChatCompletions(self.name, self._token_text, req, [(None, ids)], reader)
         if req.stream:
             return await self._stream(engine, out, jobs, "POST /v1/chat/completions")
         finals = await self._run_all(engine, jobs)
         self._count("POST /v1/chat/completions", 200)
         return JSONResponse(out.response(finals))
+
+    async def _tool_calling(self, engine: Engine, req: ChatRequest) -> tuple[list[dict] | None,
+                                                                               ToolCallReader | None,
+                                                                               Structure | None]:
+        """What the request's tools ask for: the tools the chat template lists, the reader of the
+        answer's tool calls, and, for tool_choice "required" or a named function, the grammar that
+        forces a call. tool_choice "none" lists no tools and reads no calls."""
+        choice = req.tool_choice
+        if not req.tools:
+            if choice not in (None, "none"):
+                raise bad("tool_choice", "tool_choice needs tools")
+            return None, None, None
+        functions = await self._functions(engine, req.tools)
+        if choice == "none":
+            return None, None, None
+        try:
+            format = self._tool_format()
+        except ToolsUnsupported as e:
+            raise bad("tools", f"tools are not supported by {self.name!r}: {e}") from None
+        listed = [t.model_dump(exclude_none=True) for t in req.tools]
+        if choice in (None, "auto"):
+            return listed, ToolCallReader(format, functions, engine.tokenizer), None
+        if choice == "required":
+            allowed = functions
+        else:
+            allowed = [f for f in functions if f.name == choice.function.name]
+            if not allowed:
+                raise bad("tool_choice", f"tool_choice names the function {choice.function.name!r}, which is not "
+                                         "among tools")
+        grammar = format.grammar(allowed, parallel=req.parallel_tool_calls is not False)
+        return listed, ToolCallReader(format, allowed, engine.tokenizer), Structure("lark", grammar)
+
+    async def _functions(self, engine: Engine, tools) -> list[Function]:
+        """The tools' functions, checked: OpenAI's names, unique, and parameters a JSON Schema of an
+        object that the grammar library compiles (first sight of a schema compiles it in a thread)."""
+        functions = []
+        for i, tool in enumerate(tools):
+            fn, field = tool.function, f"tools[{i}].function"
+            if not NAME.fullmatch(fn.name):
+                raise bad(f"{field}.name", f"{field}.name must be 1 to 64 letters, digits, _ or -, got {fn.name[:80]!r}")
+            if any(f.name == fn.name for f in functions):
+                raise bad(f"{field}.name", f"{field}.name: two tools are named {fn.name!r}")
+            if fn.parameters is None:
+                functions.append(Function(fn.name))
+                continue
+            if fn.parameters.get("type", "object") != "object":
+                raise bad(f"{field}.parameters", f"{field}.parameters must be the JSON Schema of an object "
+                                                 "(type: object): the arguments are a JSON object")
+            schema = Structure("json_schema", json.dumps(fn.parameters))
+            if len(schema.spec) > Structure.MAX_SPEC:
+                raise bad(f"{field}.parameters", f"{field}.parameters is {len(schema.spec)} characters of JSON, "
+                                                 f"more than {Structure.MAX_SPEC}")
+            grammars = engine.intake.grammars
+            try:
+                if not grammars.cached(schema):
+                    await asyncio.to_thread(grammars.matcher, schema)
+            except GrammarError as e:
+                raise bad(f"{field}.parameters", f"{field}.parameters: {e}") from None
+            functions.append(Function(fn.name, fn.parameters))
+        return functions
+
+    def _tool_format(self) -> ToolCallFormat:
+        """How the checkpoint's chat template writes tool calls (worked out once); ToolsUnsupported if it does not."""
+        if self._tools is None:
+            try:
+                self._tools = ToolCallFormat.of(self.replica.engine().tokenizer)
+            except ToolsUnsupported as e:
+                self._tools = e
+        if isinstance(self._tools, ToolsUnsupported):
+            raise self._tools
+        return self._tools
 
     # ---- running requests --------------------------------------------------------------------
     async def _run_all(self, engine: Engine, jobs) -> list[GenerationResult]:
@@ -339,3 +424,7 @@ def build_app(replica: Replica) -> FastAPI:
 def _model_card(api: OpenAIServer) -> dict:
     return {"id": api.name, "object": "model", "created": api.created, "owned_by": "jamba-serve",
             "max_model_len": api.replica.engine().max_seq_len}
+
+
+def _choice_name(choice) -> str:
+    return f"{{function: {choice.function.name}}}" if hasattr(choice, "function") else repr(choice)

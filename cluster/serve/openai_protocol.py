@@ -8,16 +8,19 @@ becomes a 400 whose `param` names the field as the client wrote it (`messages[0]
 from __future__ import annotations
 
 import json
+import re
 import time
 import uuid
 from typing import Any, Literal
 
 from fastapi import Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from cluster.runtime.scheduler import TokenEvent
-from stages.sequence import GenerationResult, SamplingParams
+from stages.sequence import GenerationResult, SamplingParams, Structure
+
+from .tool_calls import ToolCall, ToolCallReader, ToolCallScanner
 
 MAX_N = 16  # choices per prompt
 
@@ -53,6 +56,28 @@ class StreamOptions(_Strict):
     include_usage: bool = False
 
 
+class JSONSchemaFormat(_Strict):
+    name: str
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")  # `schema` would shadow pydantic's method
+    strict: bool | None = None  # accepted; the schema is always enforced
+
+
+class ResponseFormat(_Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+
+class StructuredOutputs(_Strict):
+    """vLLM's `structured_outputs` (exactly one of these; vLLM's other options are refused)."""
+
+    json_: str | dict[str, Any] | None = Field(None, alias="json")  # a JSON Schema
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None  # llguidance's Lark
+    json_object: bool | None = None
+
+
 class _Common(_Strict):
     model: str
     temperature: float | None = None  # OpenAI's default is 1
@@ -66,16 +91,25 @@ class _Common(_Strict):
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
     user: str | None = None
+    response_format: ResponseFormat | None = None  # OpenAI's for chat; vLLM takes it for completions too
     # Not OpenAI's; vLLM's names for them.
     top_k: int | None = None
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
+    repetition_penalty: float | None = None
+    min_tokens: int | None = None
+    structured_outputs: StructuredOutputs | None = None
+    # vLLM's names before structured_outputs (removed in vLLM 0.12; clients still send them).
+    guided_json: str | dict[str, Any] | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
 
 class CompletionRequest(_Common):
     prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = None
-    logprobs: int | None = None
+    logprobs: int | None = None  # OpenAI's legacy meaning: the chosen tokens' log-probabilities and the top `logprobs`
     echo: bool = False
     best_of: int | None = None
     suffix: str | None = None
@@ -86,10 +120,44 @@ class TextPart(_Strict):
     text: str
 
 
+class FunctionCall(_Strict):
+    name: str
+    arguments: str  # JSON text
+
+
+class ToolCallIn(_Strict):
+    id: str
+    type: Literal["function"]
+    function: FunctionCall
+
+
 class Message(_Strict):
     role: str
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCallIn] | None = None  # an assistant's earlier calls
+    tool_call_id: str | None = None  # a tool message: the call it answers
+
+
+class FunctionDefinition(_Strict):
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON Schema; omitted: no arguments
+    strict: bool | None = None  # accepted; a forced call's arguments always validate
+
+
+class Tool(_Strict):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionName(_Strict):
+    name: str
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"]
+    function: FunctionName
 
 
 class ChatRequest(_Common):
@@ -98,9 +166,8 @@ class ChatRequest(_Common):
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
-    response_format: dict[str, Any] | None = None
-    tools: list[Any] | None = None
-    tool_choice: Any = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
 
 
@@ -109,6 +176,9 @@ UNION_HELP = {
     "prompt": "must be a string, a list of strings, a list of token ids or a list of lists of token ids",
     "stop": "must be a string or a list of strings",
     "content": "must be a string or a list of {\"type\": \"text\", \"text\": ...} parts",
+    "tool_choice": "must be \"none\", \"auto\", \"required\" or {\"type\": \"function\", \"function\": {\"name\": ...}}",
+    "json": "must be a JSON Schema (an object, or its text)",
+    "guided_json": "must be a JSON Schema (an object, or its text)",
 }
 
 
@@ -118,6 +188,8 @@ async def parse(request: Request, model: type[_Strict]) -> _Strict:
         data = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise bad(None, f"the request body is not valid JSON: {e}") from None
+    except RecursionError:
+        raise bad(None, "the request body nests too deeply") from None
     if not isinstance(data, dict):
         raise bad(None, f"the request body must be a JSON object, not {type(data).__name__}")
     try:
@@ -147,26 +219,104 @@ def _validation_error(e: ValidationError) -> APIError:
 
 
 def refuse_unsupported(req: _Common) -> None:
-    """OpenAI fields whose meaning this server cannot honour: a clear 400, never silence."""
-    for name in ("presence_penalty", "frequency_penalty"):
-        if getattr(req, name):
-            raise bad(name, f"{name} is not supported (only 0)")
-    if req.logit_bias:
-        raise bad("logit_bias", "logit_bias is not supported")
+    """Request-level checks before any prompt is encoded."""
     if not 1 <= req.n <= MAX_N:
         raise bad("n", f"n must be between 1 and {MAX_N}, got {req.n}")
     if req.stream_options is not None and not req.stream:
         raise bad("stream_options", "stream_options is only allowed with stream: true")
 
 
-def sampling_params(req: _Common, max_tokens: int, logprobs: bool) -> SamplingParams:
-    """The request's sampling fields, OpenAI's defaults filled in (the engine's intake checks them:
-    OpenAI's names are ours, but max_tokens)."""
+def sampling_params(req: _Common, max_tokens: int, logprobs: bool, top_logprobs: int = 0,
+                    structure: Structure | None = None) -> SamplingParams:
+    """The request's sampling fields, OpenAI's defaults filled in. The engine's intake checks them
+    (`NAMES` maps our names to OpenAI's in its errors); only logit_bias's keys are checked here,
+    OpenAI sending token ids as JSON strings."""
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     return SamplingParams(
         max_new_tokens=max_tokens, temperature=1.0 if req.temperature is None else req.temperature,
         top_k=req.top_k or 0, top_p=1.0 if req.top_p is None else req.top_p, seed=req.seed, stop=stop,
-        stop_token_ids=list(req.stop_token_ids or []), logprobs=logprobs, ignore_eos=req.ignore_eos)
+        stop_token_ids=list(req.stop_token_ids or []), logprobs=logprobs, ignore_eos=req.ignore_eos,
+        top_logprobs=top_logprobs, logit_bias=_logit_bias(req.logit_bias),
+        min_tokens=0 if req.min_tokens is None else req.min_tokens,
+        repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
+        frequency_penalty=req.frequency_penalty or 0.0, presence_penalty=req.presence_penalty or 0.0,
+        structure=structure)
+
+
+def _logit_bias(bias: dict[str, float] | None) -> dict[int, float]:
+    out = {}
+    for key, value in (bias or {}).items():
+        if not re.fullmatch(r"-?[0-9]{1,19}", key):
+            raise bad("logit_bias", f"logit_bias keys must be token ids (integers, as JSON strings), got {key[:40]!r}")
+        out[int(key)] = value
+    return out
+
+
+# ---- structured output ---------------------------------------------------------------------------------
+def output_structure(req: _Common) -> tuple[str, Structure] | None:
+    """What the request constrains its output to, and the field that says so: OpenAI's
+    response_format, vLLM's structured_outputs, or vLLM's older guided_* fields (at most one)."""
+    found: list[tuple[str, Structure]] = []
+    rf = req.response_format
+    if rf is not None and rf.type == "json_object":
+        found.append(("response_format", Structure("json_object")))
+    elif rf is not None and rf.type == "json_schema":
+        if rf.json_schema is None or rf.json_schema.schema_ is None:
+            raise bad("response_format.json_schema", "response_format of type json_schema needs json_schema.schema")
+        found.append(("response_format", Structure("json_schema", json.dumps(rf.json_schema.schema_))))
+    so = req.structured_outputs
+    if so is not None:
+        given = [(name, getattr(so, attr)) for name, attr in _STRUCTURED_OUTPUTS if getattr(so, attr) not in (None, False)]
+        if len(given) != 1:
+            raise bad("structured_outputs", "structured_outputs must set exactly one of "
+                                            + ", ".join(name for name, _ in _STRUCTURED_OUTPUTS))
+        name, value = given[0]
+        found.append((f"structured_outputs.{name}", _structure(name, value, f"structured_outputs.{name}")))
+    for name in ("json", "regex", "choice", "grammar"):
+        value = getattr(req, f"guided_{name}")
+        if value is not None:
+            found.append((f"guided_{name}", _structure(name, value, f"guided_{name}")))
+    if len(found) > 1:
+        raise bad(found[1][0], f"{found[0][0]} and {found[1][0]} both constrain the output: give one of them")
+    return found[0] if found else None
+
+
+_STRUCTURED_OUTPUTS = (("json", "json_"), ("regex", "regex"), ("choice", "choice"), ("grammar", "grammar"),
+                       ("json_object", "json_object"))
+
+
+def _structure(kind: str, value, field: str) -> Structure:
+    """One of vLLM's constraints as a Structure (the grammar library checks the text itself)."""
+    if kind == "json":
+        return Structure("json_schema", value if isinstance(value, str) else json.dumps(value))
+    if kind == "regex":
+        return Structure("regex", value)
+    if kind == "grammar":
+        return Structure("lark", value)
+    if kind == "choice":
+        if not value or not all(value):
+            raise bad(field, f"{field} must be a non-empty list of non-empty strings")
+        return Structure("lark", "start: " + " | ".join(json.dumps(c, ensure_ascii=False) for c in value))
+    return Structure("json_object")
+
+
+def chat_message(m: Message, i: int) -> dict:
+    """A message as the chat template takes it: text parts joined; an assistant's tool_calls and a
+    tool message's tool_call_id passed on."""
+    content = m.content if isinstance(m.content, str) or m.content is None else "\n".join(p.text for p in m.content)
+    out = {"role": m.role, "content": content or "", **({"name": m.name} if m.name else {})}
+    if m.tool_calls:
+        if m.role != "assistant":
+            raise bad(f"messages[{i}].tool_calls", f"messages[{i}].tool_calls: only assistant messages make tool calls")
+        out["tool_calls"] = [c.model_dump() for c in m.tool_calls]
+    if m.role == "tool":
+        if not m.tool_call_id:
+            raise bad(f"messages[{i}].tool_call_id", f"messages[{i}].tool_call_id is required: a tool message "
+                                                     "answers the call with that id")
+        out["tool_call_id"] = m.tool_call_id
+    elif m.tool_call_id is not None:
+        raise bad(f"messages[{i}].tool_call_id", f"messages[{i}].tool_call_id: only tool messages answer a call")
+    return out
 
 
 def choice_params(params: SamplingParams, j: int) -> SamplingParams:
@@ -212,25 +362,31 @@ class Completions:
         return {"prompt_tokens": prompt, "completion_tokens": self.completion_tokens,
                 "total_tokens": prompt + self.completion_tokens, "prompt_tokens_details": {"cached_tokens": cached}}
 
-    def _logprobs(self, ids: list[int], lps: list[float | None], text_before: str = "",
+    def _logprobs(self, ids: list[int], lps: list[float | None], tops: list | None, text_before: str = "",
                   echo: tuple | None = None) -> dict | None:
+        """OpenAI's legacy logprobs: with `logprobs: N` above 0, `top_logprobs` maps each step's N
+        most likely tokens, and the chosen one (so up to N + 1 entries), to their log-probabilities."""
         if self.req.logprobs is None:
             return None
         tokens = [self.token_text(t) for t in ids]
+        top = None
+        if self.req.logprobs:
+            top = [{**{self.token_text(i): p for i, p in alternatives}, chosen: lp}
+                   for chosen, lp, alternatives in zip(tokens, lps, tops or [[]] * len(ids))]
         if echo is not None:
             tokens, lps = echo[1] + tokens, echo[2] + lps
         offsets, at = [], len(text_before)
         for t in tokens:
             offsets.append(at)
             at += len(t)
-        return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": None, "text_offset": offsets}
+        return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": top, "text_offset": offsets}
 
     def response(self, finals: list[GenerationResult]) -> dict:
         choices = []
         for index, f in enumerate(finals):
             echo = self.echoes.get(index // self.req.n)
             text = (echo[0] if echo else "") + (f.text or "")
-            lp = self._logprobs(f.output_ids, list(f.logprobs or []), echo=echo)
+            lp = self._logprobs(f.output_ids, list(f.logprobs or []), f.top_logprobs, echo=echo)
             choices.append({"index": index, "text": text, "logprobs": lp, "finish_reason": f.finish_reason})
             self._finished(index, f)
         return {**self._head(), "choices": choices, "usage": self.usage()}
@@ -259,7 +415,7 @@ class Completions:
         text = "".join(t.text for t in tokens)
         if not text and final is None and self.req.logprobs is None:
             return []  # text held back (part of a character, or maybe a stop string): nothing to say yet
-        lp = self._logprobs([t.token_id for t in tokens], [t.logprob for t in tokens])
+        lp = self._logprobs([t.token_id for t in tokens], [t.logprob for t in tokens], [t.top_logprobs for t in tokens])
         return [self._chunk(index, text, lp, final.finish_reason if final else None)]
 
     def finish(self) -> dict | None:
@@ -270,25 +426,43 @@ class Completions:
 
 
 class ChatCompletions(Completions):
-    """/v1/chat/completions responses and stream chunks."""
+    """/v1/chat/completions responses and stream chunks. With `tools` (a ToolCallReader), answers
+    are read for tool calls: `message.tool_calls` and finish_reason "tool_calls"; streamed, text
+    that may be a call is held back, and each call goes out as OpenAI sends it (a delta with its
+    id and name and empty arguments, then one with the arguments)."""
 
     object = "chat.completion"
 
-    def _content_logprobs(self, ids: list[int], lps: list[float | None]) -> dict | None:
+    def __init__(self, model: str, token_text, req, prompts, tools: ToolCallReader | None = None) -> None:
+        super().__init__(model, token_text, req, prompts)
+        self.tools = tools
+        self.scanners: dict[int, ToolCallScanner] = {}  # choice index -> its stream's scanner
+        self.calls: dict[int, int] = {}  # choice index -> tool calls streamed
+
+    def _content_logprobs(self, ids: list[int], lps: list[float | None], tops: list | None) -> dict | None:
         if not self.req.logprobs:
             return None
         out = []
-        for t, lp in zip(ids, lps):
-            s = self.token_text(t)
-            out.append({"token": s, "logprob": lp, "bytes": list(s.encode("utf-8")), "top_logprobs": []})
+        for t, lp, alternatives in zip(ids, lps, tops or [None] * len(ids)):
+            out.append({**self._token_logprob(t, lp), "top_logprobs": [self._token_logprob(i, p)
+                                                                       for i, p in alternatives or []]})
         return {"content": out}
+
+    def _token_logprob(self, token_id: int, logprob: float | None) -> dict:
+        s = self.token_text(token_id)
+        return {"token": s, "logprob": logprob, "bytes": list(s.encode("utf-8"))}
 
     def response(self, finals: list[GenerationResult]) -> dict:
         choices = []
         for index, f in enumerate(finals):
-            choices.append({"index": index, "message": {"role": "assistant", "content": f.text or ""},
-                            "logprobs": self._content_logprobs(f.output_ids, list(f.logprobs or [])),
-                            "finish_reason": f.finish_reason})
+            message, reason = {"role": "assistant", "content": f.text or ""}, f.finish_reason
+            if self.tools is not None:
+                message["content"], calls = self.tools.whole(f.output_ids, f.text or "")
+                if calls:
+                    message["tool_calls"] = [_tool_call(c) for c in calls]
+                    reason = "tool_calls"
+            choices.append({"index": index, "message": message, "finish_reason": reason,
+                            "logprobs": self._content_logprobs(f.output_ids, list(f.logprobs or []), f.top_logprobs)})
             self._finished(index, f)
         return {**self._head(), "choices": choices, "usage": self.usage()}
 
@@ -307,20 +481,43 @@ class ChatCompletions(Completions):
     def chunk(self, index: int, events: list) -> list[dict]:
         tokens = [ev for ev in events if isinstance(ev, TokenEvent)]
         final = events[-1] if isinstance(events[-1], GenerationResult) else None
+        calls: list[ToolCall] = []
+        if self.tools is None:
+            text = "".join(t.text for t in tokens)
+        else:
+            scanner = self.scanners.setdefault(index, self.tools.scanner())
+            pieces = []
+            for t in tokens:
+                piece, found = scanner.push_token(t.token_id, t.text)
+                pieces.append(piece)
+                calls += found
+            text = "".join(pieces) + (scanner.finish() if final is not None else "")
+        lp = self._content_logprobs([t.token_id for t in tokens], [t.logprob for t in tokens],
+                                    [t.top_logprobs for t in tokens])
         out = []
-        text = "".join(t.text for t in tokens)
-        lp = self._content_logprobs([t.token_id for t in tokens], [t.logprob for t in tokens])
         if text or lp:
             out.append(self._delta(index, {"content": text}, lp, None))
+        for call in calls:
+            k = self.calls.get(index, 0)
+            self.calls[index] = k + 1
+            head = _tool_call(call)
+            head["function"]["arguments"] = ""
+            out.append(self._delta(index, {"tool_calls": [{"index": k, **head}]}, None, None))
+            out.append(self._delta(index, {"tool_calls": [{"index": k, "function": {"arguments": call.arguments}}]},
+                                   None, None))
         if final is not None:
             self._finished(index, final)
-            out.append(self._delta(index, {}, None, final.finish_reason))
+            out.append(self._delta(index, {}, None, "tool_calls" if self.calls.get(index) else final.finish_reason))
         return out
 
     def finish(self) -> dict | None:
         if not self.include_usage:
             return None
         return {**self._head(), "object": "chat.completion.chunk", "choices": [], "usage": self.usage()}
+
+
+def _tool_call(call: ToolCall) -> dict:
+    return {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
 
 
 def _offsets(tokens: list[str]) -> list[int]:
