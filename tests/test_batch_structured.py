@@ -130,6 +130,15 @@ def test_batch_job_with_schemas(ray_cluster, models, tmp_path):
 
 
 # ---- OpenAI Batch API files ---------------------------------------------------------------------
+FORTUNE_SCHEMA = {"type": "object", "additionalProperties": False, "required": ["luck", "numbers"],
+                  "properties": {"luck": {"enum": ["good", "bad"]},
+                                 "numbers": {"type": "array", "minItems": 1, "maxItems": 3,
+                                             "items": {"type": "integer", "minimum": 1, "maximum": 9}}}}
+WEATHER_TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "additionalProperties": False, "required": ["city"],
+    "properties": {"city": {"enum": ["Paris", "Oslo"]}, "days": {"type": "integer", "minimum": 1, "maximum": 7}}}}}
+
+
 def _requests() -> list[dict]:
     chat = {"model": "gpt-4o-mini", "messages": [{"role": "system", "content": "Be brief."},
                                                  {"role": "user", "content": "Tell me a fortune."}],
@@ -144,6 +153,10 @@ def _requests() -> list[dict]:
         line("cmpl-1", "/v1/completions", {"model": "m", "prompt": PROMPTS[0], "max_tokens": 6, "temperature": 0,
                                            "logprobs": 0, "echo": True}),
         line("cmpl-2", "/v1/completions", {"model": "m", "prompt": PROMPTS, "max_tokens": 4, "seed": 1, "n": 2}),
+        line("chat-schema", "/v1/chat/completions", {**chat, "max_tokens": 120, "response_format": {
+            "type": "json_schema", "json_schema": {"name": "fortune", "schema": FORTUNE_SCHEMA}}}),
+        line("chat-tool", "/v1/chat/completions", {**chat, "max_tokens": 120, "tools": [WEATHER_TOOL],
+                                                   "tool_choice": "required"}),
         line("bad-field", "/v1/chat/completions", {**chat, "frobnicate": 1}),
         line("too-long", "/v1/chat/completions", {**chat, "max_tokens": 100000}),
         line("streamed", "/v1/completions", {"model": "m", "prompt": "x", "stream": True}),
@@ -163,16 +176,24 @@ def test_openai_batch_file(ray_cluster, models, reference, tmp_path):
     path = _write_jsonl(tmp_path / "batch.jsonl", requests)
     out = tmp_path / "out"
     summary = _job("generate", lm, [path], out, batch_size=3)
-    assert (summary["format"], summary["rows"], summary["rows_failed"]) == ("openai", 7, 3)
+    assert (summary["format"], summary["rows"], summary["rows_failed"]) == ("openai", 9, 3)
     answered = [json.loads(line) for line in (out / "output.jsonl").read_text().splitlines()]
     failed = [json.loads(line) for line in (out / "errors.jsonl").read_text().splitlines()]
-    assert [a["custom_id"] for a in answered] == ["chat-1", "chat-logprobs", "cmpl-1", "cmpl-2"]  # input order
+    assert [a["custom_id"] for a in answered] == ["chat-1", "chat-logprobs", "cmpl-1", "cmpl-2", "chat-schema",
+                                                  "chat-tool"]  # input order
     for a in answered:
         assert set(a) == {"id", "custom_id", "response", "error"} and a["error"] is None and a["id"].startswith("batch_req_")
         assert a["response"]["status_code"] == 200 and a["response"]["request_id"].startswith("req_")
     bodies = {a["custom_id"]: a["response"]["body"] for a in answered}
-    for cid in ("chat-1", "chat-logprobs"):
+    for cid in ("chat-1", "chat-logprobs", "chat-schema", "chat-tool"):
         ChatCompletion.model_validate(bodies[cid])
+    # Structured output and tool calling, as the HTTP API does them.
+    jsonschema.validate(json.loads(bodies["chat-schema"]["choices"][0]["message"]["content"]), FORTUNE_SCHEMA)
+    [tool_choice] = bodies["chat-tool"]["choices"]
+    assert tool_choice["finish_reason"] == "tool_calls"
+    for call in tool_choice["message"]["tool_calls"]:
+        assert call["function"]["name"] == "get_weather"
+        jsonschema.validate(json.loads(call["function"]["arguments"]), WEATHER_TOOL["function"]["parameters"])
     Completion.model_validate(bodies["cmpl-2"])
     # cmpl-1 echoes its prompt, scored: the first token has no log-probability (null, as OpenAI
     # answers), which the openai client's type does not admit; the rest of the body is checked.
@@ -194,9 +215,9 @@ def test_openai_batch_file(ray_cluster, models, reference, tmp_path):
 
     # Run again: nothing is left to do, and the files are written again from the committed parts.
     again = _job("generate", lm, [path], out, batch_size=3)
-    assert again["this_run"]["rows"] == 0 and again["rows"] == 7
+    assert again["this_run"]["rows"] == 0 and again["rows"] == 9
     assert [json.loads(line)["custom_id"] for line in (out / "output.jsonl").read_text().splitlines()] == \
-        ["chat-1", "chat-logprobs", "cmpl-1", "cmpl-2"]
+        ["chat-1", "chat-logprobs", "cmpl-1", "cmpl-2", "chat-schema", "chat-tool"]
 
 
 def test_openai_batch_files_are_checked_before_the_job(models, tmp_path):

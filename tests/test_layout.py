@@ -159,9 +159,9 @@ def test_the_scheduler_knows_no_transport():
     assert _reaches("cluster.runtime.intake", _is(transport)) == []
 
 
-# OpenAI's wire format is the one piece of the service a batch job shares: OpenAI batch files
-# carry the HTTP API's requests and want its responses (cluster/batch/openai_batch.py).
-BATCH_MAY_USE = {"cluster.serve.openai_protocol"}
+# OpenAI's wire format and what a request means are the pieces of the service a batch job shares:
+# OpenAI batch files carry the HTTP API's requests and want its responses (cluster/batch/openai_batch.py).
+BATCH_MAY_USE = {"cluster.serve.openai_protocol", "cluster.serve.openai_requests", "cluster.serve.tool_calls"}
 
 
 @pytest.mark.parametrize("module", [m for m in MODULES if m.startswith("cluster.batch")])

@@ -26,9 +26,11 @@ commits Parquet parts as it does for rows (data/ holds each request's custom_id,
 output line), so a killed job resumes and every request is answered exactly once; output.jsonl
 and errors.jsonl are assembled from the parts at the end.
 
-Requests are checked and answered with the HTTP API's wire format (cluster/serve/openai_protocol.py):
-the same fields, the same 400s naming the field, the same response objects. What the HTTP API
-refuses, a batch refuses too (with a 400 line); `stream` is refused, as there is no one to stream to.
+Requests are checked, turned into the engine's requests and answered by the HTTP API's own code
+(cluster/serve/openai_requests.py, openai_protocol.py): the same fields (structured output, tools,
+top_logprobs, penalties, ...), the same 400s naming the field, the same response objects. What
+the HTTP API refuses, a batch refuses too (with a 400 line); `stream` is refused, as there is no
+one to stream to.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from __future__ import annotations
 import json
 import posixpath
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import pyarrow.fs as pafs
@@ -44,18 +46,16 @@ import pyarrow.parquet as pq
 from pydantic import ValidationError
 
 from cluster.runtime.engine import SyncEngine
-from cluster.runtime.intake import GenerateRequest, Intake, IntakeError, ScoreRequest
-from cluster.serve.openai_protocol import (APIError, ChatCompletions, ChatRequest, CompletionRequest, Completions,
-                                           _validation_error, bad, choice_params, refuse_unsupported, sampling_params)
+from cluster.runtime.intake import Intake, IntakeError
+from cluster.serve.openai_protocol import APIError, ChatRequest, CompletionRequest, bad, validation_error
+from cluster.serve.openai_requests import Prepared, echoes, prepare_chat, prepare_completions
+from cluster.serve.tool_calls import ToolCallFormat
 from stages.sequence import GenerationResult
 
 from .commit import ERRORS_DIR, write_atomic
 
 ENDPOINTS = {"/v1/chat/completions": ChatRequest, "/v1/completions": CompletionRequest}
 ENVELOPE = ("custom_id", "method", "url", "body")
-# As the HTTP API (openai_api.py): prompts per completions request, and /v1/completions' default max_tokens.
-MAX_PROMPTS = 256
-COMPLETIONS_MAX_TOKENS = 16
 MAX_PROBLEMS = 20  # listed when a file is refused
 
 
@@ -146,14 +146,11 @@ def _lines(f, keep_blank: bool = False, chunk_bytes: int = 1 << 20):
 
 # ---- requests through the engine -----------------------------------------------------------------
 @dataclass
-class Prepared:
-    """One request line, checked: its engine requests (n per prompt) and how to answer it."""
+class Line:
+    """One request line, checked (cluster/serve/openai_requests.py), or its 400."""
 
     custom_id: str
-    builder: Completions | None = None  # None: refused (error holds why)
-    jobs: list[GenerateRequest] = field(default_factory=list)
-    echo_scores: list[ScoreRequest] = field(default_factory=list)  # echo with logprobs: the prompts, scored
-    echo_texts: list[tuple[str | None, list[int]]] = field(default_factory=list)
+    prepared: Prepared | None = None
     error: APIError | None = None
 
 
@@ -162,109 +159,43 @@ def run_chunk(runner: SyncEngine, chunk: list[tuple[int, str]], model: str) -> t
     "status_code", "output"}: the output line as JSON text), and the tokens processed. Every
     line's engine requests run together."""
     token_text = _token_text(runner.tokenizer)
-    prepared = [_prepare(json.loads(line), runner.intake, runner.max_seq_len, model, token_text) for _, line in chunk]
-    requests = [r for p in prepared for r in (*p.echo_scores, *p.jobs)]
+    lines = [_prepare(json.loads(line), runner.intake, runner.max_seq_len, model, token_text) for _, line in chunk]
+    requests = [r for x in lines if x.prepared for r in (*x.prepared.echo_scores, *(j for _, j in x.prepared.jobs))]
     answers = iter(runner.run(requests) if requests else [])
     rows, tokens = [], 0
-    for p in prepared:
-        if p.error is not None:
-            rows.append(_row(p.custom_id, p.error.status, p.error.body()))
+    for x in lines:
+        if x.error is not None:
+            rows.append(_row(x.custom_id, x.error.status, x.error.body()))
             continue
+        p = x.prepared
         scores = [next(answers) for _ in p.echo_scores]
         finals: list[GenerationResult] = [next(answers) for _ in p.jobs]
-        if p.echo_texts:
-            p.builder.echoes = _echoes(p.echo_texts, scores, runner.tokenizer, token_text)
-        rows.append(_row(p.custom_id, 200, p.builder.response(finals)))
-        tokens += sum(len(j.prompt) for j in p.jobs) + sum(len(f.output_ids) for f in finals)
+        if p.echo:
+            p.builder.echoes = echoes(p, scores, runner.tokenizer, token_text)
+        rows.append(_row(x.custom_id, 200, p.builder.response(finals)))
+        tokens += sum(len(ids) for _, ids in p.prompts) + sum(len(f.output_ids) for f in finals)
     return rows, tokens
 
 
-def _prepare(line: dict, intake: Intake, max_seq_len: int, model: str, token_text) -> Prepared:
-    prepared = Prepared(line["custom_id"])
+def _prepare(line: dict, intake: Intake, max_seq_len: int, model: str, token_text) -> Line:
+    out = Line(line["custom_id"])
     try:
         request_model = ENDPOINTS[line["url"]]
         try:
             req = request_model.model_validate(line["body"])
         except ValidationError as e:
-            raise _validation_error(e) from None
+            raise validation_error(e) from None
         if req.stream:
             raise bad("stream", "stream is not supported in a batch (there is no one to stream to)")
-        refuse_unsupported(req)
         if request_model is ChatRequest:
-            _chat(prepared, req, intake, max_seq_len, model, token_text)
+            out.prepared = prepare_chat(req, intake, max_seq_len, model, token_text,
+                                        lambda: ToolCallFormat.of(intake.tokenizer))
         else:
-            _completions(prepared, req, intake, model, token_text)
+            out.prepared = prepare_completions(req, intake, model, token_text)
     except IntakeError as e:
-        prepared.error = APIError(400, str(e), param=e.field)
+        out.error = APIError(400, str(e), param=e.field)
     except APIError as e:
-        prepared.error = e
-    return prepared
-
-
-def _completions(out: Prepared, req: CompletionRequest, intake: Intake, model: str, token_text) -> None:
-    """As the HTTP API's POST /v1/completions (openai_api.py)."""
-    if req.suffix:
-        raise bad("suffix", "suffix is not supported")
-    if req.best_of not in (None, req.n):
-        raise bad("best_of", "best_of is not supported (only equal to n)")
-    if req.logprobs not in (None, 0):
-        raise bad("logprobs", "logprobs must be 0 or null: this server returns each chosen token's "
-                              "log-probability (tokens, token_logprobs), not the top alternatives")
-    p = req.prompt
-    if isinstance(p, str):
-        prompts = [(p, intake.text(p, "prompt"))]
-    elif not p:
-        raise bad("prompt", "prompt is empty")
-    elif isinstance(p[0], int):
-        prompts = [(None, intake.token_ids(p, "prompt"))]
-    elif len(p) > MAX_PROMPTS:
-        raise bad("prompt", f"prompt has {len(p)} entries; at most {MAX_PROMPTS} per request")
-    elif isinstance(p[0], str):
-        prompts = [(s, intake.text(s, f"prompt[{i}]")) for i, s in enumerate(p)]
-    else:
-        prompts = [(None, intake.token_ids(ids, f"prompt[{i}]")) for i, ids in enumerate(p)]
-    max_tokens = COMPLETIONS_MAX_TOKENS if req.max_tokens is None else req.max_tokens
-    params = sampling_params(req, max_tokens, req.logprobs is not None)
-    checked = [intake.generation(ids, params, "prompt" if len(prompts) == 1 else f"prompt[{i}]", "max_tokens")
-               for i, (_, ids) in enumerate(prompts)]
-    out.jobs = [GenerateRequest(r.prompt, choice_params(r.params, j), r.grammar) for r in checked for j in range(req.n)]
-    if req.echo:
-        out.echo_texts = prompts
-        if req.logprobs is not None:
-            out.echo_scores = [intake.scoring(ids, "prompt") for _, ids in prompts]
-    out.builder = Completions(model, token_text, req, prompts)
-
-
-def _chat(out: Prepared, req: ChatRequest, intake: Intake, max_seq_len: int, model: str, token_text) -> None:
-    """As the HTTP API's POST /v1/chat/completions (openai_api.py)."""
-    if req.top_logprobs:
-        raise bad("top_logprobs", "top_logprobs is not supported (only 0): this server returns each chosen "
-                                  "token's log-probability, not the top alternatives")
-    if req.tools or req.tool_choice not in (None, "none"):
-        raise bad("tools" if req.tools else "tool_choice", "tools are not supported")
-    if req.response_format and req.response_format.get("type") != "text":
-        raise bad("response_format", "response_format must be {\"type\": \"text\"}: structured output is not supported")
-    messages = []
-    for m in req.messages:
-        content = m.content if isinstance(m.content, str) or m.content is None else "\n".join(p.text for p in m.content)
-        messages.append({"role": m.role, "content": content or "", **({"name": m.name} if m.name else {})})
-    ids = intake.chat(messages, "messages")
-    field_ = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
-    asked = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-    max_tokens = asked if asked is not None else max(1, max_seq_len - len(ids))
-    checked = intake.generation(ids, sampling_params(req, max_tokens, req.logprobs), "messages", field_)
-    out.jobs = [GenerateRequest(ids, choice_params(checked.params, j), checked.grammar) for j in range(req.n)]
-    out.builder = ChatCompletions(model, token_text, req, [(None, ids)])
-
-
-def _echoes(prompts, scores, tokenizer, token_text) -> dict[int, tuple[str, list, list]]:
-    """Per prompt: its text and, when scored (logprobs), its tokens and their log-probabilities."""
-    out = {}
-    for i, (text, ids) in enumerate(prompts):
-        if text is None:
-            text = tokenizer.decode(ids) if tokenizer else ""
-        lps = scores[i] if scores else []
-        out[i] = (text, [token_text(t) for t in ids] if scores else [], lps)
+        out.error = e
     return out
 
 

@@ -28,7 +28,6 @@ cancels its request in the replica, which aborts it and frees its slots on every
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import math
 import time
@@ -39,22 +38,17 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cluster.runtime.engine import Engine
-from cluster.runtime.intake import GenerateRequest, IntakeError
+from cluster.runtime.intake import IntakeError
 from cluster.runtime.scheduler import DeadlineExceededError, QueueFullError, SchedulerClosedError
-from stages.grammar import GrammarError
-from stages.sequence import GenerationResult, Structure
+from stages.sequence import GenerationResult
 
-from .openai_protocol import (APIError, ChatCompletions, ChatRequest, CompletionRequest, Completions, bad,
-                              chat_message, choice_params, output_structure, parse, refuse_unsupported,
-                              sampling_params, sse)
+from .openai_protocol import APIError, ChatRequest, CompletionRequest, Completions, bad, parse, sse
+from .openai_requests import Prepared, echoes, prepare_chat, prepare_completions, prepare_in_thread
 from .replica import NotReadyError, Replica
-from .tool_calls import NAME, Function, ToolCallFormat, ToolCallReader, ToolsUnsupported
+from .tool_calls import ToolCallFormat, ToolsUnsupported
 
 log = logging.getLogger("ray.serve")
 
-MAX_PROMPTS = 256  # prompts in one completions request, as for gRPC's Generate
-MAX_COMPLETION_LOGPROBS = 5  # OpenAI's limit on /v1/completions' logprobs
-COMPLETIONS_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the rest of the context
 REFUSALS = (IntakeError, NotReadyError, QueueFullError, SchedulerClosedError, DeadlineExceededError)
 
 
@@ -106,158 +100,31 @@ class OpenAIServer:
     def _count(self, route: str, status: int) -> None:
         self.replica.metrics.requests.inc(tags={"method": route, "code": str(status)})
 
-    # ---- /v1/completions ---------------------------------------------------------------------
+    # ---- the routes: a request through openai_requests.py, then the engine ---------------------
     async def completions(self, request: Request) -> Response:
         req = await parse(request, CompletionRequest)
         engine = self._engine(req.model)
-        refuse_unsupported(req)
-        if req.suffix:
-            raise bad("suffix", "suffix is not supported")
-        if req.best_of not in (None, req.n):
-            raise bad("best_of", "best_of is not supported (only equal to n)")
-        if req.logprobs is not None and not 0 <= req.logprobs <= MAX_COMPLETION_LOGPROBS:
-            raise bad("logprobs", f"logprobs must be between 0 and {MAX_COMPLETION_LOGPROBS} (how many of the most "
-                                  f"likely tokens to return at each step), got {req.logprobs}")
-        if req.echo and req.logprobs:
-            raise bad("echo", "echo with logprobs above 0 is not supported (the prompt's alternatives are not "
-                              "computed); use logprobs: 0")
-        p, intake = req.prompt, engine.intake
-        if isinstance(p, str):
-            prompts = [(p, intake.text(p, "prompt"))]
-        elif not p:
-            raise bad("prompt", "prompt is empty")
-        elif isinstance(p[0], int):
-            prompts = [(None, intake.token_ids(p, "prompt"))]
-        elif len(p) > MAX_PROMPTS:
-            raise bad("prompt", f"prompt has {len(p)} entries; at most {MAX_PROMPTS} per request")
-        elif isinstance(p[0], str):
-            prompts = [(s, intake.text(s, f"prompt[{i}]")) for i, s in enumerate(p)]
-        else:
-            prompts = [(None, intake.token_ids(ids, f"prompt[{i}]")) for i, ids in enumerate(p)]
-        max_tokens = COMPLETIONS_MAX_TOKENS if req.max_tokens is None else req.max_tokens
-        field, structure = output_structure(req) or ("response_format", None)
-        params = sampling_params(req, max_tokens, req.logprobs is not None, req.logprobs or 0, structure)
-        names = {"structure": field, "top_logprobs": "logprobs"}
-        checked = [await intake.generation_async(ids, params, "prompt" if len(prompts) == 1 else f"prompt[{i}]",
-                                                 "max_tokens", names=names)
-                   for i, (_, ids) in enumerate(prompts)]
-        jobs = [(i * req.n + j, GenerateRequest(r.prompt, choice_params(r.params, j), r.grammar))
-                for i, r in enumerate(checked) for j in range(req.n)]
-        echoes = await self._echoes(engine, prompts, req) if req.echo else {}
-        self.replica.metrics.tokens_in.inc(sum(len(ids) for _, ids in prompts))
-        out = Completions(self.name, self._token_text, req, prompts, echoes)
-        if req.stream:
-            return await self._stream(engine, out, jobs, "POST /v1/completions")
-        finals = await self._run_all(engine, jobs)
-        self._count("POST /v1/completions", 200)
-        return JSONResponse(out.response(finals))
+        prepared = await prepare_in_thread(prepare_completions, req, engine.intake, self.name, self._token_text)
+        if prepared.echo:
+            deadline = self.replica.deadline()
+            scores = await asyncio.gather(*[engine.scheduler.score(s, deadline) for s in prepared.echo_scores])
+            prepared.builder.echoes = echoes(prepared, scores, engine.tokenizer, self._token_text)
+        return await self._answer(engine, prepared, "POST /v1/completions")
 
-    async def _echoes(self, engine: Engine, prompts, req: CompletionRequest) -> dict[int, tuple[str, list, list]]:
-        """Per prompt: its text, and with logprobs its tokens and their log-probabilities (scored
-        by the pipeline; the first token has none)."""
-        out = {}
-        for i, (text, ids) in enumerate(prompts):
-            if text is None:
-                text = engine.tokenizer.decode(ids) if engine.tokenizer else ""
-            tokens, lps = [], []
-            if req.logprobs is not None:
-                lps = await engine.scheduler.score(engine.intake.scoring(ids, "prompt"), self.replica.deadline())
-                tokens = [self._token_text(t) for t in ids]
-            out[i] = (text, tokens, lps)
-        return out
-
-    # ---- /v1/chat/completions ----------------------------------------------------------------
     async def chat(self, request: Request) -> Response:
         req = await parse(request, ChatRequest)
         engine = self._engine(req.model)
-        refuse_unsupported(req)
-        if req.top_logprobs and not req.logprobs:
-            raise bad("top_logprobs", "top_logprobs needs logprobs: true")
-        if engine.tokenizer is None and req.messages:
-            raise bad("messages", "the model has no tokenizer, so no chat template; use /v1/completions with token ids")
-        tools, reader, forced = await self._tool_calling(engine, req)
-        messages = [chat_message(m, i) for i, m in enumerate(req.messages)]
-        ids = engine.intake.chat(messages, "messages", tools=tools)
-        field, structure = output_structure(req) or ("response_format", None)
-        if forced is not None:
-            if structure is not None:
-                raise bad(field, f"{field} cannot be combined with tool_choice {_choice_name(req.tool_choice)}: "
-                                 "the answer is a tool call")
-            field, structure = "tools", forced
-        max_field = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
-        asked = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        # Unasked, a chat may take the rest of the context (at least one token, or the intake says it is full).
-        max_tokens = asked if asked is not None else max(1, engine.max_seq_len - len(ids))
-        params = sampling_params(req, max_tokens, req.logprobs, req.top_logprobs or 0, structure)
-        checked = await engine.intake.generation_async(ids, params, "messages", max_field, names={"structure": field})
-        jobs = [(j, GenerateRequest(ids, choice_params(checked.params, j), checked.grammar)) for j in range(req.n)]
-        self.replica.metrics.tokens_in.inc(len(ids))
-        out = ChatCompletions(self.name, self._token_text, req, [(None, ids)], reader)
-        if req.stream:
-            return await self._stream(engine, out, jobs, "POST /v1/chat/completions")
-        finals = await self._run_all(engine, jobs)
-        self._count("POST /v1/chat/completions", 200)
-        return JSONResponse(out.response(finals))
+        prepared = await prepare_in_thread(prepare_chat, req, engine.intake, engine.max_seq_len, self.name,
+                                           self._token_text, self._tool_format)
+        return await self._answer(engine, prepared, "POST /v1/chat/completions")
 
-    async def _tool_calling(self, engine: Engine, req: ChatRequest) -> tuple[list[dict] | None,
-                                                                               ToolCallReader | None,
-                                                                               Structure | None]:
-        """What the request's tools ask for: the tools the chat template lists, the reader of the
-        answer's tool calls, and, for tool_choice "required" or a named function, the grammar that
-        forces a call. tool_choice "none" lists no tools and reads no calls."""
-        choice = req.tool_choice
-        if not req.tools:
-            if choice not in (None, "none"):
-                raise bad("tool_choice", "tool_choice needs tools")
-            return None, None, None
-        functions = await self._functions(engine, req.tools)
-        if choice == "none":
-            return None, None, None
-        try:
-            format = self._tool_format()
-        except ToolsUnsupported as e:
-            raise bad("tools", f"tools are not supported by {self.name!r}: {e}") from None
-        listed = [t.model_dump(exclude_none=True) for t in req.tools]
-        if choice in (None, "auto"):
-            return listed, ToolCallReader(format, functions, engine.tokenizer), None
-        if choice == "required":
-            allowed = functions
-        else:
-            allowed = [f for f in functions if f.name == choice.function.name]
-            if not allowed:
-                raise bad("tool_choice", f"tool_choice names the function {choice.function.name!r}, which is not "
-                                         "among tools")
-        grammar = format.grammar(allowed, parallel=req.parallel_tool_calls is not False)
-        return listed, ToolCallReader(format, allowed, engine.tokenizer), Structure("lark", grammar)
-
-    async def _functions(self, engine: Engine, tools) -> list[Function]:
-        """The tools' functions, checked: OpenAI's names, unique, and parameters a JSON Schema of an
-        object that the grammar library compiles (first sight of a schema compiles it in a thread)."""
-        functions = []
-        for i, tool in enumerate(tools):
-            fn, field = tool.function, f"tools[{i}].function"
-            if not NAME.fullmatch(fn.name):
-                raise bad(f"{field}.name", f"{field}.name must be 1 to 64 letters, digits, _ or -, got {fn.name[:80]!r}")
-            if any(f.name == fn.name for f in functions):
-                raise bad(f"{field}.name", f"{field}.name: two tools are named {fn.name!r}")
-            if fn.parameters is None:
-                functions.append(Function(fn.name))
-                continue
-            if fn.parameters.get("type", "object") != "object":
-                raise bad(f"{field}.parameters", f"{field}.parameters must be the JSON Schema of an object "
-                                                 "(type: object): the arguments are a JSON object")
-            schema = Structure("json_schema", json.dumps(fn.parameters))
-            if len(schema.spec) > Structure.MAX_SPEC:
-                raise bad(f"{field}.parameters", f"{field}.parameters is {len(schema.spec)} characters of JSON, "
-                                                 f"more than {Structure.MAX_SPEC}")
-            grammars = engine.intake.grammars
-            try:
-                if not grammars.cached(schema):
-                    await asyncio.to_thread(grammars.matcher, schema)
-            except GrammarError as e:
-                raise bad(f"{field}.parameters", f"{field}.parameters: {e}") from None
-            functions.append(Function(fn.name, fn.parameters))
-        return functions
+    async def _answer(self, engine: Engine, prepared: Prepared, route: str) -> Response:
+        self.replica.metrics.tokens_in.inc(sum(len(ids) for _, ids in prepared.prompts))
+        if prepared.builder.req.stream:
+            return await self._stream(engine, prepared.builder, prepared.jobs, route)
+        finals = await self._run_all(engine, prepared.jobs)
+        self._count(route, 200)
+        return JSONResponse(prepared.builder.response(finals))
 
     def _tool_format(self) -> ToolCallFormat:
         """How the checkpoint's chat template writes tool calls (worked out once); ToolsUnsupported if it does not."""
@@ -424,7 +291,3 @@ def build_app(replica: Replica) -> FastAPI:
 def _model_card(api: OpenAIServer) -> dict:
     return {"id": api.name, "object": "model", "created": api.created, "owned_by": "jamba-serve",
             "max_model_len": api.replica.engine().max_seq_len}
-
-
-def _choice_name(choice) -> str:
-    return f"{{function: {choice.function.name}}}" if hasattr(choice, "function") else repr(choice)

@@ -195,10 +195,10 @@ async def parse(request: Request, model: type[_Strict]) -> _Strict:
     try:
         return model.model_validate(data)
     except ValidationError as e:
-        raise _validation_error(e) from None
+        raise validation_error(e) from None
 
 
-def _validation_error(e: ValidationError) -> APIError:
+def validation_error(e: ValidationError) -> APIError:
     err = e.errors()[0]
     path: list[str] = []
     for part in err["loc"]:
