@@ -291,28 +291,49 @@ def test_local_runner_compiled_matches_eager(demo_lm, monkeypatch, quantize):
         _same(got, want)
 
 
-def test_pipeline_compiled_matches_single_process(ray_cluster, demo_lm, monkeypatch):
-    """Two stages on Ray decode through their compiled steps (the driver's JAMBA_DECODE reaches the
-    stage actors) and give the eager single process's tokens and log-probs."""
+def test_pipeline_compiled_matches_single_process_through_a_stage_failure(ray_cluster, demo_lm, monkeypatch):
+    """Three stages on Ray (first, middle, last) decode through their compiled steps (the driver's
+    JAMBA_DECODE reaches the stage actors); the middle one is killed mid-stream, comes back
+    (compiling its steps again, from the on-disk cache) and the scheduler replays. Greedy,
+    seeded, penalized and grammar-held streams all give the eager single process's tokens."""
+    import asyncio
+    import os
+    import signal
+
     from cluster.runtime.config import PipelineConfig
-    from cluster.runtime.pipeline import SyncPipeline
+    from cluster.runtime.local import LocalRunner
+    from cluster.runtime.pipeline import Pipeline
+    from stages.loading import load_stage
+
+    from .streams import settle, stream_params, streams_through_a_fault
 
     lm, tok = demo_lm
-    want, _, _ = _generate(lm, tok, monkeypatch, "eager", num_slots=2, max_batch_tokens=16)
+    prompts = [tok.encode(t) for t in ["The weather today is", "Once upon a time", "a", "Stream four says"]]
+    params = [stream_params(i) for i in range(4)]
+    monkeypatch.setenv("JAMBA_DECODE", "eager")
+    with LocalRunner(load_stage(lm)[0], tok, num_slots=2, prefix_cache=False) as runner:
+        want = runner.generate(prompts, params)
     monkeypatch.setenv("JAMBA_DECODE", "compiled")
-    pipe = SyncPipeline(PipelineConfig(str(lm), num_stages=2, num_slots=2, max_batch_tokens=16, cpus_per_stage=0.5))
-    try:
-        prompts = [tok.encode(t) for t in ["The weather today is", "Once upon a time", "a", "The weather today is"]]
-        params = [SamplingParams(max_new_tokens=24, ignore_eos=True, logprobs=True),
-                  SamplingParams(max_new_tokens=30, ignore_eos=True, logprobs=True, temperature=0.8, top_p=0.9, seed=7),
-                  SamplingParams(max_new_tokens=16, ignore_eos=True, logprobs=True),
-                  SamplingParams(max_new_tokens=20, ignore_eos=True, logprobs=True)]
-        got = pipe.generate(prompts, params) + pipe.generate(prompts, params)
-        infos = pipe.pipe.stage_info
-    finally:
-        pipe.close()
-    assert all(info.get("decode_compile_seconds", 0) > 0 for info in infos), infos
-    _same(got, want)
+
+    async def run():
+        pipe = await Pipeline.start(PipelineConfig(str(lm), num_stages=3, layer_split="3,3,2", num_slots=2,
+                                                   max_batch_tokens=16, cpus_per_stage=0.25))
+        try:
+            before = await pipe.stage_stats()
+            pid = before[1]["pid"]
+            tokens, finals = await streams_through_a_fault(pipe, prompts, params, lambda: os.kill(pid, signal.SIGKILL),
+                                                           tokens_before=12)
+            await settle(pipe)
+            return tokens, finals, before, await pipe.stage_stats(), pipe.scheduler.stats()
+        finally:
+            await pipe.close()
+
+    tokens, finals, before, after, stats = asyncio.run(run())
+    assert stats["recoveries"] == 1 and after[1]["pid"] != before[1]["pid"]
+    assert all(info.get("decode_compile_seconds", 0) > 0 for info in before + after), after
+    for got, fin, w in zip(tokens, finals, want):
+        assert not isinstance(fin, BaseException), fin
+        assert got == fin.output_ids == w.output_ids
 
 
 def test_numba_kernels_keep_torch_thread_count():
