@@ -122,6 +122,18 @@ def test_grammar_mask_matches_llguidance_and_top_logprobs_are_the_most_likely(lm
     assert [lp for _, lp in tops[0]] == pytest.approx([raw[0, i].item() for i in ranked], abs=1e-6)
 
 
+def test_draw_follows_the_distribution_and_never_draws_a_zero():
+    from stages.sampling import draw, token_generator
+
+    probs = torch.tensor([0.1, 0.0, 0.6, 0.3, 0.0])
+    counts = torch.zeros(5)
+    for step in range(20000):
+        counts[draw(probs, token_generator(3, step))] += 1
+    assert counts[1] == counts[4] == 0
+    assert (counts / 20000 - probs).abs().max() < 0.015  # ~4 standard deviations
+    assert draw(probs, token_generator(9, 4)) == draw(probs, token_generator(9, 4))  # (seed, step) decide alone
+
+
 # ---- through the engine ---------------------------------------------------------------------
 def _structured(i: int, temperature: float, schema: dict, max_new_tokens: int = 160) -> SamplingParams:
     return SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, seed=i,
