@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import threading
 from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Protocol
 
 from .sequence import Structure
@@ -102,6 +103,7 @@ class Grammars:
     def __init__(self, tokenizer_json: str, vocab_size: int, eos_ids: list[int], cache_size: int = 256) -> None:
         self._tokenizer_json, self.vocab_size, self.eos_ids = tokenizer_json, vocab_size, list(eos_ids)
         self._tokenizer = None
+        self._closers: Closers | None = None
         self._cache: OrderedDict[Structure, Matcher] = OrderedDict()
         self._cache_size = cache_size
         self._lock = threading.Lock()
@@ -113,6 +115,19 @@ class Grammars:
             self._tokenizer = llguidance.LLTokenizer(self._tokenizer_json, n_vocab=self.vocab_size,
                                                      eos_token=self.eos_ids)
         return self._tokenizer
+
+    @property
+    def closers(self) -> "Closers":
+        """This vocabulary's JSON closing tokens (Closers), found once."""
+        if self._closers is None:
+            tok = self._lltokenizer()
+            texts = {i: tok.decode_bytes([i]) for i in range(self.vocab_size) if not tok.is_special_token(i)}
+            self._closers = Closers(
+                quotes=tuple(i for i, t in texts.items() if t.startswith(b'"') and not t.strip(b'"]}')
+                             and t.count(b'"') == 1),
+                brackets=tuple(i for i, t in texts.items() if t and not t.strip(b"]}")),
+                letters=tuple(i for i, t in texts.items() if t in (b"a", b"e", b"s", b"t")))
+        return self._closers
 
     def cached(self, structure: Structure) -> bool:
         with self._lock:
@@ -143,6 +158,38 @@ class Grammars:
         if matcher.is_error():
             raise GrammarError(_first_line(matcher.get_error()))
         return matcher
+
+
+@dataclass(frozen=True)
+class Closers:
+    """The tokens that finish a JSON document: `quotes` end a string (`"`, `"}`, `"]}`, ...),
+    `brackets` close arrays and objects (`]`, `}`, `}]`, ...); `letters` (plain "a", "e", ...) are
+    allowed only inside a string, which is how a mask tells where the row is.
+
+    A JSON-constrained row near the end of its token budget gets `bias(mask)`: the closers for
+    where it is (inside a string: the quotes; outside: the brackets), by WRAP_UP_BIAS. The mask
+    still comes first (stages/sampling.py), so a closer the grammar does not allow stays out: the
+    row finishes with a document that parses (required keys are still written, empty strings
+    close at once) instead of being cut mid-string at max_new_tokens."""
+
+    quotes: tuple[int, ...]
+    brackets: tuple[int, ...]
+    letters: tuple[int, ...]
+
+    WRAP_UP_BIAS = 1000.0
+
+    @staticmethod
+    def window(max_new_tokens: int) -> int:
+        """The last tokens of a row's budget where it is steered to finish: a quarter, 16 to 64
+        (room for a few keys of an unfinished object; longer would cut well-behaved rows short)."""
+        return min(64, max(16, max_new_tokens // 4))
+
+    def bias(self, mask: bytes) -> dict[int, float]:
+        def allowed(t: int) -> bool:  # bit t % 32 of little-endian int32 word t // 32 is byte t // 8's bit t % 8
+            return t >> 3 < len(mask) and mask[t >> 3] >> (t & 7) & 1 == 1
+
+        inside = any(allowed(t) for t in self.letters)
+        return dict.fromkeys(self.quotes if inside else self.brackets, self.WRAP_UP_BIAS)
 
 
 class Masks:

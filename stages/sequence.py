@@ -17,6 +17,7 @@ from .microbatch import Sampling
 
 
 STRUCTURE_KINDS = ("json_schema", "json_object", "regex", "lark")
+JSON_KINDS = ("json_schema", "json_object")
 
 
 @dataclass(frozen=True)
@@ -147,6 +148,7 @@ class SequenceState:
     eos_ids: list[int]
     tokenizer: object | None = None
     grammar: object | None = None  # params.structure's matcher (stages/grammar.py: Matcher), its own copy
+    closers: object | None = None  # a JSON structure's closing tokens (stages/grammar.py: Closers)
     slot: int = -1
     fed: int = 0  # tokens of prompt + output already in the cache
     output_ids: list[int] = field(default_factory=list)
@@ -195,6 +197,17 @@ class SequenceState:
             seen=list(self.seen) if penalized and p.repetition_penalty != 1 else None,
             counts=list(self.counts.items()) if penalized and self.counts else None,
         )
+
+    def masked(self, sampling: Sampling, mask: bytes) -> Sampling:
+        """`sampling` with the grammar's mask for this step; in the last of a JSON row's budget,
+        with the bias that steers it to finish too (stages/grammar.py: Closers)."""
+        p, c = self.params, self.closers
+        if c is None or p.max_new_tokens - len(self.output_ids) > c.window(p.max_new_tokens):
+            return sampling._replace(mask=mask)
+        bias = c.bias(mask)
+        for t, b in p.logit_bias.items():
+            bias[t] = bias.get(t, 0.0) + b
+        return sampling._replace(mask=mask, logit_bias=list(bias.items()))
 
     def add_token(self, token: int, logprob: float, top: list[tuple[int, float]] | None = None) -> bool:
         """Record a sampled token; returns True when the sequence is finished."""

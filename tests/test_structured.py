@@ -168,6 +168,35 @@ def test_every_output_parses_and_validates(lm):
         runner.close()
 
 
+def test_json_rows_near_their_budget_are_steered_to_finish(lm):
+    """Unbounded strings: the toy model wanders in them, but in the last quarter of its budget a
+    JSON row closes what is open (the grammar still decides what may come), so every output
+    parses and validates; and the bias goes to quotes inside a string, to brackets outside."""
+    stage, tok = lm
+    schema = {"type": "object", "additionalProperties": False, "required": ["name", "city", "age", "kind", "tags"],
+              "properties": {"name": {"type": "string"}, "city": {"type": "string"},
+                             "age": {"type": "integer", "minimum": 0, "maximum": 120}, "kind": {"enum": ["a", "b"]},
+                             "tags": {"type": "array", "items": {"type": "string"}}}}
+    runner = LocalRunner(stage, tok, num_slots=6)
+    try:
+        prompts = [tok.encode(t) for t in ["Your fortune:", "A haiku about", "User profile:"]]
+        params = [_structured(i, t, schema, 200) for i in range(2) for t in (0.0, 1.0)]
+        results = runner.generate([p for p in prompts for _ in params], params * len(prompts))
+        closers = runner.intake.grammars.closers
+    finally:
+        runner.close()
+    for r in results:
+        jsonschema.validate(json.loads(r.text), schema)
+    assert any(len(r.output_ids) > 200 - 50 for r in results)  # some did need the push
+    grammars = Grammars(tok.to_json(), stage.config.vocab_size, stage.config.eos_token_ids)
+    m = grammars.matcher(Structure("json_schema", json.dumps(schema)))
+    assert m.consume_tokens(tok.encode('{"name":"Ada', add_special_tokens=False))
+    inside = closers.bias(m.compute_bitmask())
+    assert set(inside) == set(closers.quotes) and tok.decode(list(closers.quotes)).count('"') == len(closers.quotes)
+    assert m.consume_tokens(tok.encode('","city":"x","age":3,"kind":"a","tags":["q"', add_special_tokens=False))
+    assert set(closers.bias(m.compute_bitmask())) == set(closers.brackets)
+
+
 def test_processors_replay_exactly_after_preemption(lm):
     """Constrained, penalized, biased and min_tokens rows, greedy and seeded: with blocks so scarce
     that requests are preempted and replayed, every row gives the undisturbed tokens."""

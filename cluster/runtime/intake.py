@@ -16,8 +16,8 @@ import asyncio
 from dataclasses import dataclass
 
 from stages.config import JambaConfig
-from stages.grammar import GrammarError, Grammars, Matcher
-from stages.sequence import SamplingParams, pooling_position
+from stages.grammar import Closers, GrammarError, Grammars, Matcher
+from stages.sequence import JSON_KINDS, SamplingParams, pooling_position
 from stages.tokenizer import ChatTemplateError
 
 
@@ -34,6 +34,7 @@ class GenerateRequest:
     prompt: list[int]
     params: SamplingParams
     grammar: Matcher | None = None  # params.structure, compiled (at its start; the scheduler copies it)
+    closers: Closers | None = None  # a JSON structure's closing tokens (stages/grammar.py)
 
 
 @dataclass(frozen=True)
@@ -114,7 +115,9 @@ class Intake:
         if n + params.max_new_tokens > limit:
             raise IntakeError(max_field, f"{field} has {n} tokens and {max_field} is {params.max_new_tokens}, "
                                          f"more than the context of {limit}")
-        return GenerateRequest(ids, params, self._grammar(params, prefix, names))
+        grammar = self._grammar(params, prefix, names)
+        closers = self.grammars.closers if grammar is not None and params.structure.kind in JSON_KINDS else None
+        return GenerateRequest(ids, params, grammar, closers)
 
     async def generation_async(self, ids: list[int], params: SamplingParams, field: str = "prompt",
                                max_field: str = "max_new_tokens", prefix: str = "",

@@ -226,7 +226,8 @@ class Scheduler:
 
     def _state(self, request: GenerateRequest) -> SequenceState:
         grammar = request.grammar.deep_copy() if request.grammar is not None else None  # a request may run twice
-        return SequenceState(list(request.prompt), request.params, self.eos_ids, self.tokenizer, grammar)
+        return SequenceState(list(request.prompt), request.params, self.eos_ids, self.tokenizer, grammar,
+                             request.closers)
 
     async def score(self, request: ScoreRequest, deadline: float | None = None) -> list[float | None]:
         """log p(token i | tokens < i) for every token of the prompt; None for the first."""
@@ -510,7 +511,7 @@ class Scheduler:
         """The grammar masks of the microbatch's constrained rows, all at once (in parallel)."""
         held = [k for k, ((r, _), row) in enumerate(rows) if row.want == Want.TOKEN and r.state.grammar is not None]
         for k, mask in zip(held, self.masks([rows[k][0][0].state.grammar for k in held]) if held else []):
-            rows[k] = (rows[k][0], rows[k][1]._replace(sampling=rows[k][1].sampling._replace(mask=mask)))
+            rows[k] = (rows[k][0], rows[k][1]._replace(sampling=rows[k][0][0].state.masked(rows[k][1].sampling, mask)))
 
     async def _run(self, rows: list[tuple[_Request, int]], mb: Microbatch, ids: array) -> None:
         try:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 from cluster.runtime.intake import GenerateRequest, Intake, ScoreRequest
@@ -90,8 +90,8 @@ def prepare_completions(req: CompletionRequest, intake: Intake, model: str, toke
     names = {"structure": where, "top_logprobs": "logprobs"}
     checked = [intake.generation(ids, params, "prompt" if len(prompts) == 1 else f"prompt[{i}]", "max_tokens",
                                  names=names) for i, (_, ids) in enumerate(prompts)]
-    jobs = [(i * req.n + j, GenerateRequest(r.prompt, choice_params(r.params, j), r.grammar))
-            for i, r in enumerate(checked) for j in range(req.n)]
+    jobs = [(i * req.n + j, replace(r, params=choice_params(r.params, j))) for i, r in enumerate(checked)
+            for j in range(req.n)]
     scores = [intake.scoring(ids, "prompt") for _, ids in prompts] if req.echo and req.logprobs is not None else []
     return Prepared(Completions(model, token_text, req, prompts), jobs, prompts, bool(req.echo), scores)
 
@@ -130,7 +130,7 @@ def prepare_chat(req: ChatRequest, intake: Intake, max_seq_len: int, model: str,
     max_tokens = asked if asked is not None else max(1, max_seq_len - len(ids))
     params = sampling_params(req, max_tokens, req.logprobs, req.top_logprobs or 0, structure)
     checked = intake.generation(ids, params, "messages", max_field, names={"structure": where})
-    jobs = [(j, GenerateRequest(ids, choice_params(checked.params, j), checked.grammar)) for j in range(req.n)]
+    jobs = [(j, replace(checked, params=choice_params(checked.params, j))) for j in range(req.n)]
     return Prepared(ChatCompletions(model, token_text, req, [(None, ids)], reader), jobs, [(None, ids)])
 
 
