@@ -225,7 +225,7 @@ def answer_socket_test(body):
     stages), and `last_stage` a greeted connection to it."""
 
     async def run():
-        plane = DataPlane([], "inline", "127.0.0.1", wait_for_stages=None)
+        plane = DataPlane([], "inline", "127.0.0.1", restore_stages=None, silent_after=2.0)
         await plane.listen()
         plane.epoch, plane.key = 1, KEY
         last_stage = connect(plane.answer_address, KEY)
@@ -272,7 +272,7 @@ def test_answers_arrive_past_a_one_byte_stranger(sockets):
         await wait_until(lambda: plane.rejected == 1, within=DEADLINE_S + 1)
         assert time.monotonic() - t0 >= DEADLINE_S
         await asyncio.sleep(0.01)
-        assert closed_by_peer(one_byte) and not plane._strangers
+        assert closed_by_peer(one_byte) and not plane.answers.strangers
 
     answer_socket_test(body)
 
@@ -291,7 +291,7 @@ def test_the_answer_socket_drops_a_bad_prefix_at_once(sockets, prefix):
             peak = tracemalloc.get_traced_memory()[1]
         finally:
             tracemalloc.stop()
-        assert peak < 1 << 20 and not plane._strangers
+        assert peak < 1 << 20 and not plane.answers.strangers
         await asyncio.sleep(0.01)
         assert closed_by_peer(sock)
 
@@ -304,7 +304,7 @@ def test_the_answer_socket_keeps_few_idle_strangers():
         for i in range(200):
             writers.append((await asyncio.open_connection(*parse_address(plane.answer_address)))[1])
             await asyncio.sleep(0)
-            most_waiting = max(most_waiting, len(plane._strangers))
+            most_waiting = max(most_waiting, len(plane.answers.strangers))
             if i == 100:
                 futures = expect(plane, 1)
                 last_stage.sendall(answer(1))
@@ -315,7 +315,7 @@ def test_the_answer_socket_keeps_few_idle_strangers():
         last_stage.sendall(answer(2))
         assert await arrived(futures) == [b"answer 2"]
         await wait_until(lambda: plane.rejected == 200, within=DEADLINE_S + 1)
-        assert not plane._strangers and len(plane._answer_tasks) == 1
+        assert not plane.answers.strangers and len(plane.answers.tasks) == 1
         for writer in writers:
             writer.close()
 
