@@ -182,10 +182,17 @@ class Replica:
             raise RuntimeError(f"pipeline failed: {sched.error}")
         if sched.recovering:
             return
+        recoveries = len(sched.recoveries)
         try:
             await asyncio.wait_for(self.pipe.stage_stats(), timeout=20)
         except ray.exceptions.ActorUnavailableError:
             pass  # a stage that died while idle is restarting; the next microbatch waits for it
+        except (ray.exceptions.RayActorError, asyncio.TimeoutError):
+            # A stage that went silent while we asked: the data plane declares it lost, and its
+            # actor, killed for good, fails the call; the replica is healthy if it is being or was
+            # replaced meanwhile.
+            if not (sched.recovering or len(sched.recoveries) > recoveries):
+                raise
 
     async def stats(self) -> dict:
         pipe = self.engine()
