@@ -227,8 +227,9 @@ class DataPlane:
             self.heard[stage] = time.monotonic()
 
     async def _watch(self, epoch: int) -> None:
-        """Until this epoch ends: every WATCH_S, judge the heartbeats, and ping every stage
-        through Ray (one round at a time: a silent stage's ping hangs, and the beats judge it).
+        """Until this epoch ends: every WATCH_S / 2, judge the heartbeats, and about every WATCH_S
+        ping every stage through Ray (one round at a time: a silent stage's ping hangs, and the
+        beats judge it).
         Break the data plane when a stage is silent, gone (Ray fails the ping) or its loop
         stopped."""
         pings: asyncio.Future | None = None

@@ -151,6 +151,7 @@ class Stages:
         heals), the kill reaches it then; meanwhile it holds only an old epoch's key, which the
         new epoch's sockets refuse (dataplane.py). Its bundle stays reserved until the
         pipeline closes."""
+        t0 = time.perf_counter()
         for i in sorted(lost):
             node = self.infos[i]["node_id"]
             ray.kill(self.actors[i], no_restart=True)
@@ -162,6 +163,8 @@ class Stages:
             info, where = await asyncio.gather(self.actors[i].info.remote(), self.actors[i].where.remote())
             self.infos[i] = dict(info, **where)
             _log_loaded(i, self.infos[i])
+            log.warning("stage %d: its replacement answers on node %s, %.1fs after the kill (%.1fs of it loading layers)",
+                        i, where["node_id"][:8], time.perf_counter() - t0, info["seconds"])
 
 
 class Pipeline(Engine):
