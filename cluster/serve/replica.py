@@ -196,8 +196,11 @@ class Replica:
 
     async def stats(self) -> dict:
         pipe = self.engine()
+        dp = pipe.dataplane
         return {"scheduler": pipe.scheduler.stats(), "stages": await pipe.stage_stats(),
-                "dataplane": {"rejected": pipe.dataplane.rejected}}  # strangers at the answer socket
+                # where the data plane listens (each stage's inbox, on its node's address; the answer
+                # socket, on the replica's), and the strangers turned away at the answer socket
+                "dataplane": {"inboxes": dp.inboxes, "answers": dp.answer_address, "rejected": dp.rejected}}
 
     async def _report_stats(self) -> None:
         counted = {"prompt_tokens": 0, "cached_tokens": 0}
