@@ -33,9 +33,10 @@ process lifecycle, restarts) and the microbatches take channels of their own:
   communicator on the first transfer, with both sides in it); then the stage posts its send and
   goes on with the next microbatch, waiting for a send only when more than a few are outstanding.
 
-Failures. A stage that dies is noticed through Ray: the scheduler's side pings every stage
-twice a second (a short actor call; Ray fails it once the stage's process is gone, and a stage
-whose loop died says why). A stage that goes *silent* is noticed by the data plane itself: a
+Failures. A stage that dies is noticed at once: the kernel closes its sockets, and its heartbeat
+connection (below) closing breaks the data plane; Ray restarts the stage in place. The
+scheduler's side also pings every stage twice a second (a short actor call; Ray fails it once
+the stage's process is gone, and a stage whose loop died says why). A stage that goes *silent* is noticed by the data plane itself: a
 hung host, a stopped process or a network partition sends no RST and exits nothing, so Ray's
 call just hangs, and Ray declares the node dead only after its own health checks give up (73 s
 with the defaults, measured). So every stage also sends a heartbeat, a message of some 35 bytes, every
@@ -137,7 +138,7 @@ class DataPlane:
         self.actors, self.transport, self.host = actors, transport, host
         self.restore_stages, self.silent_after = restore_stages, silent_after
         self.answers = _Listener(self._on_answer, lambda: self.key)  # the last stage's answers, every epoch
-        self.beats = _Listener(self._on_beat, lambda: self.key)  # every stage's heartbeats
+        self.beats = _Listener(self._on_beat, lambda: self.key, self._on_beats_closed)  # every stage's heartbeats
         self.to_first: asyncio.StreamWriter | None = None
         self.store = None  # the process groups' rendezvous, hosted here for the pipeline's lifetime
         self.epoch, self.key = 0, b""
@@ -221,10 +222,13 @@ class DataPlane:
         if fut is not None and not fut.done():
             fut.set_result(answers)
 
-    def _on_beat(self, meta: bytes, header: bytes, payload: memoryview) -> None:
+    def _on_beat(self, meta: bytes, header: bytes, payload: memoryview) -> int | None:
+        """Note a heartbeat; returns the stage it came from, if of this epoch."""
         epoch, stage = msgpack.unpackb(meta)
         if epoch == self.epoch and 0 <= stage < len(self.heard):
             self.heard[stage] = time.monotonic()
+            return stage
+        return None
 
     async def _watch(self, epoch: int) -> None:
         """Until this epoch ends: every WATCH_S / 2, judge the heartbeats, and about every WATCH_S
@@ -232,7 +236,7 @@ class DataPlane:
         beats judge it).
         Break the data plane when a stage is silent, gone (Ray fails the ping) or its loop
         stopped."""
-        pings: asyncio.Future | None = None
+        pings: asyncio.Task | None = None
         last_tick = time.monotonic()
         try:
             while epoch == self.epoch and self.broken is None:
@@ -253,30 +257,43 @@ class DataPlane:
                                                f"(no heartbeat for {self.silent_after:g}s)", set(silent)))
                     return
                 if pings is None:
-                    pings = asyncio.gather(*[a.ping_dataplane.remote(epoch) for a in self.actors])
+                    pings = asyncio.get_running_loop().create_task(self._ping(epoch))
                     continue
                 if not pings.done():
                     continue
-                try:
-                    failures = pings.result()
-                except Exception as e:  # a Ray actor error: the stage died or is restarting
-                    cause = e
-                else:
-                    pings = None
-                    bad = [(k, f) for k, f in enumerate(failures) if f]
-                    if not bad:
-                        continue
-                    cause = DataPlaneError(f"stage {bad[0][0]} of the data plane failed: {bad[0][1]}")
+                cause, pings = pings.result(), None
+                if cause is None:
+                    continue
                 if epoch != self.epoch or self.broken is not None:
                     return
-                log.warning("the data plane broke (%s): %s", type(cause).__name__,
-                            str(cause).splitlines()[0] if str(cause) else "")
-                self._break(cause)
+                self._fail(cause)
                 return
         finally:
-            if pings is not None and not pings.done():
+            if pings is not None:
                 pings.cancel()
-                pings.add_done_callback(lambda f: f.cancelled() or f.exception())  # seen: no warning
+
+    async def _ping(self, epoch: int) -> BaseException | None:
+        """Ping every stage through Ray: None if each answered that its loop runs, else why not
+        (a Ray actor error: the stage died or is restarting)."""
+        try:
+            failures = await asyncio.gather(*[a.ping_dataplane.remote(epoch) for a in self.actors])
+        except Exception as e:
+            return e
+        bad = [(k, f) for k, f in enumerate(failures) if f]
+        return DataPlaneError(f"stage {bad[0][0]} of the data plane failed: {bad[0][1]}") if bad else None
+
+    def _on_beats_closed(self, stage: int) -> None:
+        """A stage's heartbeat connection of this epoch closed: its process is gone (the kernel
+        closed its sockets) or its epoch's loop ended. Ray restarts a dead stage in place, so it
+        is not lost, and there is no need to wait for silence or for Ray's own failure report."""
+        if self.broken is None:
+            self._fail(DataPlaneError(f"stage {stage}'s heartbeat connection closed: its process exited, or its "
+                                      "heartbeats stopped"))
+
+    def _fail(self, cause: BaseException) -> None:
+        log.warning("the data plane broke (%s): %s", type(cause).__name__,
+                    str(cause).splitlines()[0] if str(cause) else "")
+        self._break(cause)
 
     def _break(self, cause: BaseException) -> None:
         # The scheduler sees the cause itself (a Ray actor error when a stage died), as it would
@@ -328,10 +345,12 @@ class _Listener:
     key are counted in `rejected`. Until then the stream reads ahead at most 128 KiB (twice
     asyncio's limit) of what one sends. A connection that proved an older epoch's key (a stage
     of an older epoch, perhaps one declared lost that came back) is closed when it next speaks,
-    and counted in `stale`."""
+    and counted in `stale`. If `on_message` names who sent a message (it returns not None) and
+    the connection is later closed by the other side while its key is current,
+    `on_closed(who)` hears of it."""
 
-    def __init__(self, on_message, current_key) -> None:
-        self.on_message, self.current_key = on_message, current_key
+    def __init__(self, on_message, current_key, on_closed=None) -> None:
+        self.on_message, self.current_key, self.on_closed = on_message, current_key, on_closed
         self.server: asyncio.AbstractServer | None = None
         self.address = ""
         self.rejected = self.stale = 0
@@ -350,7 +369,7 @@ class _Listener:
         if len(self.strangers) > channels.MAX_UNTRUSTED:
             self.rejected += 1
             self.strangers.pop(0).cancel()
-        trusted_key = None
+        trusted_key = sender = None
         try:
             prefix = await asyncio.wait_for(reader.readexactly(channels.PREFIX.size), channels.UNTRUSTED_DEADLINE_S)
             while True:
@@ -363,9 +382,14 @@ class _Listener:
                     trusted_key = key
                     self.strangers.remove(task)
                 if sum(lengths):  # else a greeting
-                    self.on_message(*channels.split(await reader.readexactly(sum(lengths)), lengths))
+                    who = self.on_message(*channels.split(await reader.readexactly(sum(lengths)), lengths))
+                    sender = sender if who is None else who
                 prefix = await reader.readexactly(channels.PREFIX.size)
-        except (asyncio.IncompleteReadError, ConnectionError, ValueError, TimeoutError):  # closed, or not ours
+        except (asyncio.IncompleteReadError, ConnectionError):  # closed
+            self.rejected += trusted_key is None
+            if sender is not None and trusted_key == self.current_key() and self.on_closed is not None:
+                self.on_closed(sender)
+        except (ValueError, TimeoutError):  # not ours
             self.rejected += trusted_key is None
         except asyncio.CancelledError:
             # `close` cancels this connection's task, and so does a newer stranger pushing this one
