@@ -14,6 +14,9 @@ keep their defaults, so Ray itself declares no host dead within these tests."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import signal
 import socket
 import time
 
@@ -76,11 +79,16 @@ def host_of(hosts, stage: dict) -> str:
     return hosts.name_of(stage["node_ip"])
 
 
-async def heal_and_time_the_exit(hosts, name: str, pid: int, when, what: str) -> tuple[bool, float]:
-    """Heal host `name` once `when()` holds; returns whether it still held just after, and how
-    long the process `pid` (the lost stage's) then ran on. Fails if it outlives the heal by 30 s."""
+def _signal(pid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, sig)
+
+
+async def heal_and_time_the_exit(heal, pid: int, when, what: str) -> tuple[bool, float]:
+    """`heal()` once `when()` holds; returns whether it still held just after, and how long the
+    process `pid` (the lost stage's) then ran on. Fails if it outlives the heal by 30 s."""
     await wait_for(when, within=60, what=what)
-    hosts.heal(name)
+    heal()
     held = bool(when())
     return held, await wait_for(lambda: gone(pid), within=30, what="the old stage exits")
 
@@ -132,24 +140,30 @@ def test_a_partitioned_host_without_a_stage_stalls_nothing(hosts, model, workloa
     assert longest_pause(arrivals) < HEARTBEAT_TIMEOUT_S + 1  # no stall: nothing waited on the cut-off host
 
 
-def test_a_partitioned_stage_host_is_replaced_and_streams_are_identical(hosts, model, workload):
-    """Stage 1's host is cut off under 16 live streams: the stage is declared lost within the
-    heartbeat timeout (Ray would take over a minute), replaced on another host, and every stream
-    ends identical to an undisturbed run after a pause of seconds. Once healed, the old stage's
-    process is killed (Ray's kill reaches its node) within 30 s."""
+@pytest.mark.parametrize("fault", ["partition", "hung-process"])
+def test_a_silent_stage_is_replaced_and_streams_are_identical(hosts, model, workload, fault):
+    """Stage 1 goes silent under 16 live streams, its host cut off (partition) or its process
+    stopped (hung-process: SIGSTOP, its host fine): the stage is declared lost within the
+    heartbeat timeout (Ray would take over a minute, or for ever for a hung process), replaced on
+    another host, and every stream ends identical to an undisturbed run after a pause of
+    seconds. Once healed, the old stage's process is killed (Ray's kill reaches it) within 30 s."""
     prompts, params, want = workload
 
     async def run():
         pipe = await Pipeline.start(_config(model))
         victim = host_of(hosts, pipe.stage_info[1])
         old_pid, arrivals, cut_at = pipe.stage_info[1]["pid"], [], []
+        if fault == "partition":
+            silence, heal = lambda: hosts.partition(victim), lambda: hosts.heal(victim)
+        else:
+            silence, heal = lambda: os.kill(old_pid, signal.SIGSTOP), lambda: _signal(old_pid, signal.SIGCONT)
 
         def cut():
             cut_at.append(time.time())
-            hosts.partition(victim)
+            silence()
 
         healer = asyncio.ensure_future(heal_and_time_the_exit(
-            hosts, victim, old_pid, lambda: pipe.scheduler.recoveries, "recovery ends"))
+            heal, old_pid, lambda: pipe.scheduler.recoveries, "recovery ends"))
         try:
             tokens, finals = await streams_through_a_fault(pipe, prompts, params, cut, tokens_before=STREAMS * 8,
                                                            arrivals=arrivals)
@@ -159,7 +173,7 @@ def test_a_partitioned_stage_host_is_replaced_and_streams_are_identical(hosts, m
             return tokens, finals, pipe.scheduler.recoveries, arrivals, cut_at[0], zombie_s, victim, where
         finally:
             healer.cancel()
-            hosts.heal(victim)
+            heal()
             await pipe.close()
 
     tokens, finals, recoveries, arrivals, cut_at, zombie_s, victim, where = asyncio.run(run())
@@ -173,7 +187,7 @@ def test_a_partitioned_stage_host_is_replaced_and_streams_are_identical(hosts, m
     # (a new process, its imports, its layers: 2-12 s here, with the machine's load); target 10 s.
     assert longest_pause(arrivals) < 30
     assert host_of(hosts, where) != victim  # the replacement runs on a live host
-    print(f"detection {detection:.2f}s, longest pause {longest_pause(arrivals):.2f}s, "
+    print(f"{fault}: detection {detection:.2f}s, longest pause {longest_pause(arrivals):.2f}s, "
           f"the old stage gone {zombie_s:.1f}s after the heal")
 
 
@@ -191,7 +205,7 @@ def test_a_host_healed_during_recovery_feeds_nothing_and_exits(hosts, model, wor
         old_pid, old_epoch, old_key = pipe.stage_info[0]["pid"], pipe.dataplane.epoch, pipe.dataplane.key
 
         healer = asyncio.ensure_future(heal_and_time_the_exit(
-            hosts, victim, old_pid, lambda: pipe.scheduler.recovering, "recovery starts"))
+            lambda: hosts.heal(victim), old_pid, lambda: pipe.scheduler.recovering, "recovery starts"))
         try:
             tokens, finals = await streams_through_a_fault(pipe, prompts, params, lambda: hosts.partition(victim),
                                                            tokens_before=STREAMS * 8)

@@ -64,13 +64,14 @@ class StageActor:
     and setup calls are answered while the data-plane loop (a thread of the endpoint's) runs."""
 
     def __init__(self, worker_cls: str, args: tuple, kwargs: dict, rank: int, num_stages: int) -> None:
+        self.started_at = time.time()  # the process is up and this class imported; torch is not yet
         from .stage_endpoint import StageEndpoint  # torch: the stage's process only
 
         self.worker = import_class(worker_cls).load(*args, **kwargs)
         self.endpoint = StageEndpoint(self.worker, rank, num_stages)
 
     def info(self) -> dict:
-        return dict(self.worker.info(), dataplane=self.endpoint.stats())
+        return dict(self.worker.info(), dataplane=self.endpoint.stats(), started_at=self.started_at)
 
     def where(self) -> dict:
         ctx = ray.get_runtime_context()
@@ -151,7 +152,7 @@ class Stages:
         heals), the kill reaches it then; meanwhile it holds only an old epoch's key, which the
         new epoch's sockets refuse (dataplane.py). Its bundle stays reserved until the
         pipeline closes."""
-        t0 = time.perf_counter()
+        t0 = time.time()
         for i in sorted(lost):
             node = self.infos[i]["node_id"]
             ray.kill(self.actors[i], no_restart=True)
@@ -163,8 +164,9 @@ class Stages:
             info, where = await asyncio.gather(self.actors[i].info.remote(), self.actors[i].where.remote())
             self.infos[i] = dict(info, **where)
             _log_loaded(i, self.infos[i])
-            log.warning("stage %d: its replacement answers on node %s, %.1fs after the kill (%.1fs of it loading layers)",
-                        i, where["node_id"][:8], time.perf_counter() - t0, info["seconds"])
+            log.warning("stage %d: its replacement answers on node %s, %.1fs after the kill: its process was up "
+                        "after %.1fs, then %.1fs loading layers", i, where["node_id"][:8], time.time() - t0,
+                        info["started_at"] - t0, info["seconds"])
 
 
 class Pipeline(Engine):
