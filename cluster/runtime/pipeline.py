@@ -165,8 +165,9 @@ class Stages:
             self.infos[i] = dict(info, **where)
             _log_loaded(i, self.infos[i])
             log.warning("stage %d: its replacement answers on node %s, %.1fs after the kill: its process was up "
-                        "after %.1fs, then %.1fs loading layers", i, where["node_id"][:8], time.time() - t0,
-                        info["started_at"] - t0, info["seconds"])
+                        "after %.1fs; %.1fs loading layers, %.1fs warming up kernels and decode steps", i,
+                        where["node_id"][:8], time.time() - t0, info["started_at"] - t0, info["seconds"],
+                        info.get("warmup_seconds", 0) + info.get("decode_compile_seconds", 0))
 
 
 class Pipeline(Engine):
