@@ -1,5 +1,6 @@
 """What several test modules set up the same way: a free loopback port, Ray Serve with Jamba
-applications on a private cluster, a simulated multi-node cluster, and waiting for a condition."""
+applications on a private cluster, and waiting for a condition. (Clusters of several hosts:
+tests/hosts.py.)"""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import contextlib
 import os
 import socket
 import time
+from pathlib import Path
 from typing import Iterator
 
 
@@ -28,7 +30,7 @@ def serve_apps(apps: dict[str, dict], env: dict[str, str] | None = None,
     import ray
     from ray import serve
 
-    from cluster.serve.app import build_app, grpc_options, limit_message_size, wait_until_serving
+    from cluster.serve.app import grpc_options, limit_message_size
 
     saved = {k: os.environ.get(k) for k in env or {}}
     os.environ.update(env or {})
@@ -40,13 +42,7 @@ def serve_apps(apps: dict[str, dict], env: dict[str, str] | None = None,
         serve.start(grpc_options=grpc_options(port),
                     http_options={"host": "127.0.0.1", "port": http_port or free_port(),
                                   "request_timeout_s": http_request_timeout_s})
-        for name, args in apps.items():
-            args = dict(args)
-            prefix = args.pop("route_prefix", f"/{name}")
-            serving = args.pop("wait_for_replicas", args.get("replicas", 1))
-            serve.run(build_app({"name": name, **args}), name=name, route_prefix=prefix)
-            if serving:  # serve.run returns once the replicas are up; their pipelines start behind
-                wait_until_serving(name, serving)
+        deploy_apps(apps)
         yield f"127.0.0.1:{port}"
     finally:
         serve.shutdown()
@@ -58,24 +54,28 @@ def serve_apps(apps: dict[str, dict], env: dict[str, str] | None = None,
                 os.environ[k] = v
 
 
-@contextlib.contextmanager
-def simulated_cluster(nodes: int = 3, system_config: dict | None = None):
-    """A head that runs the driver only (no CPUs) and `nodes` 1-CPU raylets, each with its own
-    object store; the driver is connected for the duration. Yields the cluster_utils Cluster."""
-    import ray
-    from ray.cluster_utils import Cluster
+def deploy_apps(apps: dict[str, dict]) -> None:
+    """Deploy each application of `apps` on the running Serve (see serve_apps for the arguments)."""
+    from ray import serve
 
-    head = {"num_cpus": 0, **({"_system_config": system_config} if system_config else {})}
-    c = Cluster(initialize_head=True, head_node_args=head)
+    from cluster.serve.app import build_app, wait_until_serving
+
+    for name, args in apps.items():
+        args = dict(args)
+        prefix = args.pop("route_prefix", f"/{name}")
+        serving = args.pop("wait_for_replicas", args.get("replicas", 1))
+        serve.run(build_app({"name": name, **args}), name=name, route_prefix=prefix)
+        if serving:  # serve.run returns once the replicas are up; their pipelines start behind
+            wait_until_serving(name, serving)
+
+
+def gone(pid: int) -> bool:
+    """Whether process `pid` has exited (perhaps not yet reaped)."""
     try:
-        for _ in range(nodes):
-            c.add_node(num_cpus=1, object_store_memory=80 * 1024 * 1024)
-        c.wait_for_nodes()
-        ray.init(address=c.address, log_to_driver=False)
-        yield c
-    finally:
-        ray.shutdown()
-        c.shutdown()
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except OSError:
+        return True
+    return state in "ZX"
 
 
 def until(predicate, timeout: float = 60, what: str = "condition"):

@@ -5,6 +5,7 @@ stream saw."""
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Callable
 
 from cluster.runtime.pipeline import Pipeline
@@ -28,17 +29,23 @@ def stream_params(i: int) -> SamplingParams:
 
 
 async def streams_through_a_fault(pipe: Pipeline, prompts: list[list[int]], params: list[SamplingParams],
-                                  fault: Callable[[], None], tokens_before: int, timeout: float = 180):
+                                  fault: Callable[[], None], tokens_before: int, timeout: float = 180,
+                                  arrivals: list[list[float]] | None = None):
     """Returns (tokens, outcomes): the token ids each stream received, and per stream its
     GenerationResult or the exception that ended it. `fault()` runs once the streams have received
-    `tokens_before` tokens in all."""
+    `tokens_before` tokens in all. `arrivals`, if given, gets a list per stream of when
+    (time.monotonic()) each token arrived."""
     tokens: list[list[int]] = [[] for _ in prompts]
+    if arrivals is not None:
+        arrivals[:] = [[] for _ in prompts]
 
     async def stream(i):
         async for ev in pipe.generate(prompts[i], params[i]):
             if isinstance(ev, GenerationResult):
                 return ev
             tokens[i].append(ev.token_id)
+            if arrivals is not None:
+                arrivals[i].append(time.monotonic())
         raise AssertionError("the stream ended without a GenerationResult")
 
     tasks = [asyncio.ensure_future(stream(i)) for i in range(len(prompts))]

@@ -225,7 +225,7 @@ def answer_socket_test(body):
     stages), and `last_stage` a greeted connection to it."""
 
     async def run():
-        plane = DataPlane([], "inline", "127.0.0.1", wait_for_stages=None)
+        plane = DataPlane([], "inline", "127.0.0.1", restore_stages=None, silent_after=2.0)
         await plane.listen()
         plane.epoch, plane.key = 1, KEY
         last_stage = connect(plane.answer_address, KEY)
@@ -272,7 +272,7 @@ def test_answers_arrive_past_a_one_byte_stranger(sockets):
         await wait_until(lambda: plane.rejected == 1, within=DEADLINE_S + 1)
         assert time.monotonic() - t0 >= DEADLINE_S
         await asyncio.sleep(0.01)
-        assert closed_by_peer(one_byte) and not plane._strangers
+        assert closed_by_peer(one_byte) and not plane.answers.strangers
 
     answer_socket_test(body)
 
@@ -291,7 +291,7 @@ def test_the_answer_socket_drops_a_bad_prefix_at_once(sockets, prefix):
             peak = tracemalloc.get_traced_memory()[1]
         finally:
             tracemalloc.stop()
-        assert peak < 1 << 20 and not plane._strangers
+        assert peak < 1 << 20 and not plane.answers.strangers
         await asyncio.sleep(0.01)
         assert closed_by_peer(sock)
 
@@ -304,7 +304,7 @@ def test_the_answer_socket_keeps_few_idle_strangers():
         for i in range(200):
             writers.append((await asyncio.open_connection(*parse_address(plane.answer_address)))[1])
             await asyncio.sleep(0)
-            most_waiting = max(most_waiting, len(plane._strangers))
+            most_waiting = max(most_waiting, len(plane.answers.strangers))
             if i == 100:
                 futures = expect(plane, 1)
                 last_stage.sendall(answer(1))
@@ -315,7 +315,7 @@ def test_the_answer_socket_keeps_few_idle_strangers():
         last_stage.sendall(answer(2))
         assert await arrived(futures) == [b"answer 2"]
         await wait_until(lambda: plane.rejected == 200, within=DEADLINE_S + 1)
-        assert not plane._strangers and len(plane._answer_tasks) == 1
+        assert not plane.answers.strangers and len(plane.answers.tasks) == 1
         for writer in writers:
             writer.close()
 
@@ -335,3 +335,55 @@ def test_answers_back_to_back_and_in_pieces():
         assert plane.rejected == 0
 
     answer_socket_test(body)
+
+
+# ---- the scheduler's heartbeat socket ------------------------------------------------------------
+def heartbeat(epoch: int, stage: int, key: bytes = KEY) -> bytes:
+    return wire(key, (msgpack.packb([epoch, stage]), b"", b""))
+
+
+def heartbeat_test(body):
+    """Run `await body(plane)` with a DataPlane of one stage (no actor) whose epoch 1 is running."""
+
+    async def run():
+        plane = DataPlane([], "inline", "127.0.0.1", restore_stages=None, silent_after=2.0)
+        await plane.listen()
+        plane.epoch, plane.key, plane.broken, plane.heard = 1, KEY, None, [0.0]
+        try:
+            await body(plane)
+        finally:
+            await plane.close()
+
+    asyncio.run(run())
+
+
+def test_a_closed_heartbeat_connection_breaks_the_plane_at_once():
+    """A stage whose process exits closes its connections: the data plane breaks now (Ray
+    restarts the stage in place), without waiting for silence, and the stage is not lost."""
+    async def body(plane):
+        stage = connect(plane.beat_address, KEY)
+        stage.sendall(heartbeat(1, 0))
+        await wait_until(lambda: plane.heard[0] > 0, within=PROMPTLY_S)
+        stage.close()
+        await wait_until(lambda: plane.broken is not None, within=PROMPTLY_S)
+        assert "heartbeat connection closed" in str(plane.broken) and not plane.lost
+
+    heartbeat_test(body)
+
+
+def test_heartbeats_of_an_older_epoch_are_refused():
+    """A stage of epoch 1 still beating once epoch 2 began (a lost stage that came back): its
+    beats count for nothing, its connection is closed and counted stale, and its closing breaks
+    nothing."""
+    async def body(plane):
+        stage = connect(plane.beat_address, KEY)
+        stage.sendall(heartbeat(1, 0))
+        await wait_until(lambda: plane.heard[0] > 0, within=PROMPTLY_S)
+        plane.epoch, plane.key, plane.heard = 2, bytes(16), [0.0]
+        stage.sendall(heartbeat(1, 0))
+        await wait_until(lambda: plane.beats.stale == 1, within=PROMPTLY_S)
+        await asyncio.sleep(0.01)
+        assert closed_by_peer(stage) and plane.heard == [0.0] and plane.broken is None
+        stage.close()
+
+    heartbeat_test(body)

@@ -147,8 +147,8 @@ def test_messages_without_the_key_are_dropped(ray_cluster, models, reference):
 
 
 def test_strangers_stall_nothing(ray_cluster, models, reference):
-    """Strangers at every socket of the data plane (both stages' inboxes and the scheduler's answer
-    socket): one sends a byte and waits, 200 more connect and say nothing. The answers are
+    """Strangers at every socket of the data plane (both stages' inboxes, the scheduler's answer and
+    heartbeat sockets): one sends a byte and waits, 200 more connect and say nothing. The answers are
     unchanged and come as fast (before, the one byte held a stage's loop for 30 s), and every
     stranger is dropped within its deadline and counted where it connected."""
     import socket
@@ -167,7 +167,7 @@ def test_strangers_stall_nothing(ray_cluster, models, reference):
         t0 = time.perf_counter()
         quiet = pipe.generate(prompts, params)
         quiet_s = time.perf_counter() - t0
-        for address in [*plane.inboxes, plane.answer_address]:
+        for address in [*plane.inboxes, plane.answer_address, plane.beat_address]:
             strangers.append(socket.create_connection(parse_address(address), timeout=10))
             strangers[-1].sendall(b"x")
             strangers += [socket.create_connection(parse_address(address), timeout=10) for _ in range(200)]
@@ -178,7 +178,7 @@ def test_strangers_stall_nothing(ray_cluster, models, reference):
         give_up = time.monotonic() + UNTRUSTED_DEADLINE_S + 10
         while True:
             rejected = [s["dataplane"]["rejected"] for s in pipe._call(pipe.pipe.stage_stats())] + [plane.rejected]
-            if rejected == [201] * 3 or time.monotonic() > give_up:
+            if rejected == [201, 201, 402] or time.monotonic() > give_up:
                 break
             time.sleep(0.1)
     finally:
@@ -188,7 +188,7 @@ def test_strangers_stall_nothing(ray_cluster, models, reference):
     assert [g.output_ids for g in besieged] == [g.output_ids for g in quiet]
     assert [g.output_ids for g in quiet] == [w.output_ids for w in ref_lm.generate(prompts, params)]
     assert besieged_s < 1.2 * quiet_s + 2.0, (quiet_s, besieged_s)
-    assert rejected == [201] * 3
+    assert rejected == [201, 201, 402]
 
 
 @pytest.mark.parametrize("option, message", [

@@ -774,3 +774,12 @@ def test_dockerfile():
     assert ignore[0] == "*"
     for package in [*packages, "models/jamba-demo-lm", "models/jamba-demo-classifier"]:
         assert f"!{package}/" in ignore
+
+
+@pytest.mark.parametrize("f,doc", RAY_WORKLOADS, ids=_pair_id)
+def test_node_health_checks_are_set_on_the_head(f, doc):
+    """The GCS (on the head) runs Ray's node health checks: a silent node is declared dead in
+    about 20 s, not about a minute (README, "A silent host")."""
+    env = _env(_ray_container(_cluster_spec(doc)["headGroupSpec"]["template"]))
+    assert (env["RAY_health_check_period_ms"], env["RAY_health_check_timeout_ms"],
+            env["RAY_health_check_failure_threshold"]) == ("2000", "2000", "5")

@@ -49,6 +49,9 @@ class PipelineConfig:
     placement_timeout_s: float | None = 120.0  # None: wait for resources as long as it takes
     max_restarts: int = 3  # a dead stage actor is restarted by Ray (reloading its layers) this often
     recover_timeout_s: float = 120.0
+    # A stage not heard from for this long (no heartbeat: its host hung or was cut off) is declared
+    # lost and replaced, without waiting for Ray to declare its node dead; see dataplane.py.
+    heartbeat_timeout_s: float = 2.0
     # Inside a Ray Serve replica that was given placement_group_bundles, the replica sits in
     # bundle 0 of its own placement group and the stages take bundles 1..P of that group.
     use_current_placement_group: bool = False

@@ -26,7 +26,7 @@ import time
 
 import ray
 from ray.util.placement_group import placement_group, remove_placement_group
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+from ray.util.scheduling_strategies import NodeLabelSchedulingStrategy, NotIn, PlacementGroupSchedulingStrategy
 
 from stages.config import JambaConfig
 from stages.openmp import use_openmp_env
@@ -64,13 +64,14 @@ class StageActor:
     and setup calls are answered while the data-plane loop (a thread of the endpoint's) runs."""
 
     def __init__(self, worker_cls: str, args: tuple, kwargs: dict, rank: int, num_stages: int) -> None:
+        self.started_at = time.time()  # the process is up and this class imported; torch is not yet
         from .stage_endpoint import StageEndpoint  # torch: the stage's process only
 
         self.worker = import_class(worker_cls).load(*args, **kwargs)
         self.endpoint = StageEndpoint(self.worker, rank, num_stages)
 
     def info(self) -> dict:
-        return dict(self.worker.info(), dataplane=self.endpoint.stats())
+        return dict(self.worker.info(), dataplane=self.endpoint.stats(), started_at=self.started_at)
 
     def where(self) -> dict:
         ctx = ray.get_runtime_context()
@@ -79,8 +80,10 @@ class StageActor:
     def open_dataplane(self, epoch: int, key: bytes) -> str:
         return self.endpoint.open(epoch, key, ray.util.get_node_ip_address())
 
-    def connect_dataplane(self, epoch: int, next_address: str, transport: str, store) -> None:
-        self.endpoint.connect(epoch, next_address, transport, store, ray.util.get_node_ip_address())
+    def connect_dataplane(self, epoch: int, next_address: str, beat_address: str, beat_every: float, transport: str,
+                          store) -> None:
+        self.endpoint.connect(epoch, next_address, beat_address, beat_every, transport, store,
+                              ray.util.get_node_ip_address())
 
     def start_dataplane(self, epoch: int) -> None:
         self.endpoint.start(epoch)
@@ -105,6 +108,68 @@ async def _gather_counting(refs: list, on_done) -> list:
     return await asyncio.gather(*[one(r) for r in refs])
 
 
+def _log_loaded(i: int, info: dict) -> None:
+    log.info("stage %d: layers [%d, %d) loaded %.1f MB from %d file(s) in %.2fs on node %s (%s)%s", i,
+             *info["layers"], info["bytes"] / 1e6, info["files"], info["seconds"], info["node_id"][:8],
+             info["node_ip"], _memory_note(info))
+
+
+class Stages:
+    """The pipeline's stage actors (`actors`, the list the data plane drives), what each was
+    loaded with and where it runs (`infos`), how one is made, and bringing them back after a
+    failure (`restore`, the data plane's `restore_stages`)."""
+
+    def __init__(self, cfg: PipelineConfig, plan: PipelinePlan, pg, offset: int) -> None:
+        self.cfg, self.plan, self.pg, self.offset = cfg, plan, pg, offset
+        self.actors: list = []
+        self.infos: list[dict] = []
+
+    def spawn(self, i: int, scheduling_strategy):
+        """A new actor for stage i, placed by `scheduling_strategy`; it loads its layers at once."""
+        cfg, plan = self.cfg, self.plan
+        s, e = plan.splits[i]
+        # max_concurrency: the data-plane loop, plus stats, setup and stop calls beside it.
+        opts = dict(num_cpus=plan.cpus, num_gpus=cfg.gpus_per_stage, max_concurrency=8,
+                    max_restarts=cfg.max_restarts, max_task_retries=0, runtime_env={"env_vars": stage_env()},
+                    scheduling_strategy=scheduling_strategy, **cfg.actor_options)
+        args = (cfg.model_dir, s, e, cfg.num_slots, plan.paging["max_seq_len"], cfg.threads_per_stage, cfg.dtype,
+                "cuda" if cfg.gpus_per_stage else "cpu")
+        pools = {k: plan.paging[k] for k in ("block_size", "num_blocks", "num_snapshots")}  # every stage's cache
+        kwargs = dict(cfg.worker_kwargs, paging=pools, **({"quantize": cfg.quantize} if cfg.quantize else {}),
+                      **({"enforce_eager": True} if cfg.enforce_eager else {}))
+        return StageActor.options(**opts).remote(cfg.worker_cls, args, kwargs, i, len(plan.splits))
+
+    async def restore(self, lost: set[int]) -> None:
+        """Replace the stages in `lost` (declared lost by the data plane: silent, their host hung
+        or cut off), then return once every stage answers again.
+
+        A lost stage's actor is killed for good: Ray would restart it in its placement-group
+        bundle, on the same node, and only once that node confirms the old process is gone,
+        which a partitioned node never does before Ray declares it dead (over a minute with
+        Ray's defaults). The replacement is a new actor, placed outside the placement group
+        on another node when one has room for a stage (on the same node otherwise: a hung
+        process on a live node, which Ray kills). If the old process comes back (the partition
+        heals), the kill reaches it then; meanwhile it holds only an old epoch's key, which the
+        new epoch's sockets refuse (dataplane.py). Its bundle stays reserved until the
+        pipeline closes."""
+        t0 = time.time()
+        for i in sorted(lost):
+            node = self.infos[i]["node_id"]
+            ray.kill(self.actors[i], no_restart=True)
+            self.actors[i] = self.spawn(i, NodeLabelSchedulingStrategy({}, soft={"ray.io/node-id": NotIn(node)}))
+            log.warning("stage %d: its actor on node %s is killed for good; a replacement is loading on another node "
+                        "where one has room", i, node[:8])
+        await _wait_for_stages(self.actors)
+        for i in sorted(lost):
+            info, where = await asyncio.gather(self.actors[i].info.remote(), self.actors[i].where.remote())
+            self.infos[i] = dict(info, **where)
+            _log_loaded(i, self.infos[i])
+            log.warning("stage %d: its replacement answers on node %s, %.1fs after the kill: its process was up "
+                        "after %.1fs; %.1fs loading layers, %.1fs warming up kernels and decode steps", i,
+                        where["node_id"][:8], time.time() - t0, info["started_at"] - t0, info["seconds"],
+                        info.get("warmup_seconds", 0) + info.get("decode_compile_seconds", 0))
+
+
 class Pipeline(Engine):
     def __init__(self, cfg: PipelineConfig, config: JambaConfig, splits, pg, actors, dataplane, scheduler, tokenizer,
                  infos) -> None:
@@ -120,9 +185,7 @@ class Pipeline(Engine):
         loading phase again as each stage is up; a service reports it while it is not ready."""
         plan = plan or plan_pipeline(cfg)
         config, splits, paging = plan.config, plan.splits, plan.paging
-        pools = {k: paging[k] for k in ("block_size", "num_blocks", "num_snapshots")}  # every stage's cache
-        device = "cuda" if cfg.gpus_per_stage else "cpu"
-        cpus, bundle = plan.cpus, plan.bundle
+        bundle = plan.bundle
         say = progress or (lambda phase, detail: None)
         t0 = time.perf_counter()
         owned, offset = True, 0
@@ -145,31 +208,21 @@ class Pipeline(Engine):
             except BaseException:  # cancelled: the reservation goes too
                 remove_placement_group(pg)
                 raise
-        actors, dataplane = [], None
+        stages, dataplane = Stages(cfg, plan, pg, offset), None
+        actors, infos = stages.actors, stages.infos
         try:
-            for i, (s, e) in enumerate(splits):
-                # max_concurrency: the data-plane loop, plus stats, setup and stop calls beside it.
-                opts = dict(num_cpus=cpus, num_gpus=cfg.gpus_per_stage, max_concurrency=8,
-                            max_restarts=cfg.max_restarts, max_task_retries=0,
-                            runtime_env={"env_vars": stage_env()},
-                            scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i + offset),
-                            **cfg.actor_options)
-                args = (cfg.model_dir, s, e, cfg.num_slots, paging["max_seq_len"], cfg.threads_per_stage, cfg.dtype,
-                        device)
-                kwargs = dict(cfg.worker_kwargs, paging=pools, **({"quantize": cfg.quantize} if cfg.quantize else {}),
-                              **({"enforce_eager": True} if cfg.enforce_eager else {}))
-                actors.append(StageActor.options(**opts).remote(cfg.worker_cls, args, kwargs, i, len(splits)))
+            for i in range(len(splits)):
+                actors.append(stages.spawn(i, PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i + offset)))
             say("loading", f"loading layers: 0 of {len(splits)} stage(s) up")
-            infos = await _gather_counting([a.info.remote() for a in actors],
-                                           lambda k: say("loading", f"loading layers: {k} of {len(splits)} stage(s) up"))
+            infos += await _gather_counting([a.info.remote() for a in actors],
+                                            lambda k: say("loading", f"loading layers: {k} of {len(splits)} stage(s) up"))
             wheres = await asyncio.gather(*[a.where.remote() for a in actors])
             for i, (info, where) in enumerate(zip(infos, wheres)):
                 info.update(where)
-                log.info("stage %d: layers [%d, %d) loaded %.1f MB from %d file(s) in %.2fs on node %s (%s)%s", i,
-                         *info["layers"], info["bytes"] / 1e6, info["files"], info["seconds"], info["node_id"][:8],
-                         info["node_ip"], _memory_note(info))
+                _log_loaded(i, info)
             say("connecting", f"connecting the data plane ({plan.transport})")
-            dataplane = DataPlane(actors, plan.transport, ray.util.get_node_ip_address(), lambda: _wait_for_stages(actors))
+            dataplane = DataPlane(actors, plan.transport, ray.util.get_node_ip_address(), stages.restore,
+                                  cfg.heartbeat_timeout_s)
             await dataplane.start()
         except BaseException:
             if dataplane is not None:

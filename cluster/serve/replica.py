@@ -182,15 +182,25 @@ class Replica:
             raise RuntimeError(f"pipeline failed: {sched.error}")
         if sched.recovering:
             return
+        recoveries = len(sched.recoveries)
         try:
             await asyncio.wait_for(self.pipe.stage_stats(), timeout=20)
         except ray.exceptions.ActorUnavailableError:
             pass  # a stage that died while idle is restarting; the next microbatch waits for it
+        except (ray.exceptions.RayActorError, asyncio.TimeoutError):
+            # A stage that went silent while we asked: the data plane declares it lost, and its
+            # actor, killed for good, fails the call; the replica is healthy if it is being or was
+            # replaced meanwhile.
+            if not (sched.recovering or len(sched.recoveries) > recoveries):
+                raise
 
     async def stats(self) -> dict:
         pipe = self.engine()
+        dp = pipe.dataplane
         return {"scheduler": pipe.scheduler.stats(), "stages": await pipe.stage_stats(),
-                "dataplane": {"rejected": pipe.dataplane.rejected}}  # strangers at the answer socket
+                # where the data plane listens (each stage's inbox, on its node's address; the answer
+                # socket, on the replica's), and the strangers turned away at the answer socket
+                "dataplane": {"inboxes": dp.inboxes, "answers": dp.answer_address, "rejected": dp.rejected}}
 
     async def _report_stats(self) -> None:
         counted = {"prompt_tokens": 0, "cached_tokens": 0}
