@@ -20,9 +20,9 @@ benchmarking networks, RFC 2544; N is the first subnet no interface of this mach
 Each node is `ray start --block` (inside its namespace: `ip netns exec NS ray start ...`) with
 `--node-ip-address` its own address and a temp dir of its own, short (under /tmp, not the test's tmp
 path): Ray's unix sockets live in it and a socket path may not exceed 107 bytes. Everything is torn
-down in `finally`, whatever failed: each node's processes (its `ray start --block`, then whatever is
-left of its session or its namespace, by process id), the namespaces (their veths go with them), the
-bridge and the temp dirs. `ray stop` is never used: it would stop every Ray process of the machine.
+down in `finally`, whatever failed: each node's processes (its `ray start --block` and whatever is
+in its session or its namespace, killed by process id), the namespaces (their veths go with them),
+the bridge and the temp dirs. `ray stop` is never used: it would stop every Ray process of the machine.
 
 Needs root and iproute2 (`ip`, `bridge`); `namespaces_unavailable()` says why not where they are
 missing, and `hosts_or_skip` skips a test module with that reason.
@@ -282,17 +282,12 @@ class Hosts:
             time.sleep(0.2)
 
     def _stop_nodes(self) -> list[str]:
-        """Stop every node's processes; returns what could not be done."""
+        """Kill every node's processes: its `ray start --block` and whatever is in its session or
+        its namespace (SIGKILL: a test cluster needs no graceful stop, which takes Ray 5-10 s here
+        and is what a lost host never gets either). Returns what could not be done."""
         problems = []
         nodes = [h for h in [*self.hosts.values(), self.driver] if h.process is not None]
-        for h in nodes:  # `ray start --block` stops its node's processes on SIGTERM (in about 5 s here)
-            with contextlib.suppress(ProcessLookupError):
-                h.process.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + 8
-        for h in nodes:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                h.process.wait(timeout=max(0.1, deadline - time.monotonic()))
-        for _ in range(100):  # then whatever is left of each node's session or namespace
+        for _ in range(100):
             left = set()
             for h in nodes:
                 left |= _session_pids(h.process.pid)
