@@ -103,10 +103,11 @@ def hosts_or_skip(**layout) -> Iterator["Hosts"]:
     where namespaces cannot be made."""
     import pytest
 
-    reason = namespaces_unavailable()
-    if reason:
-        pytest.skip(reason)
-    with namespace_hosts(**layout) as hosts:
+    with contextlib.ExitStack() as stack:
+        try:
+            hosts = stack.enter_context(namespace_hosts(**layout))
+        except HostsUnavailable as e:
+            pytest.skip(str(e))
         yield hosts
 
 
@@ -222,8 +223,10 @@ class Hosts:
 
     def power_off(self, name: str) -> None:
         """Host `name` goes down: every process in it is killed at once (SIGKILL: its raylet, its
-        object store, its workers), as a machine losing power. Its namespace stays, with nothing in
-        it, until the cluster is torn down."""
+        object store, its workers), as a machine losing power. One difference: the kernel here
+        lives on and closes their connections, so peers hear a FIN or a reset; `partition` first
+        makes the loss silent, as a real power cut is. The namespace stays, with nothing in it,
+        until the cluster is torn down."""
         host = self.hosts[name]
         for _ in range(50):
             pids = _namespace_pids(host.netns) | (_session_pids(host.process.pid) if host.process else set())
