@@ -66,6 +66,7 @@ class Host:
     veth: str | None  # the bridge's end of its link
     temp_dir: Path  # its Ray node's --temp-dir
     process: subprocess.Popen | None = None  # its `ray start --block`
+    partitioned: bool = False  # its bridge port disabled (Hosts.partition)
     down: bool = False  # powered off (every process killed)
 
 
@@ -220,6 +221,7 @@ class Hosts:
                            capture_output=True, text=True)
         if r.returncode != 0:
             raise RuntimeError(f"cannot set {name}'s bridge port {host.veth} {state}: {r.stderr.strip()}")
+        host.partitioned = state == "disabled"
 
     def power_off(self, name: str) -> None:
         """Host `name` goes down: every process in it is killed at once (SIGKILL: its raylet, its
@@ -311,9 +313,15 @@ class Hosts:
         return problems
 
     def _remove_network(self) -> list[str]:
+        """Delete each host's veth pair and namespace, and the bridge; returns what could not be done.
+        The veths go explicitly: a namespace outlives `ip netns del` while a socket in it still
+        holds it (a connection of a killed process still sending its FIN), and its veth with it."""
         problems = []
         for h in self.hosts.values():
-            r = _ip("netns", "del", h.netns, check=False)  # its veth pair goes with it
+            r = _ip("link", "del", h.veth, check=False)  # both ends of the pair
+            if r.returncode != 0 and "Cannot find device" not in r.stderr:
+                problems.append(f"ip link del {h.veth}: {r.stderr.strip()}")
+            r = _ip("netns", "del", h.netns, check=False)
             if r.returncode != 0 and "No such file" not in r.stderr:
                 problems.append(f"ip netns del {h.netns}: {r.stderr.strip()}")
         r = _ip("link", "del", self.bridge, check=False)
@@ -388,6 +396,10 @@ def namespace_hosts(cpus: Sequence[float] = (1, 1, 1), resources: Sequence[dict]
             import ray
 
             ray.shutdown()
+        for host in hosts.hosts.values():  # so that the killed processes' connections close at once
+            if host.partitioned:
+                with contextlib.suppress(RuntimeError):
+                    hosts.heal(host.name)
         problems = hosts._stop_nodes() + hosts._remove_network()
         shutil.rmtree(root, ignore_errors=True)
         if problems and not failed:  # (after a failure, the failure is what to report)
