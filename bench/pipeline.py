@@ -1,6 +1,6 @@
 """Pipeline throughput, stage utilisation and transport overhead on Ray.
 
-    .venv/bin/python bench/pipeline.py [--quick] [--gpu-like] [--real] [--transport]   (no flag: all three)
+    .venv/bin/python bench/pipeline.py [--quick] [--gpu-like] [--real] [--transport] [--hosts]   (no flag: the first three)
 
 1. --gpu-like: the runtime alone. Every stage is bench/synthetic.py:GpuLikeStage (synthetic: it
    sleeps its share of a GPU forward, 32 ms + 0.1 ms per token for the whole model, leaving the host
@@ -15,6 +15,11 @@
    microbatch: chains of 4 and of 1 identity stages, (t4 - t1) / 3, through the pipeline's data
    plane (both activation transports) and, as baselines in the same run, plain Ray actor calls with
    object refs passed stage to stage (the pipeline's previous runtime) and a Ray Compiled Graph.
+4. --hosts (root only; not part of the default): the same per-hop cost across hosts, on a Ray
+   cluster of four hosts made of Linux network namespaces on a bridge (tests/hosts.py): a chain of 4
+   with every stage on its own host (each hop crosses two veths and the bridge), one with all four
+   stages on one host (its hops over loopback), and the chain of 1, measured side by side; beside the
+   figures of section 3 from earlier in the same run (a one-node cluster on 127.0.0.1).
 """
 
 from __future__ import annotations
@@ -166,34 +171,47 @@ def print_decode(results: dict, new_tokens: int) -> None:
 SIZES = {"decode (32 x 512 fp32, 64 KiB)": 32, "prefill (512 x 512 fp32, 1 MiB)": 512}  # tokens; hidden 512
 
 
-async def dataplane_hops(folder: str, transport: str, reps: int) -> dict[str, float]:
-    """Identity stages (GpuLikeStage waiting 0 ms) on the pipeline's data plane: one microbatch at a
-    time straight through `send`, on a chain of 4 and a chain of 1 that are up side by side and
-    measured in alternating batches, so that a burst of load elsewhere hits both alike; per hop is
-    the difference of their medians over 3."""
-    pipes = {n: await Pipeline.start(PipelineConfig(folder, num_stages=n, cpus_per_stage=0.1, transport=transport,
-                                                    worker_cls=SYNTHETIC,
-                                                    worker_kwargs={"fixed_ms": 0.0, "per_token_ms": 0.0}))
-             for n in (1, 4)}
-    out = {}
+def identity_chain(folder: str, stages: int, transport: str, **kw) -> PipelineConfig:
+    """A chain of identity stages (GpuLikeStage waiting 0 ms) on the pipeline's data plane."""
+    return PipelineConfig(folder, num_stages=stages, cpus_per_stage=0.1, transport=transport, worker_cls=SYNTHETIC,
+                          worker_kwargs={"fixed_ms": 0.0, "per_token_ms": 0.0}, **kw)
+
+
+async def chain_times(chains: dict[str, PipelineConfig], reps: int) -> tuple[dict[str, dict[str, float]], dict]:
+    """Seconds per microbatch through each chain, per size of SIZES: one microbatch at a time straight
+    through the data plane's `send`, the chains up side by side and measured in alternating batches
+    of 10, so that a burst of load elsewhere hits them all alike; the median batch. Also returns
+    each chain's stage_info (where its stages ran)."""
+    pipes = {}
     try:
+        for name, cfg in chains.items():
+            pipes[name] = await Pipeline.start(cfg)
+        out: dict[str, dict[str, float]] = {name: {} for name in chains}
         for label, tokens in SIZES.items():
             rows = [Row(0, tokens)] if tokens > 32 else [Row(k, 1) for k in range(tokens)]
             header, ids = Microbatch(rows), array("q", [5] * tokens)
-            batches: dict[int, list[float]] = {1: [], 4: []}
+            batches: dict[str, list[float]] = {name: [] for name in chains}
             for _ in range(max(4, reps // 10)):
-                for n, pipe in pipes.items():
+                for name, pipe in pipes.items():
                     for _ in range(2):
                         await pipe.dataplane.send(header, ids)
                     t0 = time.perf_counter()
                     for _ in range(10):
                         await pipe.dataplane.send(header, ids)
-                    batches[n].append((time.perf_counter() - t0) / 10)
-            out[label] = (statistics.median(batches[4]) - statistics.median(batches[1])) / 3 * 1000
+                    batches[name].append((time.perf_counter() - t0) / 10)
+            for name in chains:
+                out[name][label] = statistics.median(batches[name])
+        return out, {name: pipe.stage_info for name, pipe in pipes.items()}
     finally:
         for pipe in pipes.values():
             await pipe.close()
-    return out
+
+
+async def dataplane_hops(folder: str, transport: str, reps: int) -> dict[str, float]:
+    """Per hop (ms): the difference of a chain of 4 and a chain of 1 (chain_times) over 3."""
+    times, _ = await chain_times({"1": identity_chain(folder, 1, transport), "4": identity_chain(folder, 4, transport)},
+                                 reps)
+    return {label: (times["4"][label] - times["1"][label]) / 3 * 1000 for label in SIZES}
 
 
 @ray.remote(num_cpus=0.1)
@@ -262,23 +280,64 @@ def print_transport(rows: dict[str, dict[str, float]]) -> None:
     print(f"\n- target decode hop <= 0.3 ms: data plane {best:.3f} ms: {'met' if best <= 0.3 else 'NOT met'}")
 
 
+# ---- 4. across hosts ------------------------------------------------------------------------------
+TRANSPORTS = ("inline", "gloo")
+
+
+async def hosts_hops(folder: str, transport: str, reps: int, hosts) -> dict[str, dict[str, float]]:
+    """Per hop (ms) between stages on one host and between stages on different hosts: chains of 4
+    placed STRICT_PACK and STRICT_SPREAD, less the chain of 1, over 3, all three measured side by
+    side (chain_times). The driver is on a host of its own, so its hops to and from every chain
+    cross the bridge alike and cancel out."""
+    times, where = await chain_times({
+        "1": identity_chain(folder, 1, transport),
+        "same host": identity_chain(folder, 4, transport, placement_strategy="STRICT_PACK"),
+        "across hosts": identity_chain(folder, 4, transport, placement_strategy="STRICT_SPREAD"),
+    }, reps)
+    placed = {name: [hosts.name_of(info["node_ip"]) for info in where[name]] for name in ("same host", "across hosts")}
+    if len(set(placed["same host"])) != 1 or len(set(placed["across hosts"])) != 4:
+        raise RuntimeError(f"the chains were not placed as intended: {placed}")
+    print(f"  {transport}: stages on {placed}", file=sys.stderr)
+    return {name: {label: (times[name][label] - times["1"][label]) / 3 * 1000 for label in SIZES} for name in placed}
+
+
+def print_hosts(loopback: dict[str, dict[str, float]], across: dict[str, dict[str, dict[str, float]]]) -> None:
+    print("\nPer-hop transport across hosts (ms): identity stages, (4-stage chain - 1-stage chain) / 3, one microbatch "
+          "at a time. Hosts: Linux network namespaces, each with a veth pair on one bridge. The ratio is to the chain "
+          "on one host (its hops over loopback), measured side by side with the chain across hosts; the one-node "
+          f"cluster on 127.0.0.1 ran earlier in the same run; {os.cpu_count()} cores\n")
+    print("| transport | stages | " + " | ".join(f"{label} | vs one host" for label in SIZES) + " |")
+    print("|---|---|" + "---:|---:|" * len(SIZES))
+    for t in TRANSPORTS:
+        rows = {"one-node cluster on 127.0.0.1 (section 3)": loopback[t],
+                "all on one host (loopback inside its namespace)": across[t]["same host"],
+                "each on its own host (veth, bridge, veth)": across[t]["across hosts"]}
+        base = across[t]["same host"]
+        for name, per in rows.items():
+            cells = [f"{per[label]:.3f} | {per[label] / base[label]:.2f}x" for label in SIZES]
+            print(f"| {t} | {name} | " + " | ".join(cells) + " |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer tokens and repetitions")
     ap.add_argument("--gpu-like", action="store_true", help="section 1: GPU-like stages, P = 1..16")
     ap.add_argument("--real", action="store_true", help="section 2: real compute, P = 1 and 2")
     ap.add_argument("--transport", action="store_true", help="section 3: per-hop transport")
+    ap.add_argument("--hosts", action="store_true", help="section 4: per-hop transport across network-namespace "
+                                                         "hosts (root only)")
     ap.add_argument("--stages", default="1,2,4,8,16", help="P values for --gpu-like (default %(default)s)")
     ap.add_argument("--activations", default="inline", choices=["inline", "gloo"], help="transport for --gpu-like")
     args = ap.parse_args()
-    sections = [k for k in ("gpu_like", "real", "transport") if getattr(args, k)] or ["gpu_like", "real", "transport"]
+    sections = [k for k in ("gpu_like", "real", "transport", "hosts") if getattr(args, k)] or ["gpu_like", "real", "transport"]
     stages = [int(p) for p in args.stages.split(",")]
     new_tokens = 16 if args.quick else 48
-    # GPU-like stages ask Ray for 0.1 CPU each: what they need of the host is the runtime's share.
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            folder = write_config_only(JambaConfig(**dict(BENCH_CONFIG, num_hidden_layers=16)), Path(tmp) / "config-only")
+    reps = 50 if args.quick else 200
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = write_config_only(JambaConfig(**dict(BENCH_CONFIG, num_hidden_layers=16)), Path(tmp) / "config-only")
+        # GPU-like stages ask Ray for 0.1 CPU each: what they need of the host is the runtime's share.
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+        try:
             if "gpu_like" in sections:
                 rows = [asyncio.run(gpu_like_run(folder, p, 32, new_tokens, args.activations)) for p in stages]
                 print_gpu_like(rows, args.activations, 32, new_tokens)
@@ -286,13 +345,20 @@ def main() -> None:
                 model = write_bench_model(Path(tmp) / "bench")
                 results = {p: asyncio.run(decode_run(model, p, [1, 8, 32, 64], 16 if args.quick else 32)) for p in (1, 2)}
                 print_decode(results, 16 if args.quick else 32)
+            if "transport" in sections or "hosts" in sections:
+                loopback = {t: asyncio.run(dataplane_hops(folder, t, reps)) for t in TRANSPORTS}
             if "transport" in sections:
-                reps = 50 if args.quick else 200
-                rows = {f"data plane, {t}": asyncio.run(dataplane_hops(folder, t, reps)) for t in ("inline", "gloo")}
+                rows = {f"data plane, {t}": loopback[t] for t in TRANSPORTS}
                 rows.update(ray_baseline_hops(reps))
                 print_transport(rows)
-    finally:
-        ray.shutdown()
+        finally:
+            ray.shutdown()
+        if "hosts" in sections:
+            from tests.hosts import namespace_hosts
+
+            with namespace_hosts(cpus=(1, 1, 1, 1)) as hosts:  # head, host1..3; the driver on a host of its own
+                across = {t: asyncio.run(hosts_hops(folder, t, reps, hosts)) for t in TRANSPORTS}
+            print_hosts(loopback, across)
 
 
 if __name__ == "__main__":

@@ -20,9 +20,9 @@ benchmarking networks, RFC 2544; N is the first subnet no interface of this mach
 Each node is `ray start --block` (inside its namespace: `ip netns exec NS ray start ...`) with
 `--node-ip-address` its own address and a temp dir of its own, short (under /tmp, not the test's tmp
 path): Ray's unix sockets live in it and a socket path may not exceed 107 bytes. Everything is torn
-down in `finally`, whatever failed: each node's processes (its `ray start --block`, then whatever is
-left of its session or its namespace, by process id), the namespaces (their veths go with them), the
-bridge and the temp dirs. `ray stop` is never used: it would stop every Ray process of the machine.
+down in `finally`, whatever failed: each node's processes (its `ray start --block` and whatever is
+in its session or its namespace, killed by process id), the namespaces (their veths go with them),
+the bridge and the temp dirs. `ray stop` is never used: it would stop every Ray process of the machine.
 
 Needs root and iproute2 (`ip`, `bridge`); `namespaces_unavailable()` says why not where they are
 missing, and `hosts_or_skip` skips a test module with that reason.
@@ -66,6 +66,7 @@ class Host:
     veth: str | None  # the bridge's end of its link
     temp_dir: Path  # its Ray node's --temp-dir
     process: subprocess.Popen | None = None  # its `ray start --block`
+    partitioned: bool = False  # its bridge port disabled (Hosts.partition)
     down: bool = False  # powered off (every process killed)
 
 
@@ -103,10 +104,11 @@ def hosts_or_skip(**layout) -> Iterator["Hosts"]:
     where namespaces cannot be made."""
     import pytest
 
-    reason = namespaces_unavailable()
-    if reason:
-        pytest.skip(reason)
-    with namespace_hosts(**layout) as hosts:
+    with contextlib.ExitStack() as stack:
+        try:
+            hosts = stack.enter_context(namespace_hosts(**layout))
+        except HostsUnavailable as e:
+            pytest.skip(str(e))
         yield hosts
 
 
@@ -219,11 +221,14 @@ class Hosts:
                            capture_output=True, text=True)
         if r.returncode != 0:
             raise RuntimeError(f"cannot set {name}'s bridge port {host.veth} {state}: {r.stderr.strip()}")
+        host.partitioned = state == "disabled"
 
     def power_off(self, name: str) -> None:
         """Host `name` goes down: every process in it is killed at once (SIGKILL: its raylet, its
-        object store, its workers), as a machine losing power. Its namespace stays, with nothing in
-        it, until the cluster is torn down."""
+        object store, its workers), as a machine losing power. One difference: the kernel here
+        lives on and closes their connections, so peers hear a FIN or a reset; `partition` first
+        makes the loss silent, as a real power cut is. The namespace stays, with nothing in it,
+        until the cluster is torn down."""
         host = self.hosts[name]
         for _ in range(50):
             pids = _namespace_pids(host.netns) | (_session_pids(host.process.pid) if host.process else set())
@@ -282,17 +287,12 @@ class Hosts:
             time.sleep(0.2)
 
     def _stop_nodes(self) -> list[str]:
-        """Stop every node's processes; returns what could not be done."""
+        """Kill every node's processes: its `ray start --block` and whatever is in its session or
+        its namespace (SIGKILL: a test cluster needs no graceful stop, which takes Ray 5-10 s here
+        and is what a lost host never gets either). Returns what could not be done."""
         problems = []
         nodes = [h for h in [*self.hosts.values(), self.driver] if h.process is not None]
-        for h in nodes:  # `ray start --block` stops its node's processes on SIGTERM (in about 5 s here)
-            with contextlib.suppress(ProcessLookupError):
-                h.process.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + 8
-        for h in nodes:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                h.process.wait(timeout=max(0.1, deadline - time.monotonic()))
-        for _ in range(100):  # then whatever is left of each node's session or namespace
+        for _ in range(100):
             left = set()
             for h in nodes:
                 left |= _session_pids(h.process.pid)
@@ -313,9 +313,15 @@ class Hosts:
         return problems
 
     def _remove_network(self) -> list[str]:
+        """Delete each host's veth pair and namespace, and the bridge; returns what could not be done.
+        The veths go explicitly: a namespace outlives `ip netns del` while a socket in it still
+        holds it (a connection of a killed process still sending its FIN), and its veth with it."""
         problems = []
         for h in self.hosts.values():
-            r = _ip("netns", "del", h.netns, check=False)  # its veth pair goes with it
+            r = _ip("link", "del", h.veth, check=False)  # both ends of the pair
+            if r.returncode != 0 and "Cannot find device" not in r.stderr:
+                problems.append(f"ip link del {h.veth}: {r.stderr.strip()}")
+            r = _ip("netns", "del", h.netns, check=False)
             if r.returncode != 0 and "No such file" not in r.stderr:
                 problems.append(f"ip netns del {h.netns}: {r.stderr.strip()}")
         r = _ip("link", "del", self.bridge, check=False)
@@ -390,6 +396,10 @@ def namespace_hosts(cpus: Sequence[float] = (1, 1, 1), resources: Sequence[dict]
             import ray
 
             ray.shutdown()
+        for host in hosts.hosts.values():  # so that the killed processes' connections close at once
+            if host.partitioned:
+                with contextlib.suppress(RuntimeError):
+                    hosts.heal(host.name)
         problems = hosts._stop_nodes() + hosts._remove_network()
         shutil.rmtree(root, ignore_errors=True)
         if problems and not failed:  # (after a failure, the failure is what to report)
