@@ -15,25 +15,13 @@ import pyarrow.parquet as pq
 import pytest
 
 from cluster.cli.main import main
-from cluster.runtime.local import LocalRunner
-from stages.loading import load_stage
 from stages.sequence import SamplingParams, Structure
-from stages.tokenizer import Tokenizer
 
 from .test_batch import _job, _write_jsonl
 from .test_structured import SCHEMAS
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # Ray Data copies its context
 PROMPTS = ["Your fortune:", "Q: What is a monad?\nA:"]
-
-
-@pytest.fixture(scope="module")
-def reference(models):
-    lm, _ = models
-    tok = Tokenizer.from_dir(lm)
-    runner = LocalRunner(load_stage(lm)[0], tok)
-    yield runner, tok
-    runner.close()
 
 
 def _schema_rows() -> list[dict]:
@@ -58,7 +46,7 @@ def _check_rows(rows: list[dict], out: list[dict]) -> None:
 
 def _greedy_reference(reference, rows: list[dict]) -> list[list[int]]:
     """The single-process engine's tokens for the greedy rows."""
-    ref, tok = reference
+    ref, _, tok = reference
     greedy = [r for r in rows if r["temperature"] == 0]
     return [w.output_ids for w in ref.generate(
         [tok.encode(r["prompt"]) for r in greedy],
@@ -171,7 +159,7 @@ def test_openai_batch_file(ray_cluster, models, reference, tmp_path):
     from openai.types.chat import ChatCompletion
 
     lm, _ = models
-    ref, tok = reference
+    ref, _, tok = reference
     requests = _requests()
     path = _write_jsonl(tmp_path / "batch.jsonl", requests)
     out = tmp_path / "out"

@@ -16,10 +16,7 @@ import jsonschema
 import pytest
 
 from client import JambaClient, JambaError
-from cluster.runtime.local import LocalRunner
-from stages.loading import load_stage
 from stages.sequence import SamplingParams, Structure
-from stages.tokenizer import Tokenizer
 
 from .harness import serve_apps
 from .test_structured import SCHEMAS
@@ -36,15 +33,6 @@ def service(models):
         yield address
 
 
-@pytest.fixture(scope="module")
-def reference(models):
-    lm, _ = models
-    tok = Tokenizer.from_dir(lm)
-    runner = LocalRunner(load_stage(lm)[0], tok)
-    yield runner, tok
-    runner.close()
-
-
 def _structured(schema: dict, max_new_tokens: int = 160, **kw) -> SamplingParams:
     return SamplingParams(max_new_tokens=max_new_tokens, structure=Structure("json_schema", json.dumps(schema)), **kw)
 
@@ -53,7 +41,7 @@ def test_json_schema_outputs_validate_unary_and_streaming(service, reference):
     """Every schema, greedy and seeded-sampled, unary (a batch of prompts) and streamed: the output
     parses and validates and ends because the JSON is complete; the stream's text is the unary
     call's; greedy outputs are the single-process engine's tokens."""
-    ref, tok = reference
+    ref, _, tok = reference
     with JambaClient(service, application="lm", timeout=300) as c:
         for schema in SCHEMAS:
             want = ref.generate([tok.encode(p) for p in PROMPTS], [_structured(schema) for _ in PROMPTS])
@@ -73,7 +61,7 @@ def test_json_schema_outputs_validate_unary_and_streaming(service, reference):
 
 
 def test_regex_grammar_and_json_object_reach_the_engine(service, reference):
-    ref, tok = reference
+    ref, _, tok = reference
     cases = [(dict(regex=r"(yes|no), because [a-z ]{3,20}\."), Structure("regex", r"(yes|no), because [a-z ]{3,20}\.")),
              (dict(grammar='start: "Answer: " %json {"type": "array", "items": {"type": "integer"}, "maxItems": 3}'),
               Structure("lark", 'start: "Answer: " %json {"type": "array", "items": {"type": "integer"}, "maxItems": 3}')),
@@ -89,7 +77,7 @@ def test_regex_grammar_and_json_object_reach_the_engine(service, reference):
 def test_top_logprobs_and_processors_round_trip(service, reference):
     """top_logprobs, logit_bias, min_tokens and the three penalties give the single-process engine's
     tokens and alternatives, unary and streamed; each alternative carries its token's text."""
-    ref, tok = reference
+    ref, _, tok = reference
     prompt = tok.encode(PROMPTS[1])
     [plain] = ref.generate([prompt], [SamplingParams(max_new_tokens=8)])
     bias = {plain.output_ids[0]: -100.0, 42: 2.5}  # the greedy first token, banned in effect
@@ -157,7 +145,7 @@ def test_hostile_structures_and_processors(service, reference):
     from protos import jamba_pb2 as pb
     from protos import jamba_pb2_grpc as pb_grpc
 
-    ref, tok = reference
+    ref, _, tok = reference
     channel = grpc.insecure_channel(service, options=[("grpc.max_send_message_length", 64 << 20)])
     stub = pb_grpc.JambaServiceStub(channel)
     failures = []
