@@ -3,11 +3,13 @@ so nothing fails; before the data plane's heartbeats, everything stalled until R
 declared the node dead (73 s). Now the stage is declared lost within the heartbeat timeout,
 replaced on another host and the requests replayed, with every stream identical to an
 undisturbed run; a long step is not silence; a lost stage that comes back is refused and
-killed; a partitioned host without a stage disturbs nothing.
+killed; a partitioned host without a stage disturbs nothing; and the same partition through the
+Serve application, streamed over gRPC and the OpenAI API, leaves every stream identical.
 
 The hosts are network namespaces on a bridge, each a Ray node on an address of its own
-(tests/hosts.py); this process, the driver and the scheduler, is on a host of its own, and the
-stages are placed STRICT_SPREAD, one a host. A partition disables a host's bridge port: its
+(tests/hosts.py); this process, the driver and the scheduler, is on a host of its own (with the
+Serve application it is the client, and the scheduler is in the replica, on another host), and
+the stages are placed STRICT_SPREAD, one a host. A partition disables a host's bridge port: its
 links stay up, connections stay open and hear nothing, nothing exits. Ray's node health checks
 keep their defaults, so Ray itself declares no host dead within these tests."""
 
@@ -18,26 +20,33 @@ import contextlib
 import os
 import signal
 import socket
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import msgpack
+import openai
 import pytest
+from ray import serve
 
+from client import JambaClient
 from cluster.runtime import channels
 from cluster.runtime.config import PipelineConfig, default
 from cluster.runtime.local import LocalRunner
 from cluster.runtime.pipeline import Pipeline
+from cluster.serve.app import grpc_options
 from stages.loading import load_stage
 from stages.microbatch import Microbatch
 from stages.sequence import SamplingParams
 from stages.tokenizer import Tokenizer
 
-from .harness import gone
+from .harness import deploy_apps, gone, until
 from .hosts import hosts_or_skip
 from .streams import settle, stream_params, streams_through_a_fault
 
 HEARTBEAT_TIMEOUT_S = default("heartbeat_timeout_s")  # what these tests check
 STREAMS = 16
+GRPC_PORT, HTTP_PORT = 9000, 8000  # Serve's proxies, in the head's namespace: nothing else listens there
 
 
 @pytest.fixture(scope="module")
@@ -290,3 +299,94 @@ def test_a_long_prefill_step_is_not_silence(hosts, tmp_path):
     assert len(result.output_ids) == 2
     assert min(steps) > HEARTBEAT_TIMEOUT_S  # else this test shows nothing
     assert stats["recoveries"] == 0
+
+
+def test_serve_streams_through_a_partitioned_stage_host(hosts, model):
+    """The same partition through the Serve application, streamed from this process (the driver's
+    address) over gRPC (the client library) and the OpenAI API (SSE, the openai client), greedy and
+    seeded: every stream ends identical to a single-process run, the replica's pipeline recovered
+    once, and no stream paused for long. Serve places the replica and its two stages together,
+    STRICT_SPREAD (start_in_background false), so the replica is on a host of its own and cutting
+    off stage 1's host leaves it and Serve's proxies (on the head) reachable."""
+    tok = Tokenizer.from_dir(model)
+    n = 48
+    greedy, seeded = dict(max_new_tokens=n, ignore_eos=True), dict(temperature=0.8, top_p=0.9)
+    streams = [("grpc", greedy), ("grpc", dict(greedy, **seeded, seed=7)),
+               ("openai", greedy), ("openai", dict(greedy, **seeded, seed=11))]
+    prompts = [f"A stream through Serve across hosts, number {i}, says" for i in range(len(streams))]
+    want = LocalRunner(load_stage(model)[0], tok).generate([tok.encode(p) for p in prompts],
+                                                           [SamplingParams(**kw) for _, kw in streams])
+    head = hosts.head.address
+    got: list[list] = [[] for _ in streams]  # token ids (gRPC) or text pieces (OpenAI), as they arrive
+    arrivals: list[list[float]] = [[] for _ in streams]
+    stop = threading.Event()
+
+    def grpc_stream(i, kw):
+        with JambaClient(f"{head}:{GRPC_PORT}", application="lm", timeout=120) as c:
+            stream = c.generate_stream(prompts[i], **kw)
+            for d in stream:
+                got[i] += d.token_ids
+                arrivals[i].append(time.monotonic())
+                if stop.is_set():
+                    break
+            return stream.completion.output_ids
+
+    def openai_stream(i, kw):
+        oai = openai.OpenAI(base_url=f"http://{head}:{HTTP_PORT}/v1", api_key="unused", max_retries=0, timeout=120)
+        kw = dict(kw)
+        params = dict(max_tokens=kw.pop("max_new_tokens"), temperature=kw.pop("temperature", 0), stream=True,
+                      extra_body={"ignore_eos": kw.pop("ignore_eos")}, **kw)
+        for chunk in oai.completions.create(model="lm", prompt=prompts[i], **params):
+            if chunk.choices:
+                got[i].append(chunk.choices[0].text)
+                arrivals[i].append(time.monotonic())
+            if stop.is_set():
+                break
+        return "".join(got[i])
+
+    serve.start(proxy_location="HeadOnly", grpc_options=grpc_options(GRPC_PORT),
+                http_options={"host": head, "port": HTTP_PORT})
+    victim = None
+    try:
+        deploy_apps({"lm": {"model": str(model), "stages": 2, "layer_split": "4,4", "placement_strategy": "STRICT_SPREAD",
+                            "cpus_per_stage": 0.5, "max_batch_tokens": 64, "start_in_background": False,
+                            "route_prefix": "/"}})
+        handle = serve.get_app_handle("lm")
+        before = handle.stats.remote().result()
+        stage_hosts = [hosts.name_of(a) for a in before["dataplane"]["inboxes"]]
+        replica_host, victim = hosts.name_of(before["dataplane"]["answers"]), stage_hosts[1]
+        assert len({replica_host, *stage_hosts}) == 3  # the replica and each stage on a host of its own
+        with ThreadPoolExecutor(len(streams)) as pool:
+            futures = [pool.submit(grpc_stream if api == "grpc" else openai_stream, i, kw)
+                       for i, (api, kw) in enumerate(streams)]
+            try:
+                # Every stream well on its way (a quarter of its tokens), then stage 1's host goes silent.
+                until(lambda: all(len(a) >= n // 4 for a in arrivals) or any(f.done() for f in futures),
+                      timeout=60, what="every stream to be well on its way")
+                for f in futures:
+                    assert not f.done(), f.result()  # (a stream that failed raises here)
+                cut_at = time.time()
+                hosts.partition(victim)
+                finals = [f.result(timeout=120) for f in futures]
+            finally:
+                stop.set()  # (a stream still running after a failure ends at its next message)
+        after = until(lambda: (s := handle.stats.remote().result())["scheduler"]["slots_in_use"] == 0 and s,
+                      timeout=10, what="the slots to be freed")
+    finally:
+        if victim is not None:
+            hosts.heal(victim)
+        serve.shutdown()
+    for i, ((api, _), w) in enumerate(zip(streams, want)):
+        if api == "grpc":
+            assert got[i] == finals[i] == w.output_ids, i  # no token lost, repeated or changed
+        else:
+            assert finals[i] == w.text, i
+    [rec] = after["recoveries"]
+    assert rec["cause"] == "StageLostError" and after["scheduler"]["recoveries"] == 1
+    assert hosts.name_of(after["dataplane"]["inboxes"][1]) != victim  # the replacement runs on a live host
+    assert after["scheduler"]["cache"]["used_blocks"] == 0
+    detection, pause = rec["detected_at"] - cut_at, longest_pause(arrivals)
+    print(f"through Serve: detection {detection:.2f}s, longest pause in a client's stream {pause:.2f}s "
+          f"(reload {rec['reload_seconds']:.2f}s)")
+    assert HEARTBEAT_TIMEOUT_S * 0.9 - 0.1 < detection < HEARTBEAT_TIMEOUT_S + 3, detection
+    assert pause < 30  # target 10 s; was 73 s

@@ -198,6 +198,8 @@ class Replica:
         pipe = self.engine()
         dp = pipe.dataplane
         return {"scheduler": pipe.scheduler.stats(), "stages": await pipe.stage_stats(),
+                # each recovery: its cause, when it was detected and recovered (time.time()), its reload
+                "recoveries": [dict(r) for r in pipe.scheduler.recoveries],
                 # where the data plane listens (each stage's inbox, on its node's address; the answer
                 # socket, on the replica's), and the strangers turned away at the answer socket
                 "dataplane": {"inboxes": dp.inboxes, "answers": dp.answer_address, "rejected": dp.rejected}}
