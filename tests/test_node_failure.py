@@ -42,8 +42,9 @@ def model(models):
 
 
 def _config(model, **kw) -> PipelineConfig:
-    return PipelineConfig(str(model), num_stages=2, layer_split="4,4", placement_strategy="STRICT_SPREAD",
-                          cpus_per_stage=0.5, max_batch_tokens=64, **kw)
+    options = dict(num_stages=2, layer_split="4,4", placement_strategy="STRICT_SPREAD", cpus_per_stage=0.5,
+                   max_batch_tokens=64)
+    return PipelineConfig(str(model), **{**options, **kw})
 
 
 def _live_workers(hosts: Hosts) -> list[str]:
@@ -87,7 +88,9 @@ def test_lost_host_without_a_spare_fails_every_request_clearly(hosts, model):
     params = [SamplingParams(max_new_tokens=200, ignore_eos=True) for _ in prompts]
 
     async def run():
-        pipe = await Pipeline.start(_config(model, recover_timeout_s=15))
+        # A whole host's CPU a stage: the surviving host has no room for a replacement either (with
+        # half a CPU a stage, a lost stage's replacement goes beside the other stage).
+        pipe = await Pipeline.start(_config(model, recover_timeout_s=15, cpus_per_stage=1.0))
         try:
             _, outcomes = await streams_through_a_fault(pipe, prompts, params,
                                                         lambda: hosts.power_off(hosts.name_of(pipe.stage_info[0]["node_ip"])),
