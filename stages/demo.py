@@ -15,6 +15,7 @@ the tests that need many configurations; its text output is gibberish.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -106,12 +107,19 @@ def ensure_demo_model(task: str = "lm") -> Path:
     if not index.is_file():
         raise FileNotFoundError(f"the trained demo checkpoint {source} is missing (it ships in the repository's "
                                 "models/ folder; set JAMBA_DEMO_MODELS to the folder that holds it)")
-    stamp = index.read_text()
+    stamp = _stamp(source)
     if (path / ".source-index.json").is_file() and (path / ".source-index.json").read_text() == stamp:
         return path
     widen_to_fp32(source, path)
     (path / ".source-index.json").write_text(stamp)
     return path
+
+
+def _stamp(source: Path) -> str:
+    """What a copy was made from: a hash of every file of the checkpoint (weights, config, tokenizer
+    and its chat template), so a changed file, not only a changed weight index, makes a new copy."""
+    return json.dumps({f.name: hashlib.sha256(f.read_bytes()).hexdigest()
+                       for f in sorted(source.iterdir()) if f.is_file()}, indent=1)
 
 
 DEMO_NAMES = {"demo": "lm", "demo-classifier": "classification"}  # what `--model` may name instead of a path

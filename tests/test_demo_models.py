@@ -160,3 +160,21 @@ def test_training_scan_gives_transformers_gradients():
     for n in grads:
         torch.testing.assert_close(grads[n], ref_grads[n], rtol=1e-4, atol=1e-6, msg=n)
     assert not math.isnan(loss)
+
+
+def test_the_served_copy_follows_every_file_of_the_checkpoint(tmp_path, monkeypatch):
+    """ensure_demo_model's fp32 copy is made again when any file of the shipped checkpoint changes
+    (its chat template, say), not only its weights' index."""
+    import shutil
+
+    from stages.demo import ensure_demo_model, trained_model_dir
+
+    shipped = tmp_path / "models"
+    shutil.copytree(trained_model_dir("lm"), shipped / trained_model_dir("lm").name)
+    monkeypatch.setenv("JAMBA_DEMO_MODELS", str(shipped))
+    monkeypatch.setenv("JAMBA_HOME", str(tmp_path / "home"))
+    copy = ensure_demo_model("lm")
+    config = shipped / trained_model_dir("lm").name / "tokenizer_config.json"
+    assert (copy / "tokenizer_config.json").read_text() == config.read_text()
+    config.write_text(config.read_text().replace("<|im_start|>", "<|im_start|> "))
+    assert (ensure_demo_model("lm") / "tokenizer_config.json").read_text() == config.read_text()
