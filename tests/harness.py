@@ -6,16 +6,36 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import socket
 import time
 from pathlib import Path
 from typing import Iterator
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+# Ports for the servers a test starts. Not bind(0)'s: that draws from Linux's ephemeral range
+# (32768-60999), where every outgoing connection and every Ray process that binds port 0 also
+# draws, so a port picked that way and released can be taken before the test's server binds it
+# (CI saw Serve's gRPC proxy lose its port to an HTTP/1 server). 20000-32767 is below that range
+# and above Ray's worker ports (10002-19999).
+_PORTS = range(20000, 32768)
+_given: set[int] = set()  # never the same port twice in one test process
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port no one listens on at `host` now, that neither Ray nor the kernel will hand out."""
+    for _ in range(1000):
+        port = random.choice(_PORTS)
+        if port in _given:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+        _given.add(port)
+        return port
+    raise RuntimeError(f"no free port in {_PORTS.start}-{_PORTS.stop - 1} at {host}")
 
 
 @contextlib.contextmanager

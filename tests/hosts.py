@@ -37,7 +37,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -45,6 +44,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
+
+from .harness import free_port
 
 SUBNET_PREFIX = "198.18."  # 198.18.0.0/15: benchmarking networks. Nothing else is ever used.
 DRIVER_HOST = "client"  # the root namespace's node, where this process (the driver) lives
@@ -269,7 +270,7 @@ class Hosts:
         else:
             argv += ["--address", self.gcs_address]
         if host.netns is None:  # the root namespace: its ports are shared with whatever else runs here
-            argv += ["--dashboard-agent-listen-port", str(_free_port())]
+            argv += ["--dashboard-agent-listen-port", str(free_port(""))]
         else:
             argv = ["ip", "netns", "exec", host.netns, *argv]
         log = open(host.temp_dir / "ray-start.log", "wb")
@@ -328,12 +329,6 @@ class Hosts:
         if r.returncode != 0 and "Cannot find device" not in r.stderr:
             problems.append(f"ip link del {self.bridge}: {r.stderr.strip()}")
         return problems
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
 
 
 @contextlib.contextmanager
