@@ -277,7 +277,7 @@ def main() -> None:
           f"{'met' if worst_ttft <= 0.015 else 'NOT met'}")
     print(f"- target: service adds <= 2 ms to ITL p50: worst {worst_itl * 1e3:.2f} ms: {'met' if worst_itl <= 0.002 else 'NOT met'}")
     if http is not None:
-        print(f"\nThe OpenAI HTTP API (Serve's HTTP proxy, the openai client, server-sent events) against gRPC and "
+        print("\nThe OpenAI HTTP API (Serve's HTTP proxy, the openai client, server-sent events) against gRPC and "
               "in-process, same run\n")
         print("| streams | TTFT p50 in-process | TTFT p50 gRPC | TTFT p50 HTTP | HTTP added | HTTP - gRPC | "
               "TTFT p99 HTTP | ITL p50 in-process | ITL p50 gRPC | ITL p50 HTTP | HTTP added | HTTP - gRPC | "

@@ -33,7 +33,7 @@ class GpuLikeStage:
     def __init__(self, model_dir: str, start: int, end: int, num_slots: int, max_seq_len: int,
                  threads: int | None = None, dtype: str | None = None, device: str = "cpu", *,
                  fixed_ms: float = 32.0, per_token_ms: float = 0.1, num_stages: int | None = None,
-                 paging: dict | None = None) -> None:
+                 paging: dict | None = None, replacing: bool = False) -> None:
         t0 = time.perf_counter()
         config = JambaConfig.from_file(model_dir)
         L = config.num_hidden_layers

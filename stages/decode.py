@@ -29,12 +29,20 @@ snapshots run eagerly through `JambaStage.forward`, as does everything when the 
 
     JAMBA_DECODE=compiled (default) | eager     read when a runner is made; `--enforce-eager`
                                                  (the CLI, PipelineConfig.enforce_eager) forces eager
+
+Compiling takes seconds per size (tens the first time on a machine). A stage that starts with the
+pipeline compiles before it reports ready (`warm_up`), so that the first requests run at full
+speed. A stage that replaces a lost one must not keep every stream waiting that long: it reports
+ready at once and compiles in a thread (`warm_up_in_background`), its decode steps running
+eagerly, size by size, until each size is compiled (CUDA graphs are then captured at a size's
+first use, by the thread that serves).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 
 import torch
@@ -91,12 +99,19 @@ class DecodeRunner:
         self.positions = torch.zeros(n, dtype=torch.long, device=self.device)
         self.outputs: dict[int, torch.Tensor] = {}  # per size: the output buffer (CUDA graphs) or the last output
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.compiled: set[int] = set()
+        self.compiled: set[int] = set()  # sizes compiled (and on CUDA, captured)
+        self.traced: set[int] = set()  # sizes compiled by torch.compile (captured or not)
+        self.background: threading.Thread | None = None  # compiling sizes while the stage serves
+        self.compile_seconds: float | None = None  # how long compiling every size took, once done
         self.skip_guards = True
 
     def size_for(self, batch: int) -> int | None:
-        """The size a batch of `batch` rows pads to; None when it is larger than all."""
-        return next((s for s in self.sizes if s >= batch), None)
+        """The size a batch of `batch` rows pads to; None when it is larger than all, or when that
+        size is still being compiled in the background (the caller then runs the step eagerly)."""
+        size = next((s for s in self.sizes if s >= batch), None)
+        if size is not None and self.background is not None and size not in self.traced:
+            return None
+        return size
 
     def warm_up(self) -> float:
         """Compile (or load from the disk cache) every size, and on CUDA capture its graph, before
@@ -104,10 +119,40 @@ class DecodeRunner:
         t0 = time.perf_counter()
         for s in self.sizes:
             self._prepare(s)
-        seconds = time.perf_counter() - t0
-        log.info("decode step compiled for batch sizes %s in %.1fs (layers [%d, %d)%s)", self.sizes, seconds,
-                 self.stage.start, self.stage.end, ", CUDA graphs" if self.use_cuda_graphs else "")
-        return seconds
+        self.compile_seconds = time.perf_counter() - t0
+        log.info("decode step compiled for batch sizes %s in %.1fs (layers [%d, %d)%s)", self.sizes,
+                 self.compile_seconds, self.stage.start, self.stage.end, ", CUDA graphs" if self.use_cuda_graphs else "")
+        return self.compile_seconds
+
+    def warm_up_in_background(self) -> threading.Thread:
+        """Compile every size in a thread of its own, smallest first, and return it at once.
+        Until a size is compiled, `size_for` does not offer it; a size that fails to compile is
+        logged and never offered. On its own pad-row buffers: the serving thread's are in use.
+        (The rows write only the cache's scratch slot and block, which no real row reads.)"""
+        def compile_all() -> None:
+            t0 = time.perf_counter()
+            n = self.sizes[-1]
+            x = torch.zeros_like(self.x)
+            slots = torch.full((n,), self.cache.pad_slot, dtype=torch.long, device=self.device)
+            positions = torch.zeros(n, dtype=torch.long, device=self.device)
+            try:
+                with torch.inference_mode():
+                    for s in self.sizes:
+                        self.step(x[:s], self.cache, slots[:s], positions[:s])
+                        self.traced.add(s)
+                        log.info("decode step compiled for batch size %d after %.1fs, in the background (layers "
+                                 "[%d, %d)); steps of that size no longer run eagerly", s, time.perf_counter() - t0,
+                                 self.stage.start, self.stage.end)
+            except Exception:
+                log.exception("compiling the decode step in the background failed; sizes %s stay eager",
+                              [s for s in self.sizes if s not in self.traced])
+                self.sizes = sorted(self.traced)
+            self.compile_seconds = time.perf_counter() - t0
+            self.background = None
+
+        self.background = threading.Thread(target=compile_all, name="decode-compile", daemon=True)
+        self.background.start()
+        return self.background
 
     @torch.inference_mode()
     def __call__(self, x: torch.Tensor, slots: list[int]) -> torch.Tensor:
@@ -139,7 +184,7 @@ class DecodeRunner:
         re-check the stage's parameters and the cache's tensors on every call (~0.2 ms a step,
         measured). If something its guards watch did change (another thread's torch settings,
         say), dynamo refuses to recompile under that stance: run with every guard from then on."""
-        if self.skip_guards:
+        if self.skip_guards and self.background is None:  # (not while another thread compiles: the stance is global)
             try:
                 with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
                     return self._run(size)
@@ -160,6 +205,7 @@ class DecodeRunner:
             self.slots[:size].fill_(self.cache.pad_slot)
             self.positions[:size].zero_()
             self._run(size)
+            self.traced.add(size)
             if self.use_cuda_graphs:
                 # Warm up on a side stream (as torch.cuda.graphs recommends), then capture.
                 stream = torch.cuda.Stream(self.device)

@@ -9,7 +9,8 @@ It returns the activations for the next stage, or on the last stage the answers,
 
 What runs a worker needs only this of it, so another class can stand in (as
 bench/synthetic.py:GpuLikeStage does, which sleeps instead of computing): a `load(model_dir,
-start, end, num_slots, max_seq_len, threads, dtype, device, **kwargs)` class method, `step(mb,
+start, end, num_slots, max_seq_len, threads, dtype, device, **kwargs)` class method (kwargs
+include `replacing`: the stage replaces a lost one, so it should report ready as soon as it can serve), `step(mb,
 x)`, `info()`, and the attributes `is_last`, `hidden_size`, `dtype` and `device` (what the
 activations coming in look like).
 """
@@ -59,9 +60,10 @@ class StageWorker:
     @classmethod
     def load(cls, model_dir: str, start: int, end: int, num_slots: int, max_seq_len: int, threads: int | None = None,
              dtype: str | None = None, device: str = "cpu", quantize: str | None = None,
-             paging: dict | None = None, enforce_eager: bool = False) -> "StageWorker":
+             paging: dict | None = None, enforce_eager: bool = False, replacing: bool = False) -> "StageWorker":
         """Load layers [start, end) of a checkpoint and compile their kernels and decode steps
-        before reporting ready."""
+        before reporting ready; `replacing` a lost stage, compile the decode steps while serving
+        (stages/decode.py): the streams it rejoins are waiting."""
         if threads:
             torch.set_num_threads(threads)
         t0 = time.perf_counter()
@@ -70,25 +72,33 @@ class StageWorker:
                 "threads": torch.get_num_threads(), "quantize": quantize, "weight_bytes": stats.kept_bytes,
                 "peak_load_bytes": stats.peak_bytes}
         worker = cls(stage, num_slots, max_seq_len, paging, info, enforce_eager)
-        worker.warm_up()
+        worker.warm_up(background=replacing)
         return worker
 
-    def warm_up(self) -> None:
+    def warm_up(self, background: bool = False) -> None:
         """Compile the stage's kernels and every size of its decode step now (from the on-disk
-        caches after the first start), not inside the first requests (stages/warmup.py)."""
+        caches after the first start), not inside the first requests (stages/warmup.py); with
+        `background`, the decode steps in a thread while the stage serves."""
         self.load_info["warmup_seconds"] = warm_up(self.stage)
-        self.warm_up_decode()
+        self.warm_up_decode(background)
 
-    def warm_up_decode(self) -> None:
-        """Compile every size of the decode step now (JAMBA_KERNEL_WARMUP=0: at first use)."""
-        if self.decoder is not None and warm_up_enabled():
-            self.load_info["decode_compile_seconds"] = self.decoder.warm_up()
+    def warm_up_decode(self, background: bool = False) -> None:
+        """Compile every size of the decode step now, or in a thread (JAMBA_KERNEL_WARMUP=0: at first use)."""
+        if self.decoder is None or not warm_up_enabled():
+            return
+        self.load_info["decode_warm_up"] = "background" if background else "before ready"
+        if background:
+            self.decoder.warm_up_in_background()
+        else:
+            self.decoder.warm_up()
 
     def info(self) -> dict:
-        c = self.cache
-        return dict(self.load_info, busy_seconds=self.busy_seconds, steps=self.steps, used_slots=c.used_slots,
-                    num_slots=c.num_slots, rss_bytes=_rss_bytes(), block_size=c.block_size, num_blocks=c.num_blocks,
-                    num_snapshots=c.num_snapshots, cache_bytes=c.nbytes)
+        c, d = self.cache, self.decoder
+        decode = {} if d is None else {"decode_compiling": d.background is not None,
+                                       **({"decode_compile_seconds": d.compile_seconds} if d.compile_seconds else {})}
+        return dict(self.load_info, **decode, busy_seconds=self.busy_seconds, steps=self.steps,
+                    used_slots=c.used_slots, num_slots=c.num_slots, rss_bytes=_rss_bytes(), block_size=c.block_size,
+                    num_blocks=c.num_blocks, num_snapshots=c.num_snapshots, cache_bytes=c.nbytes)
 
     def step(self, mb: Microbatch, x: torch.Tensor) -> torch.Tensor | list[Answer]:
         t0 = time.perf_counter()

@@ -240,6 +240,48 @@ def test_compiled_decode_matches_eager_stage_by_stage():
         assert c_c.lengths == c_e.lengths
 
 
+def test_replacing_stage_serves_eagerly_while_its_steps_compile_in_the_background():
+    """A stage that replaces a lost one compiles its decode steps in a thread while it serves:
+    until a size is compiled, `size_for` refuses it and the step runs eagerly (as StageWorker.step
+    does); every step, eager beside the compiling thread or compiled after it, gives the eager
+    stage's tokens and log-probs within 1e-4, and the compiled sizes are used once ready."""
+    whole = _random_stage("mqa-top1", seed=2)
+    cache, eager_cache = whole.make_cache(3, 128), whole.make_cache(3, 128)
+    runner = DecodeRunner(whole, cache, sizes=[2, 4])
+    g = torch.Generator().manual_seed(0)
+    rows = [0, 1, 2]
+    ids = torch.randint(3, whole.config.vocab_size, (15,), generator=g)
+    for c in (cache, eager_cache):
+        for s in rows:
+            c.allocate(s)
+    with torch.inference_mode():
+        torch.testing.assert_close(whole(ids, cache, rows, [5, 1, 9]), whole(ids, eager_cache, rows, [5, 1, 9]))
+    thread = runner.warm_up_in_background()
+    assert runner.size_for(3) is None  # nothing compiled yet: the caller runs the step eagerly
+    ran = {"eager": 0, "compiled": 0}
+    tokens = torch.randint(3, whole.config.vocab_size, (3,), generator=g)
+    for step in range(40):
+        if step == 20:  # 20 steps beside the compiling thread (or fewer, if it is done), then wait for it
+            thread.join()
+        elif step < 20 and not thread.is_alive():
+            continue
+        with torch.inference_mode():
+            if runner.size_for(len(rows)) is None:
+                out = whole(tokens, cache, rows, [1] * len(rows))
+                ran["eager"] += 1
+            else:
+                out = runner(tokens, rows)
+                ran["compiled"] += 1
+            want = whole(tokens, eager_cache, rows, [1] * len(rows))
+        lp, lp_want = torch.log_softmax(out.float(), -1), torch.log_softmax(want.float(), -1)
+        assert (lp - lp_want).abs().max() < 1e-4, (step, ran)
+        assert torch.equal(out.argmax(-1), want.argmax(-1)), (step, ran)
+        tokens = want.argmax(-1)
+    assert ran["eager"] > 0 and ran["compiled"] >= 20, ran
+    assert runner.background is None and runner.traced == {2, 4} and runner.compile_seconds > 0
+    assert cache.lengths == eager_cache.lengths
+
+
 @pytest.fixture(scope="module")
 def demo_lm(models):
     from stages.tokenizer import Tokenizer
@@ -294,8 +336,9 @@ def test_local_runner_compiled_matches_eager(demo_lm, monkeypatch, quantize):
 def test_pipeline_compiled_matches_single_process_through_a_stage_failure(ray_cluster, demo_lm, monkeypatch):
     """Three stages on Ray (first, middle, last) decode through their compiled steps (the driver's
     JAMBA_DECODE reaches the stage actors); the middle one is killed mid-stream, comes back
-    (compiling its steps again, from the on-disk cache) and the scheduler replays. Greedy,
-    seeded, penalized and grammar-held streams all give the eager single process's tokens."""
+    (serving eagerly while it compiles its steps again, from the on-disk cache) and the scheduler
+    replays. Greedy, seeded, penalized and grammar-held streams all give the eager single
+    process's tokens."""
     import asyncio
     import os
     import signal
@@ -330,7 +373,10 @@ def test_pipeline_compiled_matches_single_process_through_a_stage_failure(ray_cl
 
     tokens, finals, before, after, stats = asyncio.run(run())
     assert stats["recoveries"] == 1 and after[1]["pid"] != before[1]["pid"]
-    assert all(info.get("decode_compile_seconds", 0) > 0 for info in before + after), after
+    assert all(info.get("decode_compile_seconds", 0) > 0 and info["decode_warm_up"] == "before ready"
+               for info in before), before
+    # Ray restarted the killed stage: it rejoined before compiling and compiled while serving
+    assert [info["decode_warm_up"] for info in after] == ["before ready", "background", "before ready"], after
     for got, fin, w in zip(tokens, finals, want):
         assert not isinstance(fin, BaseException), fin
         assert got == fin.output_ids == w.output_ids

@@ -190,7 +190,7 @@ def run_warmup(args) -> int:
                     worker = StageWorker.load(model, start, end, cfg.num_slots, paging["max_seq_len"],
                                               dtype=dtype, device=args.device, quantize=quantize, paging=pools,
                                               enforce_eager=bool(args.enforce_eager))
-                    info = worker.load_info
+                    info = worker.info()
                     decode = (f", decode steps for batch {'/'.join(map(str, worker.decoder.sizes))} in "
                               f"{info.get('decode_compile_seconds', 0):.1f}s" if worker.decoder else "")
                     print(f"warmed layers [{start}, {end}) of {model} ({dtype or 'as stored'}"

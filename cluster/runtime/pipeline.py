@@ -67,6 +67,8 @@ class StageActor:
         self.started_at = time.time()  # the process is up and this class imported; torch is not yet
         from .stage_endpoint import StageEndpoint  # torch: the stage's process only
 
+        if ray.get_runtime_context().was_current_actor_reconstructed:  # Ray restarted it: streams are waiting
+            kwargs = dict(kwargs, replacing=True)
         self.worker = import_class(worker_cls).load(*args, **kwargs)
         self.endpoint = StageEndpoint(self.worker, rank, num_stages)
 
@@ -124,8 +126,9 @@ class Stages:
         self.actors: list = []
         self.infos: list[dict] = []
 
-    def spawn(self, i: int, scheduling_strategy):
-        """A new actor for stage i, placed by `scheduling_strategy`; it loads its layers at once."""
+    def spawn(self, i: int, scheduling_strategy, replacing: bool = False):
+        """A new actor for stage i, placed by `scheduling_strategy`; it loads its layers at once
+        (`replacing` a lost one: it reports ready before its decode steps are compiled)."""
         cfg, plan = self.cfg, self.plan
         s, e = plan.splits[i]
         # max_concurrency: the data-plane loop, plus stats, setup and stop calls beside it.
@@ -136,7 +139,8 @@ class Stages:
                 "cuda" if cfg.gpus_per_stage else "cpu")
         pools = {k: plan.paging[k] for k in ("block_size", "num_blocks", "num_snapshots")}  # every stage's cache
         kwargs = dict(cfg.worker_kwargs, paging=pools, **({"quantize": cfg.quantize} if cfg.quantize else {}),
-                      **({"enforce_eager": True} if cfg.enforce_eager else {}))
+                      **({"enforce_eager": True} if cfg.enforce_eager else {}),
+                      **({"replacing": True} if replacing else {}))
         return StageActor.options(**opts).remote(cfg.worker_cls, args, kwargs, i, len(plan.splits))
 
     async def restore(self, lost: set[int]) -> None:
@@ -156,7 +160,8 @@ class Stages:
         for i in sorted(lost):
             node = self.infos[i]["node_id"]
             ray.kill(self.actors[i], no_restart=True)
-            self.actors[i] = self.spawn(i, NodeLabelSchedulingStrategy({}, soft={"ray.io/node-id": NotIn(node)}))
+            self.actors[i] = self.spawn(i, NodeLabelSchedulingStrategy({}, soft={"ray.io/node-id": NotIn(node)}),
+                                        replacing=True)
             log.warning("stage %d: its actor on node %s is killed for good; a replacement is loading on another node "
                         "where one has room", i, node[:8])
         await _wait_for_stages(self.actors)
@@ -165,9 +170,10 @@ class Stages:
             self.infos[i] = dict(info, **where)
             _log_loaded(i, self.infos[i])
             log.warning("stage %d: its replacement answers on node %s, %.1fs after the kill: its process was up "
-                        "after %.1fs; %.1fs loading layers, %.1fs warming up kernels and decode steps", i,
+                        "after %.1fs; %.1fs loading layers, %.1fs warming up kernels%s", i,
                         where["node_id"][:8], time.time() - t0, info["started_at"] - t0, info["seconds"],
-                        info.get("warmup_seconds", 0) + info.get("decode_compile_seconds", 0))
+                        info.get("warmup_seconds", 0),
+                        "; its decode steps run eagerly until compiled" if info.get("decode_compiling") else "")
 
 
 class Pipeline(Engine):
