@@ -34,8 +34,9 @@ Compiling takes seconds per size (tens the first time on a machine). A stage tha
 pipeline compiles before it reports ready (`warm_up`), so that the first requests run at full
 speed. A stage that replaces a lost one must not keep every stream waiting that long: it reports
 ready at once and compiles in a thread (`warm_up_in_background`), its decode steps running
-eagerly, size by size, until each size is compiled (CUDA graphs are then captured at a size's
-first use, by the thread that serves).
+eagerly, size by size, until each size is compiled. On CUDA every size runs eagerly until all are
+compiled, and each size's graph is then captured at its first use, by the thread that serves: a
+capture must not see another thread's kernels.
 """
 
 from __future__ import annotations
@@ -109,8 +110,8 @@ class DecodeRunner:
         """The size a batch of `batch` rows pads to; None when it is larger than all, or when that
         size is still being compiled in the background (the caller then runs the step eagerly)."""
         size = next((s for s in self.sizes if s >= batch), None)
-        if size is not None and self.background is not None and size not in self.traced:
-            return None
+        if size is not None and self.background is not None and (size not in self.traced or self.use_cuda_graphs):
+            return None  # (on CUDA: no graph is captured while the other thread launches kernels)
         return size
 
     def warm_up(self) -> float:
