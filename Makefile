@@ -30,7 +30,7 @@ serve: venv
 	$(BIN)/jamba serve --model $(if $(MODEL),$(MODEL),demo) --stages $(STAGES) --grpc-port $(PORT) --http-port $(HTTP_PORT)
 
 test: venv
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=25 tests
 
 bench: venv
 	$(BIN)/python bench/model_vs_hf.py
