@@ -314,9 +314,10 @@ def _same(got, want):
         assert max(abs(a - b) for a, b in zip(g.logprobs, w.logprobs)) < 1e-4
 
 
-@pytest.mark.parametrize("quantize", [None, "int8-experts"])
+@pytest.mark.parametrize("quantize", [None, "int8-experts", "int8-with-mamba"])
 def test_local_runner_compiled_matches_eager(demo_lm, monkeypatch, quantize):
-    """The trained demo model through the single process, float32 and int8 experts: greedy and
+    """The trained demo model through the single process, float32, int8 experts and every linear
+    layer int8 (int8-with-mamba: the Mamba projections too, a superset of int8): greedy and
     seeded sampling, the second call's prompts from the prefix cache; then with blocks so scarce
     that running requests are preempted and replayed."""
     lm, tok = demo_lm
