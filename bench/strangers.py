@@ -118,7 +118,7 @@ async def run(model: Path, n_streams: int, new_tokens: int, rounds: int) -> dict
             for condition in (["quiet", "besieged"] if r % 2 == 0 else ["besieged", "quiet"]):
                 held, stop, counter = [], threading.Event(), None
                 if condition == "besieged":
-                    held = lay_siege(addresses)
+                    held = await asyncio.to_thread(lay_siege, addresses)  # (this loop accepts on two of them)
                     counter = asyncio.get_running_loop().run_in_executor(None, trickle, addresses, stop)
                     await asyncio.sleep(0.2)  # the loops have taken the first bytes in
                 try:
