@@ -191,14 +191,15 @@ def test_capture_sizes_pad_by_less_than_double():
     assert capture_sizes(16) == [1, 2, 4, 8, 16] and capture_sizes(12) == [1, 2, 4, 8, 12] and capture_sizes(1) == [1]
 
 
-def test_compiled_decode_matches_eager_stage_by_stage():
-    """Three stages (first, middle, last) of a config with odd periods, top-1 routing, MQA, conv
-    width 3 and expand 1: each stage's compiled step (padded from 3 rows to 4, then 4 rows, then
-    3 rows again) feeds the next, and the last stage's log-probs match the eager stages' within
-    1e-4, with the same greedy tokens. The three runners share one compiled function in this
-    process: each must run its own stage."""
+@pytest.mark.parametrize("bounds", [[0, 2, 4, 6], [0, 3, 6]], ids=["3-stages", "2-stages"])
+def test_compiled_decode_matches_eager_stage_by_stage(bounds):
+    """Three stages (first, middle, last), or two, of a config with odd periods, top-1 routing,
+    MQA, conv width 3 and expand 1: each stage's compiled step (padded from 3 rows to 4, then 4
+    rows, then 3 rows again) feeds the next, and the last stage's log-probs match the eager
+    stages' within 1e-4, with the same greedy tokens. The runners share one compiled function in
+    this process: each must run its own stage."""
     whole = _random_stage("mqa-top1", seed=1)
-    stages = _split(whole, [0, 2, 4, 6])
+    stages = _split(whole, bounds)
     compiled_caches = [s.make_cache(4, 64) for s in stages]
     eager_caches = [s.make_cache(4, 64) for s in stages]
     runners = [DecodeRunner(s, c, sizes=[4]) for s, c in zip(stages, compiled_caches)]
