@@ -241,6 +241,44 @@ def test_compiled_decode_matches_eager_stage_by_stage(bounds):
         assert c_c.lengths == c_e.lengths
 
 
+def test_compiled_bf16_step_is_as_close_to_float32_as_the_eager_bf16_step():
+    """bf16 has no exact answer to match (inductor fuses ops and keeps float32 inside a fused
+    kernel where eager rounds every op to bf16): both bf16 paths are held against the float32
+    model, 40 greedy steps of 3 rows, and the compiled one must be as close as the eager one:
+    the log-prob of float32's token off by no more (median), and its argmax no more often wrong."""
+    import copy
+    import statistics
+
+    f32 = _random_stage("mqa-top1", seed=3)
+    b16 = copy.deepcopy(f32).to(torch.bfloat16)
+    caches = {"f32": f32.make_cache(4, 96), "eager": b16.make_cache(4, 96), "compiled": b16.make_cache(4, 96)}
+    runner = DecodeRunner(b16, caches["compiled"], sizes=[4])
+    runner.warm_up()
+    g = torch.Generator().manual_seed(0)
+    rows = [0, 1, 2]
+    ids = torch.randint(3, f32.config.vocab_size, (15,), generator=g)
+    errors: dict[str, list[float]] = {"eager": [], "compiled": []}
+    wrong = {"eager": 0, "compiled": 0}
+    with torch.inference_mode():
+        for name, c in caches.items():
+            for slot in rows:
+                c.allocate(slot)
+            (f32 if name == "f32" else b16)(ids, c, rows, [5, 1, 9])
+        tokens = torch.randint(3, f32.config.vocab_size, (3,), generator=g)
+        for _ in range(40):
+            want = torch.log_softmax(f32(tokens, caches["f32"], rows, [1] * 3).float(), -1)
+            got = {"eager": b16(tokens, caches["eager"], rows, [1] * 3), "compiled": runner(tokens, rows)}
+            tokens = want.argmax(-1)
+            for name, out in got.items():
+                lp = torch.log_softmax(out.float(), -1)
+                errors[name].append((lp - want).gather(1, tokens[:, None]).abs().max().item())
+                wrong[name] += int((lp.argmax(-1) != tokens).sum())
+    median = {name: statistics.median(e) for name, e in errors.items()}
+    assert median["compiled"] <= 1.5 * median["eager"] + 1e-3, (median, wrong)
+    assert wrong["compiled"] <= wrong["eager"] + 2, (median, wrong)
+    assert max(errors["compiled"]) < 0.5, max(errors["compiled"])
+
+
 def test_replacing_stage_serves_eagerly_while_its_steps_compile_in_the_background():
     """A stage that replaces a lost one compiles its decode steps in a thread while it serves:
     until a size is compiled, `size_for` refuses it and the step runs eagerly (as StageWorker.step
