@@ -245,14 +245,12 @@ class StageEndpoint:
             if n_tokens == 0:
                 return torch.empty(0, dtype=torch.long, device=w.device)
             return torch.frombuffer(payload, dtype=torch.long).to(w.device, copy=True)
-        x = torch.empty((n_tokens, w.hidden_size), dtype=w.dtype, device=w.device)
-        if n_tokens == 0:
-            return x
-        if ch.group is None:
+        if n_tokens and ch.group is None:
             # One copy out of the message into aligned memory: CPU kernels round differently on
             # unaligned inputs (see stages/loading.py), and the stages must match one process.
-            x.view(-1).view(torch.uint8).copy_(torch.frombuffer(payload, dtype=torch.uint8))
-        else:
+            return torch.frombuffer(payload, dtype=w.dtype).view(n_tokens, w.hidden_size).to(w.device, copy=True)
+        x = torch.empty((n_tokens, w.hidden_size), dtype=w.dtype, device=w.device)
+        if n_tokens:
             ch.group.recv([x], self.rank - 1, 0).wait()
         return x
 
@@ -261,7 +259,7 @@ class StageEndpoint:
             channels.send_all(ch.out, channels.frame(ch.key, meta, b"", encode_answers(out)))
             return
         if ch.group is None:
-            payload = out.detach().contiguous().view(-1).view(torch.uint8).cpu().numpy() if out.numel() else b""
+            payload = out.detach().contiguous().view(torch.uint8).cpu().numpy() if out.numel() else b""
             channels.send_all(ch.out, channels.frame(ch.key, meta, header, payload))
             return
         channels.send_all(ch.out, channels.frame(ch.key, meta, header))  # first: see the module's docstring
