@@ -7,8 +7,10 @@
    CPU free, as a GPU stage would), from a config-only folder of the bench config with 16 layers.
    P = 1, 2, 4, 8, 16 stages, 32 concurrent requests, 16-token prompts, 48 new tokens each: tokens/s,
    the ratio to P=1, each stage's busy fraction (nominal compute over wall time), the overhead per
-   hop ((microbatch latency - nominal compute) / (P + 1) hops), and where the stage loops spent
-   their time.
+   hop ((microbatch latency - nominal compute) / (P + 1) hops), where the stage loops spent
+   their time, and the CPU per microbatch of a stage: its loop thread outside the worker's step
+   (the runtime's own: receive, header, send and the loop's wake-up), and its whole process
+   (Ray's threads and the heartbeat too; the stages' own pids in /proc, this host only).
 2. --real: real compute on the ~78M-parameter bench config (bench/model_vs_hf.py), 1 torch thread
    per stage: decode tokens/s and busy fractions for P=1 and P=2 at 1, 8, 32 and 64 concurrent.
 3. --transport: per-hop cost for a decode-sized (32 x 512 fp32) and a prefill-sized (512 x 512 fp32)
@@ -45,6 +47,7 @@ import ray  # noqa: E402
 import torch  # noqa: E402
 
 from bench.model_vs_hf import BENCH_CONFIG  # noqa: E402
+from bench.stage_loop import cpu_times  # noqa: E402
 from bench.synthetic import write_config_only  # noqa: E402
 from cluster.runtime.config import PipelineConfig  # noqa: E402
 from cluster.runtime.pipeline import Pipeline  # noqa: E402
@@ -87,35 +90,46 @@ async def gpu_like_run(folder: str, stages: int, requests: int, new_tokens: int,
         prompts = [[5 + i] * 16 for i in range(requests)]
         await asyncio.gather(*[pipe.generate_full(p, SamplingParams(max_new_tokens=4, ignore_eos=True)) for p in prompts])
         latencies.clear()
+        cpu0 = [sum(cpu_times(f"/proc/{info['pid']}/stat")) for info in await pipe.stage_stats()]
         res, wall, before, after = await generate_all(pipe, prompts, new_tokens)
+        cpu1 = [sum(cpu_times(f"/proc/{info['pid']}/stat")) for info in after]
     finally:
         await pipe.close()
     busy = [(a["busy_seconds"] - b["busy_seconds"]) / wall for a, b in zip(after, before)]
+    steps = [a["dataplane"]["microbatches"] - b["dataplane"]["microbatches"] for a, b in zip(after, before)]
+    loop_cpu = statistics.mean((a["dataplane"]["loop_cpu_seconds"] - b["dataplane"]["loop_cpu_seconds"]
+                                - a["step_cpu_seconds"] + b["step_cpu_seconds"]) / n
+                               for a, b, n in zip(after, before, steps))
+    process = statistics.mean((c1 - c0) / n for c0, c1, n in zip(cpu0, cpu1, steps))
     loop = {k: sum(a["dataplane"][k] - b["dataplane"][k] for a, b in zip(after, before)) / stages / wall
             for k in ("idle_seconds", "receive_seconds", "step_seconds", "send_seconds")}
     nominal = lambda n: (GPU_LIKE["fixed_ms"] + GPU_LIKE["per_token_ms"] * n) / 1000  # noqa: E731
     hop = statistics.median(lat - nominal(n) for lat, n in latencies) / (stages + 1)
     tokens = sum(len(r.output_ids) for r in res)
     row = {"stages": stages, "tokens_per_s": tokens / wall, "busy": busy, "hop_ms": hop * 1000,
-           "microbatches": len(latencies), "loop": loop}
+           "microbatches": len(latencies), "loop": loop, "loop_cpu_ms": loop_cpu * 1000,
+           "process_cpu_ms": process * 1000}
     print(f"  GPU-like P={stages} ({transport}): {tokens / wall:.0f} tok/s, busy min {min(busy):.0%} "
-          f"mean {statistics.mean(busy):.0%}, {hop * 1000:.2f} ms/hop, {len(latencies)} microbatches", file=sys.stderr)
+          f"mean {statistics.mean(busy):.0%}, {hop * 1000:.2f} ms/hop, {len(latencies)} microbatches, "
+          f"stage CPU per microbatch: loop outside the step {loop_cpu * 1000:.3f} ms, "
+          f"process {process * 1000:.3f} ms", file=sys.stderr)
     return row
 
 
 def print_gpu_like(rows: list[dict], transport: str, requests: int, new_tokens: int) -> None:
     print(f"\nGPU-like stages (synthetic: each sleeps its share of 32 ms + 0.1 ms/token per microbatch), "
           f"{requests} concurrent requests, 16-token prompts, {new_tokens} new tokens, activations over {transport}, "
-          f"{os.cpu_count()} cores\n")
+          f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the end\n")
     print("| stages P | tokens/s | vs P=1 | stage busy min / mean / max | overhead per hop (ms) | "
-          "stage loop: idle / receive / step / send |")
-    print("|---:|---:|---:|---:|---:|---:|")
+          "stage loop: idle / receive / step / send | stage CPU per microbatch (ms): loop outside the step, process |")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
     base = rows[0]["tokens_per_s"]
     for r in rows:
         b, lp = r["busy"], r["loop"]
         print(f"| {r['stages']} | {r['tokens_per_s']:.0f} | **{r['tokens_per_s'] / base:.2f}x** | "
               f"{min(b):.0%} / {statistics.mean(b):.0%} / {max(b):.0%} | {r['hop_ms']:.2f} | "
-              f"{lp['idle_seconds']:.0%} / {lp['receive_seconds']:.0%} / {lp['step_seconds']:.0%} / {lp['send_seconds']:.0%} |")
+              f"{lp['idle_seconds']:.0%} / {lp['receive_seconds']:.0%} / {lp['step_seconds']:.0%} / {lp['send_seconds']:.0%} | "
+              f"{r['loop_cpu_ms']:.3f}, {r['process_cpu_ms']:.3f} |")
     targets = {1: 0.90, 4: 0.85, 8: 0.80, 16: 0.70}
     for r in rows:
         if r["stages"] in targets:

@@ -15,7 +15,9 @@ nothing) and, on the last stage, valid answers: a fixed non-EOS token for sample
 folder (tokenizer files optional), so any config with at least P layers gives a P-stage pipeline.
 
 `busy_seconds` in `info()` is the nominal compute time (the sleeps it was asked for), so busy
-over wall time is how well the runtime keeps a GPU fed.
+over wall time is how well the runtime keeps a GPU fed. `step_cpu_seconds` is the CPU its steps
+used (their thread's clock: mostly waking from the sleep), which bench/pipeline.py takes from the
+stage loop's CPU to leave the runtime's own.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ class GpuLikeStage:
         self.num_slots, self.slots = num_slots, set()
         self.load_info = {"layers": [start, end], "seconds": time.perf_counter() - t0, "bytes": 0, "files": 0,
                           "threads": torch.get_num_threads(), "pid": os.getpid(), "synthetic": True}
-        self.busy_seconds = 0.0
+        self.busy_seconds = self.step_cpu_seconds = 0.0
         self.steps = 0
 
     @classmethod
@@ -56,10 +58,11 @@ class GpuLikeStage:
         return cls(*args, **kwargs)
 
     def info(self) -> dict:
-        return dict(self.load_info, busy_seconds=self.busy_seconds, steps=self.steps, used_slots=len(self.slots),
-                    num_slots=self.num_slots, rss_bytes=0)
+        return dict(self.load_info, busy_seconds=self.busy_seconds, step_cpu_seconds=self.step_cpu_seconds,
+                    steps=self.steps, used_slots=len(self.slots), num_slots=self.num_slots, rss_bytes=0)
 
     def step(self, mb: Microbatch, x: torch.Tensor) -> torch.Tensor | list[Answer]:
+        cpu0 = time.thread_time()
         self.slots.difference_update(mb.free)
         self.slots.update(mb.alloc)
         rows = mb.rows
@@ -70,8 +73,11 @@ class GpuLikeStage:
         self.busy_seconds += wait
         self.steps += 1
         if not self.is_last:
-            return torch.empty((tokens, self.hidden_size), dtype=self.dtype, device=self.device)
-        return [self._answer(r) for r in rows]
+            out = torch.empty((tokens, self.hidden_size), dtype=self.dtype, device=self.device)
+        else:
+            out = [self._answer(r) for r in rows]
+        self.step_cpu_seconds += time.thread_time() - cpu0
+        return out
 
     def _answer(self, r: Row) -> Answer:
         if r.want == Want.TOKEN:

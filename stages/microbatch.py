@@ -123,14 +123,19 @@ class Microbatch:
     @classmethod
     def decode(cls, data: bytes) -> "Microbatch":
         rows, free, alloc, blocks, restore, snapshots = msgpack.unpackb(data)
-        # Every stage decodes every header: a comprehension, and Want by index, keep it to ~1 us a row.
-        rows = [Row(slot, n, _WANTS[want], None if sampling is None else Sampling(*sampling), targets, position)
+        # Every stage decodes every header: a comprehension, Want by index, and the rows and their
+        # sampling made with tuple.__new__ (a NamedTuple's own __new__ is a Python call with
+        # defaults to fill, and `encode` always writes every field) keep it to ~0.6 us a row
+        # (32 rows: 18 us, against 27 us with Row(...) and Sampling(*sampling)).
+        rows = [_tuple(Row, (slot, n, _WANTS[want], None if sampling is None else _tuple(Sampling, sampling), targets,
+                             position))
                 for slot, n, want, sampling, targets, position in rows]
         return cls(rows, free, alloc, [BlockTableUpdate(*b) for b in blocks], [Restore(*r) for r in restore],
                    [TakeSnapshot(*s) for s in snapshots])
 
 
 _WANTS = tuple(Want)  # Want(i) is _WANTS[i], without the enum's call
+_tuple = tuple.__new__  # _tuple(Row, fields) is Row(*fields), without the call to Row.__new__
 
 
 # What the last stage returns for each row, in row order (see the module docstring).

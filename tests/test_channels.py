@@ -219,6 +219,47 @@ def test_closing_counts_only_strangers(inbox, sockets):
     assert inbox.rejected == 1
 
 
+def test_a_numpy_payload_goes_out_whole_however_little_each_send_takes(inbox, sockets):
+    """send_all: one sendmsg of the frame's buffers as they are (a numpy array among them, as the
+    stage loop sends activations); whatever that call left is sent from where it stopped."""
+    import numpy as np
+
+    payload = np.arange(3000, dtype=np.float32).reshape(6, 500)
+    sender = connect(inbox.address, KEY)
+    sockets.append(sender)
+
+    class Trickle:  # a socket whose every send takes at most 1000 bytes
+        calls = 0
+
+        def sendmsg(self, buffers):
+            Trickle.calls += 1
+            return sender.send(b"".join(bytes(memoryview(b).cast("B")) for b in buffers)[:1000])
+
+    send_all(Trickle(), frame(KEY, b"meta", b"header", payload))
+    assert Trickle.calls == (PREFIX.size + 4 + 6 + payload.nbytes + 999) // 1000
+    assert receive(inbox) == [(b"meta", b"header", payload.tobytes())]
+
+
+def test_an_inbox_closed_under_a_waiting_recv_fails_it(inbox):
+    """The endpoint closes an epoch's inbox from another thread; a loop still waiting in it gets
+    an error at its next look (its epoch is over), not messages nor a busy wait."""
+    failed: list[BaseException] = []
+
+    def wait():
+        try:
+            while True:
+                inbox.recv(0.05)
+        except OSError as e:
+            failed.append(e)
+
+    waiter = threading.Thread(target=wait)
+    waiter.start()
+    time.sleep(0.1)
+    inbox.close()
+    waiter.join(2)
+    assert not waiter.is_alive() and failed
+
+
 # ---- the scheduler's answer socket ---------------------------------------------------------------
 def answer_socket_test(body):
     """Run `await body(plane, last_stage)` with a DataPlane whose answer socket alone is open (no

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import threading
 import time
 
 import pytest
@@ -111,6 +112,8 @@ def test_gpu_like_stages_run_from_a_config_only_folder(ray_cluster, tmp_path):
     assert scores == [None, 0.0, 0.0]
     assert [i["steps"] for i in infos] == [microbatches] * 4
     assert all(i["synthetic"] and i["used_slots"] == 0 for i in infos)
+    # The CPU accounting bench/pipeline.py reads: the step runs on the loop's thread, within its time.
+    assert all(0 < i["step_cpu_seconds"] <= i["dataplane"]["loop_cpu_seconds"] for i in infos)
     # Nominal compute: each microbatch costs (4 ms + 0.5 ms per token) / 4 on every stage.
     assert infos[0]["busy_seconds"] == pytest.approx(infos[3]["busy_seconds"])
     assert infos[0]["busy_seconds"] >= (sum(3 + i for i in range(6)) * 0.5 + 4) / 4 / 1000
@@ -199,3 +202,25 @@ def test_strangers_stall_nothing(ray_cluster, models, reference):
 def test_bad_options_are_refused_before_placement(ray_cluster, models, option, message):
     with pytest.raises(ValueError, match=message):
         SyncPipeline(PipelineConfig(str(models[0]), num_stages=2, cpus_per_stage=0.25, **option))
+
+
+def test_cpu_times_reads_a_process_and_a_thread_from_proc():
+    from bench.stage_loop import cpu_times
+
+    process0, thread0 = cpu_times("/proc/self/stat"), cpu_times(f"/proc/self/task/{threading.get_native_id()}/stat")
+    cpu0 = time.thread_time()
+    while time.thread_time() - cpu0 < 0.2:
+        pass
+    process1, thread1 = cpu_times("/proc/self/stat"), cpu_times(f"/proc/self/task/{threading.get_native_id()}/stat")
+    used = sum(thread1) - sum(thread0)
+    assert used == pytest.approx(time.thread_time() - cpu0, abs=0.05)
+    assert sum(process1) - sum(process0) >= used - 0.02
+
+
+def test_the_stage_loop_harness_counts_cpu_per_microbatch():
+    """bench/stage_loop.py: a StageEndpoint outside Ray, fed one microbatch at a time."""
+    from bench.stage_loop import measure
+
+    for role in ("middle", "last"):
+        r = measure(rows=2, microbatches=100, role=role, profile=False)
+        assert 0 < r["cpu_us"] < 2 * r["round_trip_us"]  # within the wall time (read in two processes: slack)

@@ -23,6 +23,10 @@ def test_the_header_round_trips_with_its_types():
     back = Microbatch.decode(mb.encode())
     assert back == mb and back.num_tokens == 16
     assert type(back.rows[0].want) is Want and type(back.rows[0].sampling) is Sampling
+    # Rows and sampling are made without their NamedTuple's __new__: every field is there, by name.
+    assert all(type(r) is Row and len(r) == len(Row._fields) for r in back.rows)
+    assert len(back.rows[0].sampling) == len(Sampling._fields) and back.rows[0].sampling.counts is None
+    assert back.rows[1].want is Want.NOTHING and back.rows[1].sampling is None and back.rows[3].position == 5
     assert back.rows[0].sampling.seed == 2**63 - 1 and back.rows[2].targets[-1] is None
     assert back.snapshots_by_row() == [[], [(2, 7)], [], []] and Microbatch().snapshots_by_row() is None
     answers = [(5, -0.25), None, [None, -1.5], [0.5, 0.25]]

@@ -84,9 +84,11 @@ class StageEndpoint:
         self.failed: str | None = None
         self.rejected = 0  # connections of past epochs closed for a wrong key
         # Where the loop's time goes (seconds): waiting for input, receiving and parsing it, the
-        # worker's step, sending the output. `stats()` reports them, and the longest single step.
+        # worker's step, sending the output. `stats()` reports them, the longest single step, and
+        # the CPU the loop's thread used (its own clock, kernel time included: the wake-ups).
         self.times = dict.fromkeys(("idle", "receive", "step", "send"), 0.0)
         self.longest_step = 0.0
+        self.loop_cpu = 0.0
         self.microbatches = 0
 
     def open(self, epoch: int, key: bytes, host: str) -> str:
@@ -199,9 +201,9 @@ class StageEndpoint:
     def run(self, epoch: int, ch: _Channels) -> None:
         """The stage loop on channels `ch`: receive, forward, send, until `stop`. Raises if a
         transfer fails."""
-        times, clock = self.times, time.perf_counter
+        times, clock, cpu_clock = self.times, time.perf_counter, time.thread_time
         try:
-            t0 = clock()
+            t0, cpu0 = clock(), cpu_clock()
             while self.epoch == epoch:
                 message = ch.inbox.recv(POLL_MS / 1000)
                 if message is None:  # nothing yet (or something refused): look at the stop flag
@@ -225,12 +227,16 @@ class StageEndpoint:
                 self.longest_step = max(self.longest_step, t3 - t2)
                 self.microbatches += 1
                 t0 = t4
+                cpu1 = cpu_clock()
+                self.loop_cpu += cpu1 - cpu0
+                cpu0 = cpu1
         finally:
             ch.left.set()
 
     def stats(self) -> dict:
         rejected = self.rejected + (self.channels.inbox.rejected if self.channels is not None else 0)
         return {"microbatches": self.microbatches, "rejected": rejected, "longest_step_seconds": self.longest_step,
+                "loop_cpu_seconds": self.loop_cpu,
                 **{f"{k}_seconds": v for k, v in self.times.items()}}
 
     def _input(self, ch: _Channels, payload: memoryview, n_tokens: int) -> torch.Tensor:
@@ -239,14 +245,12 @@ class StageEndpoint:
             if n_tokens == 0:
                 return torch.empty(0, dtype=torch.long, device=w.device)
             return torch.frombuffer(payload, dtype=torch.long).to(w.device, copy=True)
-        x = torch.empty((n_tokens, w.hidden_size), dtype=w.dtype, device=w.device)
-        if n_tokens == 0:
-            return x
-        if ch.group is None:
+        if n_tokens and ch.group is None:
             # One copy out of the message into aligned memory: CPU kernels round differently on
             # unaligned inputs (see stages/loading.py), and the stages must match one process.
-            x.view(-1).view(torch.uint8).copy_(torch.frombuffer(payload, dtype=torch.uint8))
-        else:
+            return torch.frombuffer(payload, dtype=w.dtype).view(n_tokens, w.hidden_size).to(w.device, copy=True)
+        x = torch.empty((n_tokens, w.hidden_size), dtype=w.dtype, device=w.device)
+        if n_tokens:
             ch.group.recv([x], self.rank - 1, 0).wait()
         return x
 
@@ -255,7 +259,7 @@ class StageEndpoint:
             channels.send_all(ch.out, channels.frame(ch.key, meta, b"", encode_answers(out)))
             return
         if ch.group is None:
-            payload = out.detach().contiguous().view(-1).view(torch.uint8).cpu().numpy() if out.numel() else b""
+            payload = out.detach().contiguous().view(torch.uint8).cpu().numpy() if out.numel() else b""
             channels.send_all(ch.out, channels.frame(ch.key, meta, header, payload))
             return
         channels.send_all(ch.out, channels.frame(ch.key, meta, header))  # first: see the module's docstring
