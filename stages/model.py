@@ -105,7 +105,10 @@ class MambaMixer(nn.Module):
         self.conv1d = nn.Conv1d(d, d, kernel_size=c.mamba_d_conv, groups=d, bias=c.mamba_conv_bias, padding=c.mamba_d_conv - 1)
         self.x_proj = Linear(d, r + 2 * n, bias=False)
         self.dt_proj = Linear(r, d, bias=True)
-        self.A_log = nn.Parameter(torch.log(torch.arange(1, n + 1, dtype=torch.float32)).repeat(d, 1))
+        self.A_log = nn.Parameter(torch.empty(d, n))  # log(1..d_state) per channel, as HF initializes it
+        if self.A_log.device.type != "meta":  # (see JambaStage: not on meta, where arange imports dynamo)
+            with torch.no_grad():
+                self.A_log.copy_(torch.log(torch.arange(1, n + 1, dtype=torch.float32)).repeat(d, 1))
         self.D = nn.Parameter(torch.ones(d))
         self.out_proj = Linear(d, c.hidden_size, bias=c.mamba_proj_bias)
         self.dt_layernorm = RMSNorm(r, c.rms_norm_eps)
@@ -232,7 +235,13 @@ class JambaStage(nn.Module):
         self.is_first, self.is_last = start == 0, end == config.num_hidden_layers
         self.model = _Body()
         if self.is_first:
-            self.model.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+            # nn.Embedding's own init, but skipped on the meta device (stages/loading.py builds
+            # there): torch's meta kernels for normal_ and arange import torch._dynamo, which would
+            # cost every stage process 1.5 s.
+            weight = torch.empty(config.vocab_size, config.hidden_size)
+            if weight.device.type != "meta":
+                nn.init.normal_(weight)
+            self.model.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, _weight=weight)
         self.model.layers = nn.ModuleDict({str(i): DecoderLayer(config, i) for i in range(start, end)})
         if self.is_last:
             self.model.final_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)

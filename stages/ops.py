@@ -26,14 +26,15 @@ from typing import Optional  # torch.library reads the annotations: no `X | None
 import torch
 import torch.nn.functional as F
 
-from .linear import int8_linear, linear
+from .linear import custom_op, int8_linear, linear
 
 
 def _expert_linear(x: torch.Tensor, weight: torch.Tensor, scale: Optional[torch.Tensor]) -> torch.Tensor:
     return linear(x, weight) if scale is None else int8_linear(x, weight, scale)
 
 
-@torch.library.custom_op("jamba::moe_experts", mutates_args=())
+@custom_op("moe_experts", lambda x, weights, experts, gate_up, down, gate_up_scale=None, down_scale=None:
+           x.new_empty(x.shape))
 def moe_experts(
     x: torch.Tensor,  # (T, H)
     weights: torch.Tensor,  # (T, k) router probabilities of the chosen experts, x's dtype
@@ -89,12 +90,7 @@ def moe_experts_dense(x, weights, experts, gate_up, down, gate_up_scale=None, do
     return out
 
 
-@moe_experts.register_fake
-def _(x, weights, experts, gate_up, down, gate_up_scale=None, down_scale=None):
-    return x.new_empty(x.shape)
-
-
-@torch.library.custom_op("jamba::paged_decode_attention", mutates_args=())
+@custom_op("paged_decode_attention", lambda q, k_cache, v_cache, block_tables, positions: q.new_empty(q.shape))
 def paged_decode_attention(
     q: torch.Tensor,  # (B, n_heads, hd) one query per row
     k_cache: torch.Tensor,  # (num_blocks, block_size, n_kv, hd)
@@ -132,7 +128,3 @@ def paged_decode_attention_torch(q, k_cache, v_cache, block_tables, positions) -
     o = torch.matmul(torch.softmax(scores, dim=-1), vals.transpose(1, 2))  # (B, n_kv, G, hd)
     return o.reshape(B, n_heads, hd).to(q.dtype).contiguous()
 
-
-@paged_decode_attention.register_fake
-def _(q, k_cache, v_cache, block_tables, positions):
-    return q.new_empty(q.shape)

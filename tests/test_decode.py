@@ -113,15 +113,15 @@ def test_custom_ops_pass_opcheck():
     gate_up, down = torch.randn(E, 2 * I, H, generator=g), torch.randn(E, H, I, generator=g)
     weights, experts = _routing(T, E, 2, seed=5)
     x = torch.randn(T, H, generator=g)
-    torch.library.opcheck(ops.moe_experts, (x, weights, experts, gate_up, down))
+    torch.library.opcheck(ops.moe_experts.op, (x, weights, experts, gate_up, down))
     (qg, sg), (qd, sd) = quantize_int8(gate_up), quantize_int8(down)
-    torch.library.opcheck(ops.moe_experts, (x, weights, experts, qg, qd, sg, sd))
+    torch.library.opcheck(ops.moe_experts.op, (x, weights, experts, qg, qd, sg, sd))
     k_cache, v_cache = torch.randn(6, 4, 2, 8, generator=g), torch.randn(6, 4, 2, 8, generator=g)
-    torch.library.opcheck(ops.paged_decode_attention, (torch.randn(2, 4, 8, generator=g), k_cache, v_cache,
+    torch.library.opcheck(ops.paged_decode_attention.op, (torch.randn(2, 4, 8, generator=g), k_cache, v_cache,
                                                        torch.tensor([[1, 2], [3, 0]]), torch.tensor([5, 2])))
     q, s = quantize_int8(torch.randn(10, H, generator=g))
-    torch.library.opcheck(int8_linear, (x, q, s, torch.randn(10, generator=g)))
-    torch.library.opcheck(int8_linear, (torch.randn(40, H, generator=g), q, s))  # the prefill path
+    torch.library.opcheck(int8_linear.op, (x, q, s, torch.randn(10, generator=g)))
+    torch.library.opcheck(int8_linear.op, (torch.randn(40, H, generator=g), q, s))  # the prefill path
 
 
 @pytest.mark.parametrize("T", [1, 3, 8, 20])
@@ -135,7 +135,7 @@ def test_skinny_linear_matches_mkl(T):
     x = torch.randn(T, 256, generator=g)
     assert w.numel() >= lin.SKINNY_MIN_WEIGHT
     torch.testing.assert_close(lin.linear(x, w, b), F.linear(x, w, b), atol=1e-4, rtol=1e-5)
-    torch.library.opcheck(lin.skinny_linear, (x, w))
+    torch.library.opcheck(lin.skinny_linear.op, (x, w))
 
 
 def test_model_through_skinny_linear_matches_mkl(monkeypatch):
