@@ -131,7 +131,7 @@ def test_unplaceable_application_fails_in_bounded_time(models, tmp_path):
         gcs = ray.get_runtime_context().gcs_address
         port, http_port = free_port(), free_port()
         log_path = tmp_path / "serve.log"
-        p = _start(["--model", f"tiny={lm}", "--stages", "2", "--cpus-per-stage", "1", "--start-timeout", "30",
+        p = _start(["--model", f"tiny={lm}", "--stages", "2", "--cpus-per-stage", "1", "--start-timeout", "20",
                     "--address", gcs, "--grpc-port", str(port), "--http-port", str(http_port)], log_path)
         try:
             _wait_for_line(p, log_path, "jamba: application 'tiny': waiting for resources: 2 stage bundle(s) of 1 CPU")
@@ -151,7 +151,7 @@ def test_unplaceable_application_fails_in_bounded_time(models, tmp_path):
                 os.killpg(p.pid, signal.SIGKILL)
             p.wait()
         out = log_path.read_text()
-        assert "jamba serve: error: application 'tiny' was not serving after 30s (--start-timeout)" in out, out[-3000:]
+        assert "jamba serve: error: application 'tiny' was not serving after 20s (--start-timeout)" in out, out[-3000:]
         assert "needs 2.1 CPU(s) (0.1 for the replica + 2 stage(s) x 1)" in out
         assert "the cluster has 1 CPU(s) in all" in out
         assert "A replica was waiting for resources: 2 stage bundle(s)" in out
